@@ -1,0 +1,138 @@
+"""Attention over unpadded token streams, behind one interface.
+
+Inputs are ``q, k, v`` of shape ``[tokens, heads, head_dim]`` for documents laid end to end, with
+``cu_seqlens`` (int32, ``[docs + 1]``) marking where each starts. A token at position ``i`` may see
+key ``j`` of the same document when ``j <= i`` (if causal) and, for local layers,
+``i - left <= j <= i + right``. Backends: flash-attn varlen (CUDA), FlexAttention (any device,
+compiled on CUDA), and SDPA with explicit per-document masks (any device; the CPU default).
+
+A backend first ``prepare``s a plan for one batch and one mask kind (masks, doc ids), once per
+forward; every layer of that kind then reuses it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    causal: bool
+    window: Optional[tuple[int, int]]  # (left, right) in tokens; None = global
+
+
+def allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Whether query position q_idx may attend to key k_idx (same document assumed)."""
+    ok = torch.ones_like(q_idx - k_idx, dtype=torch.bool)
+    if spec.causal:
+        ok = ok & (k_idx <= q_idx)
+    if spec.window is not None:
+        left, right = spec.window
+        ok = ok & (q_idx - k_idx <= left) & (k_idx - q_idx <= right)
+    return ok
+
+
+class SdpaAttention:
+    """Per-document ``scaled_dot_product_attention`` with an explicit window mask."""
+
+    name = "sdpa"
+
+    def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, spec: MaskSpec):
+        bounds = cu_seqlens.tolist()
+        masks = {}
+        for length in {e - s for s, e in zip(bounds[:-1], bounds[1:])}:
+            if spec.window is None:
+                masks[length] = None  # global: no mask (causal handled by is_causal)
+            else:
+                pos = torch.arange(length, device=cu_seqlens.device)
+                masks[length] = allowed(pos[:, None], pos[None, :], spec)
+        return bounds, masks, spec
+
+    def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
+        bounds, masks, spec = plan
+        out = torch.empty_like(q)
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            mask = masks[e - s]
+            qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [heads, len, dim]
+            out[s:e] = F.scaled_dot_product_attention(
+                qd, kd, vd, attn_mask=mask, is_causal=spec.causal and mask is None, dropout_p=dropout_p
+            ).transpose(0, 1)
+        return out
+
+
+class FlexAttention:
+    """PyTorch FlexAttention with a block mask built from document ids (compiled on CUDA)."""
+
+    name = "flex"
+
+    def __init__(self):
+        from torch.nn.attention import flex_attention as fa
+
+        self._fa = fa
+        self._attend = torch.compile(fa.flex_attention, dynamic=False) if torch.cuda.is_available() else fa.flex_attention
+
+    def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, spec: MaskSpec):
+        n = int(cu_seqlens[-1])
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        doc = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seqlens.device), lengths)
+        start = cu_seqlens[:-1][doc]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = doc[q_idx] == doc[kv_idx]
+            return same & allowed(q_idx - start[q_idx], kv_idx - start[kv_idx], spec)
+
+        device = "cuda" if cu_seqlens.is_cuda else "cpu"
+        return self._fa.create_block_mask(mask_mod, None, None, n, n, device=device)
+
+    def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
+        if dropout_p:
+            raise ValueError("flex attention backend has no attention-probability dropout")
+        q, k, v = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, tokens, dim]
+        return self._attend(q, k, v, block_mask=plan).squeeze(0).transpose(0, 1)
+
+
+class FlashAttention:
+    """flash-attn's varlen kernel (CUDA, optional extra ``pip install .[flash]``)."""
+
+    name = "flash"
+
+    def __init__(self):
+        from flash_attn import flash_attn_varlen_func
+
+        self._fn = flash_attn_varlen_func
+
+    def prepare(self, cu_seqlens, max_seqlen, spec: MaskSpec):
+        window = spec.window if spec.window is not None else (-1, -1)
+        return cu_seqlens.to(torch.int32), int(max_seqlen), spec.causal, window
+
+    def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
+        cu, max_len, causal, window = plan
+        return self._fn(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, causal=causal, window_size=window)
+
+
+BACKENDS = {"sdpa": SdpaAttention, "flex": FlexAttention, "flash": FlashAttention}
+
+
+def available_backends() -> list[str]:
+    names = ["sdpa"]
+    if hasattr(torch.nn.attention, "flex_attention") or importlib.util.find_spec("torch.nn.attention.flex_attention"):
+        names.append("flex")
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        names.append("flash")
+    return names
+
+
+def build_attention(name: str = "auto"):
+    """``auto`` picks flash-attn on CUDA when installed, FlexAttention on CUDA, else SDPA."""
+    if name == "auto":
+        names = available_backends()
+        name = "flash" if "flash" in names else ("flex" if torch.cuda.is_available() and "flex" in names else "sdpa")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}': use one of auto, {', '.join(BACKENDS)}")
+    if name not in available_backends():
+        raise RuntimeError(f"attention backend '{name}' is not available here (available: {', '.join(available_backends())})")
+    return BACKENDS[name]()

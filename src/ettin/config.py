@@ -1,0 +1,385 @@
+"""Typed configuration: dataclasses for every component, composed from YAML files.
+
+An experiment (``configs/experiment/<name>.yaml``) names one file per group (model size,
+objective, phase, data mixture); they are merged in that order over the dataclass defaults,
+then the phase's ``rules`` (size/objective-specific recipe values), the experiment's own body,
+and finally ``key=value`` overrides from the command line. ``group=name`` on the command line
+swaps a group file. Every mistake becomes one :class:`ConfigError` line naming the key and fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hints
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+GROUPS = ("model", "objective", "phase", "data")  # in merge order
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; str() is the one-line message."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50368
+    hidden_size: int = 256
+    intermediate_size: int = 384
+    num_layers: int = 7
+    num_heads: int = 4
+    max_position_embeddings: int = 7999
+    causal: bool = False  # the encoder/decoder switch (set by the objective)
+    global_every: int = 3  # layer i is global when i % global_every == 0
+    # Local layers attend to keys j with i - window_left <= j <= i + window_right.
+    window_left: int = 64
+    window_right: int = 64
+    global_rope_theta: float = 10000.0
+    local_rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    attn_out_dropout: float = 0.1
+    init_std: float = 0.02
+    init_cutoff: float = 2.0  # truncate the normal at this many std
+    attn_backend: str = "auto"  # auto | flash | flex | sdpa
+    cls_token_id: int = 50281  # also BOS for the decoder
+    sep_token_id: int = 50282  # also EOS
+    pad_token_id: int = 50283
+    mask_token_id: int = 50284
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def is_global(self, layer: int) -> bool:
+        return layer % self.global_every == 0
+
+    def build(self, **kwargs):
+        from ettin.model import Transformer
+
+        return Transformer(self, **kwargs)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "mlm"  # mlm | clm
+    mask_rate: float = 0.30
+    mask_token_prob: float = 0.8  # of masked positions: [MASK]
+    random_token_prob: float = 0.1  # of masked positions: a random token (rest unchanged)
+
+
+@dataclass
+class PhaseConfig:
+    name: str = "pretrain"  # pretrain | extension | decay | cross
+    tokens: int = 1_700_000_000_000  # real tokens, padding excluded
+    seq_len: int = 1024
+    init: str = "scratch"  # scratch | previous | other_objective
+    previous: Optional[str] = None  # the phase whose final checkpoint this one starts from
+    seed: int = 21
+    checkpoint_every_tokens: int = 8_500_000_000
+    keep_checkpoints: int = 0  # 0 keeps all
+
+
+@dataclass
+class ScheduleConfig:
+    shape: str = "constant"  # constant | one_minus_sqrt | wsd
+    warmup_tokens: int = 0
+    start_factor: float = 1.0  # LR after warmup, as a fraction of optim.lr
+    end_factor: float = 1.0  # LR at the end of the phase, as a fraction of optim.lr
+    decay_tokens: int = 0  # wsd: length of the linear tail
+
+
+@dataclass
+class OptimConfig:
+    name: str = "stableadamw"
+    lr: float = 8e-4
+    weight_decay: float = 1e-5  # fully decoupled; never on norms and biases
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+
+
+@dataclass
+class BatchConfig:
+    global_size: int = 4608  # sequences per optimizer step, every phase and size
+    micro_size: int = 12  # sequences per rank per forward/backward
+    warmup_tokens: int = 0  # ramp the global batch from one micro-batch per rank over these tokens
+
+
+@dataclass
+class SourceConfig:
+    name: str = "???"
+    path: str = "???"  # relative to data.root unless absolute or a URI
+    weight: float = 1.0  # relative share of the mixture (the recipe uses billions of tokens)
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"
+    mixture: str = "custom"
+    tokenizer: Optional[str] = None  # path to tokenizer.json
+    sources: List[SourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    zero_stage: int = 1
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    run_dir: str = "runs/${name}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    groups: Dict[str, str] = field(default_factory=dict)  # which file each group came from (informational)
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def config_dir() -> Path:
+    env = os.environ.get("ETTIN_CONFIG_DIR")
+    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    if not path.is_dir():
+        raise ConfigError(f"config directory {path} not found: set ETTIN_CONFIG_DIR to the repo's configs/")
+    return path
+
+
+def list_configs() -> dict[str, list[str]]:
+    root = config_dir()
+    out = {"experiment": sorted(p.stem for p in (root / "experiment").glob("*.yaml"))}
+    for group in GROUPS:
+        out[group] = sorted(p.stem for p in (root / group).glob("*.yaml"))
+    return out
+
+
+def _group_file(group: str, name: str) -> Path:
+    path = config_dir() / group / f"{name}.yaml"
+    if not path.is_file():
+        known = list_configs()[group]
+        raise ConfigError(f"unknown {group} '{name}'{_did_you_mean(name, known)}; known: {', '.join(known)}")
+    return path
+
+
+def _did_you_mean(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# ----------------------------------------------------------------------------- checking layers
+
+
+def _check_layer(node: Any, schema: type, where: str, path: str = "") -> Any:
+    """Reject unknown keys (with a suggestion) and turn integral floats like 1.7e12 into ints."""
+    if not isinstance(node, dict):
+        raise ConfigError(f"{where}: '{path or '<root>'}' must be a mapping, got {node!r}")
+    hints = get_type_hints(schema)
+    out = {}
+    for key, value in node.items():
+        full = f"{path}.{key}" if path else key
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown key '{full}'{_did_you_mean(key, hints)}")
+        out[key] = _coerce(value, hints[key], where, full)
+    return out
+
+
+def _coerce(value: Any, hint: Any, where: str, path: str) -> Any:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is not None and type(None) in args:  # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _check_layer(value, hint, where, path)
+    if origin in (list, List) and args and dataclasses.is_dataclass(args[0]):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: '{path}' must be a list, got {value!r}")
+        return [_check_layer(v, args[0], where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _load_yaml(path: Path) -> dict:
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {str(e).splitlines()[0]}") from None
+    return data or {}
+
+
+# ----------------------------------------------------------------------------- composing
+
+
+def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[tuple[str, Any]]]:
+    groups, values = {}, []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value (e.g. model=150m, optim.lr=1e-3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key in GROUPS:
+            groups[key] = raw.strip()
+            continue
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"_v={raw}"]))["_v"]
+        values.append((key, parsed))
+    return groups, values
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    out: dict = {}
+    node = out
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _rule_matches(when: dict, selected: dict[str, str], where: str) -> bool:
+    for group, wanted in when.items():
+        if group not in GROUPS:
+            raise ConfigError(f"{where}: rule condition on unknown group '{group}' (groups: {', '.join(GROUPS)})")
+        wanted = wanted if isinstance(wanted, list) else [wanted]
+        if selected.get(group) not in [str(w) for w in wanted]:
+            return False
+    return True
+
+
+def load_config(experiment: str, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Compose ``experiment`` (a name in configs/experiment or a YAML path) with overrides."""
+    path = Path(experiment)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = config_dir() / "experiment" / f"{experiment}.yaml"
+        if not path.is_file():
+            known = list_configs()["experiment"]
+            raise ConfigError(f"unknown experiment '{experiment}'{_did_you_mean(experiment, known)}; known: {', '.join(known)}")
+    body = _load_yaml(path)
+    selected = {k: str(v) for k, v in (body.pop("defaults", None) or {}).items()}
+    for key in selected:
+        if key not in GROUPS:
+            raise ConfigError(f"{path}: defaults names unknown group '{key}'{_did_you_mean(key, GROUPS)}")
+    cli_groups, cli_values = _parse_overrides(overrides or [])
+    selected.update(cli_groups)
+
+    layers: list[tuple[str, dict]] = []
+    rules: list[tuple[str, dict]] = []
+    for group in GROUPS:
+        if group not in selected:
+            continue
+        gpath = _group_file(group, selected[group])
+        data = _load_yaml(gpath)
+        nested = data.pop("defaults", None) or {}
+        for sub, name in nested.items():  # a phase picks its data mixture unless told otherwise
+            if sub not in GROUPS or GROUPS.index(sub) <= GROUPS.index(group):
+                raise ConfigError(f"{gpath}: defaults may only name later groups, not '{sub}'")
+            selected.setdefault(sub, str(name))
+        rules += [(str(gpath), r) for r in data.pop("rules", None) or []]
+        layers.append((str(gpath), data))
+    for where, rule in rules:
+        if not isinstance(rule, dict) or set(rule) != {"when", "set"}:
+            raise ConfigError(f"{where}: each rule needs exactly 'when' and 'set'")
+        if _rule_matches(rule["when"], selected, where):
+            for key, value in rule["set"].items():
+                layers.append((f"{where} (rule {rule['when']})", _nest(key, value)))
+    layers.append((str(path), body))
+    for key, value in cli_values:
+        layers.append((f"override {key}", _nest(key, value)))
+
+    cfg = OmegaConf.structured(ExperimentConfig)
+    cfg.name = path.stem
+    for where, layer in layers:
+        checked = _check_layer(layer, ExperimentConfig, where)
+        try:
+            cfg = OmegaConf.merge(cfg, checked)
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{where}: {_omegaconf_message(e)}") from None
+    cfg.groups = dict(selected)
+    try:
+        obj: ExperimentConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None
+    validate(obj)
+    return obj
+
+
+def _omegaconf_message(e: OmegaConfBaseException) -> str:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    return f"'{key}': {msg}" if key else msg
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
+    """Raise one ConfigError listing every semantic mistake, one per line."""
+    m, tp = cfg.model, cfg.parallel.tensor
+    errors = []
+
+    def need(ok: bool, msg: str):
+        if not ok:
+            errors.append(msg)
+
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "global_every"):
+        need(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    need(tp >= 1, f"parallel.tensor must be >= 1, got {tp}")
+    if m.num_heads > 0 and tp >= 1:
+        need(m.hidden_size % m.num_heads == 0,
+             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+        need(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for RoPE")
+        need(m.num_heads % tp == 0,
+             f"model.num_heads ({m.num_heads}) is not divisible by parallel.tensor ({tp}): pick a TP size that divides it")
+        need(m.vocab_size % tp == 0,
+             f"model.vocab_size ({m.vocab_size}) is not divisible by parallel.tensor ({tp}): pad the vocab or pick another TP size")
+        need(m.intermediate_size % tp == 0,
+             f"model.intermediate_size ({m.intermediate_size}) is not divisible by parallel.tensor ({tp})")
+    need(cfg.phase.seq_len <= m.max_position_embeddings,
+         f"phase.seq_len ({cfg.phase.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}): "
+         "lower phase.seq_len or raise the limit")
+    need(cfg.phase.seq_len > 2, f"phase.seq_len must be > 2, got {cfg.phase.seq_len}")
+    need(m.window_left >= 0 and m.window_right >= 0, "model.window_left/window_right must be >= 0")
+    need(not m.causal or m.window_right == 0, "a causal model must have model.window_right = 0")
+    need(m.attn_backend in ("auto", "flash", "flex", "sdpa"),
+         f"model.attn_backend '{m.attn_backend}' unknown{_did_you_mean(m.attn_backend, ['auto', 'flash', 'flex', 'sdpa'])}")
+    need(cfg.objective.name in ("mlm", "clm"), f"objective.name must be mlm or clm, got '{cfg.objective.name}'")
+    need(cfg.objective.name != "mlm" or not m.causal, "objective mlm needs model.causal=false")
+    need(cfg.objective.name != "clm" or m.causal, "objective clm needs model.causal=true")
+    need(0 < cfg.objective.mask_rate < 1, f"objective.mask_rate must be in (0, 1), got {cfg.objective.mask_rate}")
+    for key in ("tokens", "checkpoint_every_tokens"):
+        need(getattr(cfg.phase, key) > 0, f"phase.{key} must be positive, got {getattr(cfg.phase, key)}")
+    need(cfg.phase.init in ("scratch", "previous", "other_objective"),
+         f"phase.init must be scratch, previous or other_objective, got '{cfg.phase.init}'")
+    need(cfg.phase.init == "scratch" or cfg.phase.previous,
+         f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
+    for key in ("warmup_tokens", "decay_tokens"):
+        need(getattr(cfg.schedule, key) >= 0, f"schedule.{key} must be >= 0, got {getattr(cfg.schedule, key)}")
+    need(cfg.schedule.shape in ("constant", "one_minus_sqrt", "wsd"),
+         f"schedule.shape must be constant, one_minus_sqrt or wsd, got '{cfg.schedule.shape}'")
+    need(cfg.schedule.warmup_tokens + cfg.schedule.decay_tokens <= cfg.phase.tokens,
+         "schedule.warmup_tokens + schedule.decay_tokens exceed phase.tokens")
+    need(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
+    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
+    need(cfg.batch.global_size > 0 and cfg.batch.micro_size > 0, "batch.global_size and batch.micro_size must be positive")
+    need(cfg.batch.warmup_tokens >= 0, f"batch.warmup_tokens must be >= 0, got {cfg.batch.warmup_tokens}")
+    for i, s in enumerate(cfg.data.sources):
+        need(s.weight > 0, f"data.sources[{i}] ({s.name}): weight must be positive, got {s.weight}")
+    if world_size is not None:
+        need(world_size % tp == 0, f"world size {world_size} is not divisible by parallel.tensor ({tp})")
+    if errors:
+        raise ConfigError("\n".join(errors))
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,135 @@
+"""The Ettin transformer (ModernBERT-style): one architecture for the encoder and the decoder.
+
+Embedding -> LayerNorm -> pre-norm blocks (layer 0 has no attention norm: the embedding norm
+serves) -> final norm -> head (dense, GELU, norm) -> logits tied to the embedding, plus a bias.
+Blocks alternate one global layer and two local (sliding-window) layers, each with its own RoPE
+theta. The encoder/decoder switch is ``cfg.causal``: it changes the attention mask, nothing else
+(the loss lives in the labels the data pipeline builds).
+
+Inputs are unpadded: ``input_ids`` is a flat stream of documents laid end to end and
+``cu_seqlens`` marks where each starts. Tensor-parallel layers come from ``ettin.parallel``;
+at TP=1 they are the same layers over a group of one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ettin.attention import MaskSpec, build_attention
+from ettin.config import ModelConfig
+from ettin.parallel import ColumnLinear, RowLinear, copy_to_tp, vocab_bias, vocab_embedding, vocab_parallel_cross_entropy
+
+IGNORE = -100  # label of positions without a loss
+
+
+def trunc_normal(std: float, cutoff: float):
+    return lambda w: nn.init.trunc_normal_(w, 0.0, std, -cutoff * std, cutoff * std)
+
+
+class Rotary(nn.Module):
+    """RoPE over the full head dim (rotate-half convention, as transformers' ModernBERT)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [tokens, 1 (heads), head_dim]
+        return emb.cos(), emb.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, init, out_init):
+        super().__init__()
+        h = cfg.hidden_size
+        self.is_global = cfg.is_global(layer)
+        self.head_dim = cfg.head_dim
+        self.attn_norm = nn.LayerNorm(h, eps=cfg.norm_eps, bias=False) if layer > 0 else nn.Identity()
+        # Rows are laid out per head as (q, k, v) and per GLU unit as (input, gate), so that any
+        # contiguous TP split keeps whole heads and matching input/gate pairs together.
+        self.qkv = ColumnLinear(h, 3 * h, init)
+        self.attn_out = RowLinear(h, h, out_init)
+        self.attn_drop = nn.Dropout(cfg.attn_out_dropout)
+        self.mlp_norm = nn.LayerNorm(h, eps=cfg.norm_eps, bias=False)
+        self.wi = ColumnLinear(h, 2 * cfg.intermediate_size, init)
+        self.wo = RowLinear(cfg.intermediate_size, h, out_init)
+
+    def forward(self, x, rope, attend, plan):
+        n = x.shape[0]
+        q, k, v = self.qkv(self.attn_norm(x)).view(n, -1, 3, self.head_dim).unbind(2)
+        q, k = rotate(q, *rope), rotate(k, *rope)
+        x = x + self.attn_drop(self.attn_out(attend(q, k, v, plan).reshape(n, -1)))
+        glu = self.wi(self.mlp_norm(x)).view(n, -1, 2)
+        return x + self.wo(F.gelu(glu[..., 0]) * glu[..., 1])
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, attn_backend: str | None = None):
+        super().__init__()
+        self.cfg = cfg
+        h, eps = cfg.hidden_size, cfg.norm_eps
+        init = trunc_normal(cfg.init_std, cfg.init_cutoff)
+        out_init = trunc_normal(cfg.init_std / math.sqrt(2 * cfg.num_layers), cfg.init_cutoff)
+        self.embed = vocab_embedding(cfg.vocab_size, h, init)
+        self.embed_norm = nn.LayerNorm(h, eps=eps, bias=False)
+        self.layers = nn.ModuleList(Block(cfg, i, init, out_init) for i in range(cfg.num_layers))
+        self.final_norm = nn.LayerNorm(h, eps=eps, bias=False)
+        self.head_dense = nn.Linear(h, h, bias=False)
+        init(self.head_dense.weight)
+        self.head_norm = nn.LayerNorm(h, eps=eps, bias=False)
+        self.head_bias = vocab_bias(cfg.vocab_size)
+        self.rope = nn.ModuleDict({
+            "global": Rotary(cfg.head_dim, cfg.global_rope_theta),
+            "local": Rotary(cfg.head_dim, cfg.local_rope_theta),
+        })
+        self.masks = {
+            "global": MaskSpec(cfg.causal, None),
+            "local": MaskSpec(cfg.causal, (cfg.window_left, cfg.window_right)),
+        }
+        self.attend = build_attention(attn_backend or cfg.attn_backend)
+
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [tokens, vocab / TP] (this rank's vocab shard), or the mean loss over labelled tokens."""
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        if max_seqlen is None:
+            max_seqlen = int(lengths.max())
+        doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=input_ids.shape[0])
+        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - doc_start
+        rope = {kind: r(positions) for kind, r in self.rope.items()}
+        plans = {kind: self.attend.prepare(cu_seqlens, max_seqlen, spec) for kind, spec in self.masks.items()}
+
+        x = self.embed_norm(self.embed(input_ids))
+        for layer in self.layers:
+            kind = "global" if layer.is_global else "local"
+            x = layer(x, rope[kind], self.attend, plans[kind])
+        x = self.final_norm(x)
+        if labels is None:
+            return self.logits(x)
+        keep = labels != IGNORE  # the head runs only where there is a loss (MLM: masked tokens)
+        return vocab_parallel_cross_entropy(self.logits(x[keep]), labels[keep]).mean()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.head_norm(F.gelu(self.head_dense(x)))
+        return F.linear(copy_to_tp(x), self.embed.weight, self.head_bias)
+
+    def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None):
+        """The same model on a padded [batch, length] batch: unpad, run, pad the logits back."""
+        keep = attention_mask.bool()
+        cu_seqlens = F.pad(keep.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+        out = self(input_ids[keep], cu_seqlens, labels=None if labels is None else labels[keep])
+        if labels is not None:
+            return out
+        padded = out.new_zeros(*input_ids.shape, out.shape[-1])
+        padded[keep] = out
+        return padded

@@ -1,0 +1,173 @@
+"""Process groups and tensor-parallel building blocks, all from megatron-core, in one place.
+
+The model asks this module for its linear layers and embedding; at TP=1 they are the same
+megatron-core layers over a group of one, so there is a single code path. Weights are created
+on the CPU from a full "master" tensor and split, which makes every TP size start from the
+same numbers for the same seed.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_process_groups(tensor_parallel: int = 1, backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
+    """Initialize torch.distributed (from RANK/WORLD_SIZE env, or a group of one) and TP x DP groups."""
+    from megatron.core import parallel_state
+
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if "RANK" not in os.environ:  # a lone process: a private group of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if parallel_state.model_parallel_is_initialized():
+        if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel:
+            return
+        parallel_state.destroy_model_parallel()
+    if dist.get_world_size() % tensor_parallel:
+        raise ValueError(
+            f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tensor_parallel}"
+        )
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tp_rank() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_rank()
+
+
+def tp_size() -> int:
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _mp_config():
+    from megatron.core import ModelParallelConfig
+
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp_size(),
+        use_cpu_initialization=True,  # full master weight on every rank, then split: TP-invariant init
+        perform_initialization=True,
+        params_dtype=torch.float32,
+    )
+
+
+class ColumnLinear(nn.Module):
+    """y[..., local out] = x W_local^T; output dims split across TP ranks (no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, init: Callable):
+        super().__init__()
+        from megatron.core.tensor_parallel import ColumnParallelLinear
+
+        self.inner = ColumnParallelLinear(
+            in_features, out_features, config=_mp_config(), init_method=init, bias=False, gather_output=False
+        )
+        self.weight = self.inner.weight
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+class RowLinear(nn.Module):
+    """y = sum over TP ranks of x_local W_local^T; input dims split, output replicated (no bias)."""
+
+    def __init__(self, in_features: int, out_features: int, init: Callable):
+        super().__init__()
+        from megatron.core.tensor_parallel import RowParallelLinear
+
+        self.inner = RowParallelLinear(
+            in_features, out_features, config=_mp_config(), init_method=init, bias=False,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+        self.weight = self.inner.weight
+
+    def forward(self, x):
+        return self.inner(x)[0]
+
+
+def vocab_embedding(vocab_size: int, hidden: int, init: Callable) -> nn.Module:
+    from megatron.core.tensor_parallel import VocabParallelEmbedding
+
+    return VocabParallelEmbedding(vocab_size, hidden, init_method=init, config=_mp_config())
+
+
+def vocab_bias(vocab_size: int) -> nn.Parameter:
+    """The prediction head's bias, split like the embedding rows."""
+    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+    bias = nn.Parameter(torch.zeros(vocab_size // tp_size()))
+    set_tensor_model_parallel_attributes(bias, is_parallel=True, dim=0, stride=1)
+    return bias
+
+
+def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient backward (entering a TP region)."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
+
+    return copy_to_tensor_model_parallel_region(x)
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token loss from vocab-split logits [N, V/tp] and global labels [N]."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as ce
+
+    return ce(logits.float().unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
+
+
+def gather_tp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Concatenate the TP ranks' shards of ``x`` along ``dim`` (no gradient)."""
+    if tp_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp_size())]
+    dist.all_gather(parts, x.contiguous(), group=tp_group())
+    return torch.cat(parts, dim=dim)
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    return bool(getattr(param, "tensor_model_parallel", False))
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The TP-independent state dict: every sharded parameter gathered along its split dim."""
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = gather_tp(p.detach(), p.partition_dim) if is_tp_sharded(p) else p.detach().clone()
+    return out
+
+
+@torch.no_grad()
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a TP-independent state dict, keeping this rank's shard of every split parameter."""
+    params = dict(model.named_parameters())
+    missing, unexpected = set(params) - set(state), set(state) - set(params)
+    if missing or unexpected:
+        raise KeyError(f"state dict mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    for name, p in params.items():
+        full = state[name]
+        if is_tp_sharded(p):
+            full = full.chunk(tp_size(), dim=p.partition_dim)[tp_rank()]
+        if full.shape != p.shape:
+            raise ValueError(f"{name}: shape {tuple(full.shape)} does not fit parameter {tuple(p.shape)}")
+        p.copy_(full)
