@@ -345,6 +345,9 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
              f"model.vocab_size ({m.vocab_size}) is not divisible by parallel.tensor ({tp}): pad the vocab or pick another TP size")
         need(m.intermediate_size % tp == 0,
              f"model.intermediate_size ({m.intermediate_size}) is not divisible by parallel.tensor ({tp})")
+    for key in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
+        need(0 <= getattr(m, key) < m.vocab_size,
+             f"model.{key} ({getattr(m, key)}) must be a token id below model.vocab_size ({m.vocab_size})")
     need(cfg.phase.seq_len <= m.max_position_embeddings,
          f"phase.seq_len ({cfg.phase.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}): "
          "lower phase.seq_len or raise the limit")

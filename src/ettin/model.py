@@ -20,7 +20,7 @@ from torch import nn
 
 from ettin.attention import MaskSpec, build_attention
 from ettin.config import ModelConfig
-from ettin.parallel import ColumnLinear, RowLinear, copy_to_tp, vocab_bias, vocab_embedding, vocab_parallel_cross_entropy
+from ettin.parallel import column_linear, copy_to_tp, row_linear, vocab_bias, vocab_embedding, vocab_parallel_cross_entropy
 
 IGNORE = -100  # label of positions without a loss
 
@@ -57,12 +57,12 @@ class Block(nn.Module):
         self.attn_norm = nn.LayerNorm(h, eps=cfg.norm_eps, bias=False) if layer > 0 else nn.Identity()
         # Rows are laid out per head as (q, k, v) and per GLU unit as (input, gate), so that any
         # contiguous TP split keeps whole heads and matching input/gate pairs together.
-        self.qkv = ColumnLinear(h, 3 * h, init)
-        self.attn_out = RowLinear(h, h, out_init)
+        self.qkv = column_linear(h, 3 * h, init)
+        self.attn_out = row_linear(h, h, out_init)
         self.attn_drop = nn.Dropout(cfg.attn_out_dropout)
         self.mlp_norm = nn.LayerNorm(h, eps=cfg.norm_eps, bias=False)
-        self.wi = ColumnLinear(h, 2 * cfg.intermediate_size, init)
-        self.wo = RowLinear(cfg.intermediate_size, h, out_init)
+        self.wi = column_linear(h, 2 * cfg.intermediate_size, init)
+        self.wo = row_linear(cfg.intermediate_size, h, out_init)
 
     def forward(self, x, rope, attend, plan):
         n = x.shape[0]

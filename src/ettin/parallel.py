@@ -14,13 +14,12 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 from torch import nn
 
 
-def init_process_groups(tensor_parallel: int = 1, backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
+def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
     """Initialize torch.distributed (from RANK/WORLD_SIZE env, or a group of one) and TP x DP groups."""
-    from megatron.core import parallel_state
-
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if "RANK" not in os.environ:  # a lone process: a private group of one
@@ -29,14 +28,14 @@ def init_process_groups(tensor_parallel: int = 1, backend: Optional[str] = None,
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     if parallel_state.model_parallel_is_initialized():
-        if parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel:
+        if parallel_state.get_tensor_model_parallel_world_size() == tp:
             return
         parallel_state.destroy_model_parallel()
-    if dist.get_world_size() % tensor_parallel:
+    if dist.get_world_size() % tp:
         raise ValueError(
-            f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tensor_parallel}"
+            f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tp}"
         )
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
 
 
 def free_port() -> int:
@@ -46,26 +45,18 @@ def free_port() -> int:
 
 
 def tp_rank() -> int:
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_rank()
 
 
 def tp_size() -> int:
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
 def tp_group():
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_group()
 
 
 def _mp_config():
-    from megatron.core import ModelParallelConfig
-
     return ModelParallelConfig(
         tensor_model_parallel_size=tp_size(),
         use_cpu_initialization=True,  # full master weight on every rank, then split: TP-invariant init
@@ -74,66 +65,48 @@ def _mp_config():
     )
 
 
-class ColumnLinear(nn.Module):
-    """y[..., local out] = x W_local^T; output dims split across TP ranks (no bias)."""
-
-    def __init__(self, in_features: int, out_features: int, init: Callable):
-        super().__init__()
-        from megatron.core.tensor_parallel import ColumnParallelLinear
-
-        self.inner = ColumnParallelLinear(
-            in_features, out_features, config=_mp_config(), init_method=init, bias=False, gather_output=False
-        )
-        self.weight = self.inner.weight
+class ColumnLinear(tensor_parallel.ColumnParallelLinear):
+    """y[..., local out] = x W_local^T: output dims split across TP ranks (no bias)."""
 
     def forward(self, x):
-        return self.inner(x)[0]
+        return super().forward(x)[0]  # megatron returns (output, bias)
 
 
-class RowLinear(nn.Module):
-    """y = sum over TP ranks of x_local W_local^T; input dims split, output replicated (no bias)."""
-
-    def __init__(self, in_features: int, out_features: int, init: Callable):
-        super().__init__()
-        from megatron.core.tensor_parallel import RowParallelLinear
-
-        self.inner = RowParallelLinear(
-            in_features, out_features, config=_mp_config(), init_method=init, bias=False,
-            input_is_parallel=True, skip_bias_add=False,
-        )
-        self.weight = self.inner.weight
+class RowLinear(tensor_parallel.RowParallelLinear):
+    """y = sum over TP ranks of x_local W_local^T: input dims split, output replicated (no bias)."""
 
     def forward(self, x):
-        return self.inner(x)[0]
+        return super().forward(x)[0]
+
+
+def column_linear(in_features: int, out_features: int, init: Callable) -> nn.Module:
+    return ColumnLinear(in_features, out_features, config=_mp_config(), init_method=init, bias=False, gather_output=False)
+
+
+def row_linear(in_features: int, out_features: int, init: Callable) -> nn.Module:
+    return RowLinear(in_features, out_features, config=_mp_config(), init_method=init, bias=False,
+                     input_is_parallel=True, skip_bias_add=False)
 
 
 def vocab_embedding(vocab_size: int, hidden: int, init: Callable) -> nn.Module:
-    from megatron.core.tensor_parallel import VocabParallelEmbedding
-
-    return VocabParallelEmbedding(vocab_size, hidden, init_method=init, config=_mp_config())
+    return tensor_parallel.VocabParallelEmbedding(vocab_size, hidden, init_method=init, config=_mp_config())
 
 
 def vocab_bias(vocab_size: int) -> nn.Parameter:
     """The prediction head's bias, split like the embedding rows."""
-    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
-
     bias = nn.Parameter(torch.zeros(vocab_size // tp_size()))
-    set_tensor_model_parallel_attributes(bias, is_parallel=True, dim=0, stride=1)
+    tensor_parallel.set_tensor_model_parallel_attributes(bias, is_parallel=True, dim=0, stride=1)
     return bias
 
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
     """Identity forward, all-reduce of the gradient backward (entering a TP region)."""
-    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region
-
-    return copy_to_tensor_model_parallel_region(x)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(x)
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token loss from vocab-split logits [N, V/tp] and global labels [N]."""
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy as ce
-
-    return ce(logits.float().unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
+    return tensor_parallel.vocab_parallel_cross_entropy(logits.float().unsqueeze(1), labels.unsqueeze(1)).squeeze(1)
 
 
 def gather_tp(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -1,0 +1,261 @@
+"""Hugging Face interop: our weights <-> ModernBertForMaskedLM / ModernBertDecoderForCausalLM.
+
+Our layout differs from transformers' in two places, both so that any contiguous tensor-parallel
+split keeps related rows together: the attention projection is laid out per head as (q, k, v)
+and the GLU projection per unit as (input, gate). Everything else maps one to one.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ettin.config import ModelConfig
+
+ENCODER, DECODER = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
+
+
+class ConversionError(ValueError):
+    """A checkpoint or config that cannot be converted; str() says what and how to fix it."""
+
+
+def _heads_to_hf(w: torch.Tensor, cfg: ModelConfig) -> list[torch.Tensor]:
+    """Our per-head (q, k, v) rows -> [q, k, v], each [hidden, hidden]."""
+    w = w.view(cfg.num_heads, 3, cfg.head_dim, cfg.hidden_size).transpose(0, 1)
+    return [part.reshape(cfg.hidden_size, cfg.hidden_size) for part in w]
+
+
+def _heads_from_hf(q, k, v, cfg: ModelConfig) -> torch.Tensor:
+    w = torch.stack([t.view(cfg.num_heads, cfg.head_dim, cfg.hidden_size) for t in (q, k, v)], dim=1)
+    return w.reshape(3 * cfg.hidden_size, cfg.hidden_size)
+
+
+def _glu_to_hf(w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    return w.view(cfg.intermediate_size, 2, cfg.hidden_size).transpose(0, 1).reshape(-1, cfg.hidden_size)
+
+
+def _glu_from_hf(w: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    return w.view(2, cfg.intermediate_size, cfg.hidden_size).transpose(0, 1).reshape(-1, cfg.hidden_size)
+
+
+def _renames(cfg: ModelConfig) -> dict[str, str]:
+    """Our name -> transformers' name, for the tensors that map one to one."""
+    head = "lm_head" if cfg.causal else "head"
+    names = {
+        "embed.weight": "model.embeddings.tok_embeddings.weight",
+        "embed_norm.weight": "model.embeddings.norm.weight",
+        "final_norm.weight": "model.final_norm.weight",
+        "head_dense.weight": f"{head}.dense.weight",
+        "head_norm.weight": f"{head}.norm.weight",
+        "head_bias": "decoder.bias",
+    }
+    for i in range(cfg.num_layers):
+        for ours, theirs in [("attn_norm", "attn_norm"), ("attn_out", "attn.Wo"), ("mlp_norm", "mlp_norm"), ("wo", "mlp.Wo")]:
+            if ours != "attn_norm" or i > 0:
+                names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {theirs: state[ours] for ours, theirs in _renames(cfg).items()}
+    for i in range(cfg.num_layers):
+        q, k, v = _heads_to_hf(state[f"layers.{i}.qkv.weight"], cfg)
+        if cfg.causal:
+            out.update({f"model.layers.{i}.attn.{n}_proj.weight": t for n, t in zip("qkv", (q, k, v))})
+        else:
+            out[f"model.layers.{i}.attn.Wqkv.weight"] = torch.cat([q, k, v])
+        out[f"model.layers.{i}.mlp.Wi.weight"] = _glu_to_hf(state[f"layers.{i}.wi.weight"], cfg)
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    missing = [n for n in _renames(cfg).values() if n not in hf]
+    if missing:
+        raise ConversionError(f"Hugging Face weights lack {missing[0]} (and {len(missing) - 1} more): not a matching ModernBERT checkpoint")
+    out = {ours: hf[theirs].clone() for ours, theirs in _renames(cfg).items()}
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.attn."
+        q, k, v = ([hf[f"{p}{n}_proj.weight"] for n in "qkv"] if cfg.causal
+                   else hf[f"{p}Wqkv.weight"].chunk(3))
+        out[f"layers.{i}.qkv.weight"] = _heads_from_hf(q, k, v, cfg)
+        out[f"layers.{i}.wi.weight"] = _glu_from_hf(hf[f"model.layers.{i}.mlp.Wi.weight"], cfg)
+    return out
+
+
+def layer_types(cfg: ModelConfig) -> list[str]:
+    return ["full_attention" if cfg.is_global(i) else "sliding_attention" for i in range(cfg.num_layers)]
+
+
+def hf_config(cfg: ModelConfig):
+    """The transformers config that reproduces ``cfg``; refuses what transformers cannot express."""
+    from transformers import ModernBertConfig, ModernBertDecoderConfig
+
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings, hidden_activation="gelu",
+        classifier_activation="gelu", norm_eps=cfg.norm_eps, norm_bias=False, attention_bias=False,
+        mlp_bias=False, decoder_bias=True, classifier_bias=False, initializer_range=cfg.init_std,
+        initializer_cutoff_factor=cfg.init_cutoff, global_rope_theta=cfg.global_rope_theta,
+        local_rope_theta=cfg.local_rope_theta, global_attn_every_n_layers=cfg.global_every,
+        attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0,
+        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id,
+        cls_token_id=cfg.cls_token_id, sep_token_id=cfg.sep_token_id, tie_word_embeddings=True,
+    )
+    if cfg.causal:
+        if cfg.window_right != 0:
+            raise ConversionError("a decoder export needs model.window_right=0")
+        # transformers' decoder attends to j > i - sliding_window, sliding_window = local_attention // 2
+        hf = ModernBertDecoderConfig(**common, local_attention=2 * (cfg.window_left + 1), layer_types=layer_types(cfg))
+        hf.architectures = [DECODER]
+        if cfg.local_rope_theta != cfg.global_rope_theta and not _decoder_honours_local_theta():
+            warnings.warn(
+                f"this transformers version applies global_rope_theta ({cfg.global_rope_theta:g}) to the decoder's "
+                f"local layers, not local_rope_theta ({cfg.local_rope_theta:g}): its logits will differ from ours; "
+                "`ettin hf check` measures by how much", stacklevel=2)
+    else:
+        if cfg.window_left != cfg.window_right:
+            raise ConversionError("an encoder export needs a symmetric window (model.window_left == model.window_right)")
+        hf = ModernBertConfig(**common, local_attention=2 * cfg.window_left)
+        hf.layer_types = layer_types(cfg)  # informational: ModernBertConfig derives them the same way
+        hf.architectures = [ENCODER]
+    return hf
+
+
+def _decoder_honours_local_theta() -> bool:
+    from transformers import ModernBertDecoderConfig, ModernBertDecoderModel
+
+    tiny = ModernBertDecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                                   num_attention_heads=1, global_rope_theta=160000.0, local_rope_theta=10000.0)
+    model = ModernBertDecoderModel(tiny)
+    return not torch.equal(model.local_rotary_emb.inv_freq, model.global_rotary_emb.inv_freq)
+
+
+def model_config_from_hf(hf) -> ModelConfig:
+    causal = hf.model_type == "modernbert-decoder"
+    if hf.model_type not in ("modernbert", "modernbert-decoder"):
+        raise ConversionError(f"model_type '{hf.model_type}' is not ModernBERT or ModernBERT-decoder")
+    cfg = ModelConfig(
+        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
+        max_position_embeddings=hf.max_position_embeddings, causal=causal,
+        global_every=hf.global_attn_every_n_layers,
+        window_left=hf.sliding_window - 1 if causal else hf.local_attention // 2,
+        window_right=0 if causal else hf.local_attention // 2,
+        global_rope_theta=float(hf.global_rope_theta),
+        local_rope_theta=float(hf.local_rope_theta if hf.local_rope_theta is not None else hf.global_rope_theta),
+        norm_eps=hf.norm_eps, init_std=hf.initializer_range, init_cutoff=hf.initializer_cutoff_factor,
+        pad_token_id=hf.pad_token_id, cls_token_id=hf.cls_token_id, sep_token_id=hf.sep_token_id,
+    )
+    types = getattr(hf, "layer_types", None)
+    if causal and types is not None and list(types) != layer_types(cfg):
+        raise ConversionError(f"layer_types {types} do not follow 'global every {cfg.global_every} from layer 0'")
+    if hf.hidden_activation not in ("gelu", "gelu_python") or getattr(hf, "norm_bias", False) or getattr(hf, "attention_bias", False):
+        raise ConversionError("only the Ettin/ModernBERT layout is supported (exact GELU, no norm or attention biases)")
+    return cfg
+
+
+def export(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path, tokenizer: str | None = None) -> Path:
+    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads offline."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    hf = hf_config(cfg)
+    hf.torch_dtype = "float32"
+    hf.save_pretrained(out)
+    save_file({k: v.float() for k, v in to_hf_state_dict(cfg, state).items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    if tokenizer:
+        save_tokenizer(tokenizer, cfg, out)
+    return out
+
+
+def save_tokenizer(tokenizer_json: str, cfg: ModelConfig, out: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    path = Path(tokenizer_json)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if not path.is_file():
+        raise ConversionError(f"tokenizer file {path} not found: pass a tokenizer.json (or a folder holding one)")
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    names = {"cls_token": cfg.cls_token_id, "sep_token": cfg.sep_token_id, "pad_token": cfg.pad_token_id,
+             "mask_token": cfg.mask_token_id, "bos_token": cfg.cls_token_id, "eos_token": cfg.sep_token_id}
+    special = {k: tok.convert_ids_to_tokens(i) for k, i in names.items() if i < len(tok)}
+    tok.add_special_tokens(special)
+    tok.save_pretrained(out)
+    if path.resolve() != (out / "tokenizer.json").resolve():
+        shutil.copyfile(path, out / "tokenizer.json")  # the exact file we trained with
+
+
+def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Read a transformers ModernBERT(-decoder) directory into our config and weights (no pickles)."""
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConversionError(f"{path} has no config.json: pass a Hugging Face model directory")
+    cfg = model_config_from_hf(AutoConfig.from_pretrained(path))
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConversionError(f"{path} has no *.safetensors weights (convert .bin checkpoints with transformers first)")
+    hf = {}
+    for f in files:
+        hf.update(load_file(str(f)))
+    return cfg, from_hf_state_dict(cfg, hf)
+
+
+def load_hf_model(path: str | Path):
+    """The transformers model class for a directory, in fp32 eval mode, SDPA attention."""
+    from transformers import AutoConfig, ModernBertDecoderForCausalLM, ModernBertForMaskedLM
+
+    kind = AutoConfig.from_pretrained(path).model_type
+    cls = ModernBertDecoderForCausalLM if kind == "modernbert-decoder" else ModernBertForMaskedLM
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+@torch.no_grad()
+def compare_with_transformers(path: str | Path, lengths=(1, 5, 64, 129, 300), seed: int = 0) -> dict:
+    """Run transformers and our model on the same random documents; return the logit differences."""
+    from ettin.parallel import init_process_groups, load_full_state_dict
+
+    init_process_groups(1)
+    cfg, state = load_hf(path)
+    lengths = [min(n, cfg.max_position_embeddings) for n in lengths]
+    ours = cfg.build(attn_backend="sdpa").eval()
+    load_full_state_dict(ours, state)
+    theirs = load_hf_model(path)
+    g = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lengths]
+    # transformers: one padded row per document; ours: the documents end to end
+    ids = torch.full((len(docs), max(lengths)), cfg.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for row, d in enumerate(docs):
+        ids[row, : len(d)], mask[row, : len(d)] = d, 1
+    ref = theirs(input_ids=ids, attention_mask=mask).logits[mask.bool()]
+    cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
+    got = ours(torch.cat(docs), cu)
+    diff = (got - ref).abs()
+    return {"max_abs_diff": float(diff.max()), "finite": bool(torch.isfinite(got).all() and torch.isfinite(ref).all()),
+            "max_abs_logit": float(ref.abs().max()), "lengths": lengths, "model": DECODER if cfg.causal else ENCODER}
+
+
+def save_weights(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
+    """Our own model format: a folder with model.safetensors (TP-independent names) and model.json."""
+    from dataclasses import asdict
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    (out / "model.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    return out
+
+
+def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    path = Path(path)
+    if not (path / "model.safetensors").is_file() or not (path / "model.json").is_file():
+        raise ConversionError(f"{path} is not an ettin model folder (needs model.safetensors and model.json)")
+    return ModelConfig(**json.loads((path / "model.json").read_text())), load_file(str(path / "model.safetensors"))
