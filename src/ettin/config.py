@@ -196,6 +196,8 @@ def _check_layer(node: Any, schema: type, where: str, path: str = "") -> Any:
 def _coerce(value: Any, hint: Any, where: str, path: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
     if origin is not None and type(None) in args:  # Optional[X]
+        if value is None:
+            return None
         hint = next(a for a in args if a is not type(None))
         origin, args = get_origin(hint), get_args(hint)
     if dataclasses.is_dataclass(hint):
@@ -204,10 +206,18 @@ def _coerce(value: Any, hint: Any, where: str, path: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{path}' must be a list, got {value!r}")
         return [_check_layer(v, args[0], where, f"{path}[{i}]") for i, v in enumerate(value)]
-    if hint is int and isinstance(value, float) and value.is_integer():
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int and number and float(value).is_integer():
         return int(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and number:
         return float(value)
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint in (int, float, bool, str):
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[hint]
+        raise ConfigError(f"{where}: '{path}' must be {kind}, got {value!r}")
     return value
 
 

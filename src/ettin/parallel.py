@@ -10,12 +10,16 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import warnings
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 from torch import nn
+
+with warnings.catch_warnings():  # megatron-core announces, per module, that it falls back to torch
+    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+    from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
 
 def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
