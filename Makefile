@@ -1,0 +1,27 @@
+# ettin: `make setup` builds .venv from nothing; `make test` runs every test tier that runs here.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# torch is pinned to the build on this machine's disk (constraints.txt); an open range could pull
+# a multi-GB CUDA wheel from the registry.
+PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) --editable '.[dev]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/ettin demo tiny
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache
