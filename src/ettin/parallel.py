@@ -84,16 +84,17 @@ class RowLinear(tensor_parallel.RowParallelLinear):
 
 
 def column_linear(in_features: int, out_features: int, init: Callable) -> nn.Module:
-    return ColumnLinear(in_features, out_features, config=_mp_config(), init_method=init, bias=False, gather_output=False)
+    return ColumnLinear(in_features, out_features, config=_mp_config(), init_method=init, bias=False, gather_output=False,
+                        tp_group=tp_group())
 
 
 def row_linear(in_features: int, out_features: int, init: Callable) -> nn.Module:
     return RowLinear(in_features, out_features, config=_mp_config(), init_method=init, bias=False,
-                     input_is_parallel=True, skip_bias_add=False)
+                     input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
 
 
 def vocab_embedding(vocab_size: int, hidden: int, init: Callable) -> nn.Module:
-    return tensor_parallel.VocabParallelEmbedding(vocab_size, hidden, init_method=init, config=_mp_config())
+    return tensor_parallel.VocabParallelEmbedding(vocab_size, hidden, init_method=init, config=_mp_config(), tp_group=tp_group())
 
 
 def vocab_bias(vocab_size: int) -> nn.Parameter:
@@ -105,7 +106,7 @@ def vocab_bias(vocab_size: int) -> nn.Parameter:
 
 def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
     """Identity forward, all-reduce of the gradient backward (entering a TP region)."""
-    return tensor_parallel.copy_to_tensor_model_parallel_region(x)
+    return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=tp_group())
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
