@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
 
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's "No CUDA runtime is found" on CPU machines
+# torch warns "No CUDA runtime is found" on every CPU machine; keep stderr for what matters
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from ettin.config import ConfigError, list_configs, load_config, to_yaml
 

@@ -130,7 +130,8 @@ def _decoder_honours_local_theta() -> bool:
     from transformers import ModernBertDecoderConfig, ModernBertDecoderModel
 
     tiny = ModernBertDecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                   num_attention_heads=1, global_rope_theta=160000.0, local_rope_theta=10000.0)
+                                   num_attention_heads=1, global_rope_theta=160000.0, local_rope_theta=10000.0,
+                                   pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0)
     model = ModernBertDecoderModel(tiny)
     return not torch.equal(model.local_rotary_emb.inv_freq, model.global_rotary_emb.inv_freq)
 

@@ -26,11 +26,11 @@ def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: f
     """Initialize torch.distributed (from RANK/WORLD_SIZE env, or a group of one) and TP x DP groups."""
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        if "RANK" not in os.environ:  # a lone process: a private group of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if "RANK" in os.environ:  # torchrun / srun / spawned ranks
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a lone process (tools, notebooks): a private in-memory group of one
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if parallel_state.model_parallel_is_initialized():
         if parallel_state.get_tensor_model_parallel_world_size() == tp:
             return
