@@ -1,0 +1,1 @@
+"""Data: corpora -> tokenized MDS shards -> mixtures -> a stateless global order -> batches."""
