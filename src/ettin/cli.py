@@ -112,6 +112,81 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _step_range(text: str) -> range:
+    try:
+        a, b = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--steps '{text}' must look like A:B (steps A to B-1)") from None
+    if not 0 <= a < b:
+        raise ConfigError(f"--steps '{text}': need 0 <= A < B")
+    return range(a, b)
+
+
+def cmd_data_order_show(args) -> int:
+    from collections import Counter
+
+    from ettin.data.collate import step_hash
+    from ettin.data.loader import DataPipeline
+
+    cfg = load_config(args.experiment, args.overrides)
+    pipeline = DataPipeline.from_config(cfg)
+    print(f"# {cfg.name}: fingerprint {pipeline.manifest.fingerprint()[:16]}, seed {cfg.phase.seed}")
+    for step in _step_range(args.steps):
+        start, end = pipeline.schedule.bounds(step)
+        rows = pipeline.samples(start, end)
+        batch = pipeline.collator([r["input_ids"] for r in rows], [r["position"] for r in rows])
+        mix = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["source"] for r in rows).items()))
+        print(f"step {step}: positions [{start}, {end}), {end - start} samples, {batch.num_tokens} tokens, "
+              f"hash {step_hash(batch.digests)[:16]} ({mix})")
+        if args.samples:
+            for r in rows:
+                print(f"  {r['position']:>10} {r['source']:<20} {r['sample_index']:>10} {len(r['input_ids']):>6} {r['id']}")
+    return 0
+
+
+def _checkpoints_of(path: str):
+    from pathlib import Path
+
+    from ettin.data.ledger import LEDGER_FILE
+
+    p = Path(path)
+    if (p / LEDGER_FILE).is_file():
+        return [p]
+    found = sorted(c.parent for c in p.glob(f"**/{LEDGER_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"{path} holds no checkpoints with a {LEDGER_FILE}: pass a run folder or a checkpoint")
+    return found
+
+
+def cmd_data_order_export(args) -> int:
+    from ettin.data.ledger import export_order
+
+    for folder in export_order(_checkpoints_of(args.path), args.out):
+        print(f"wrote {folder}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from ettin.data.ledger import replay
+
+    r = replay(args.checkpoint, args.step)
+    print(f"step {r['step']}: positions {r['positions']} (ledger {r['ledger_positions']}), {r['tokens']} tokens "
+          f"(ledger {r['ledger_tokens']}), hash {r['hash'][:16]} (ledger {r['ledger_hash'][:16]}), "
+          f"fingerprint {'same' if r['fingerprint_ok'] else 'CHANGED'} -> {'MATCH' if r['match'] else 'MISMATCH'}")
+    if args.decode:
+        from tokenizers import Tokenizer
+
+        tokenizer_path = args.tokenizer or r["pipeline"].manifest.tokenizer.get("path")
+        if not tokenizer_path:
+            raise ConfigError("--decode needs --tokenizer PATH (tokenizer.json)")
+        tok = Tokenizer.from_file(tokenizer_path)
+        b = r["batch"]
+        for n, (s, e) in enumerate(zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist())):
+            print(f"--- position {int(b.positions[n])}")
+            print(tok.decode(b.input_ids[s:e].tolist(), skip_special_tokens=False))
+    return 0 if r["match"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ettin", description="Train paired encoder (MLM) / decoder (CLM) models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -143,6 +218,25 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--seed", type=int, default=0)
     chk.set_defaults(func=cmd_hf_check)
 
+    order = sub.add_parser("data-order", help="the global data order: predict it, or export a run's").add_subparsers(
+        dest="action", required=True)
+    oshow = order.add_parser("show", help="print the batches of steps A..B-1 without training")
+    oshow.add_argument("experiment")
+    oshow.add_argument("overrides", nargs="*", help=_overrides_help())
+    oshow.add_argument("--steps", required=True, help="A:B")
+    oshow.add_argument("--samples", action="store_true", help="list every sample (position, source, index, length, id)")
+    oshow.set_defaults(func=cmd_data_order_show)
+    oexp = order.add_parser("export", help="parquet rows (step, input_ids, source, sample_index, id) per checkpoint")
+    oexp.add_argument("path", help="a run folder or one checkpoint folder")
+    oexp.add_argument("--out", required=True)
+    oexp.set_defaults(func=cmd_data_order_export)
+    rep = sub.add_parser("replay", help="rebuild a step's batch from the data and check it against the ledger")
+    rep.add_argument("checkpoint")
+    rep.add_argument("--step", type=int, required=True)
+    rep.add_argument("--decode", action="store_true", help="print the batch's text")
+    rep.add_argument("--tokenizer", help="tokenizer.json for --decode")
+    rep.set_defaults(func=cmd_replay)
+
     demo = sub.add_parser("demo", help="build a model from a config and run a forward/backward")
     demo.add_argument("experiment", nargs="?", default="tiny")
     demo.add_argument("overrides", nargs="*", help=_overrides_help())
@@ -154,11 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from ettin.data.mds import DataError
     from ettin.hf import ConversionError
 
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, FileNotFoundError) as e:
+    except (ConfigError, ConversionError, DataError, FileNotFoundError, ValueError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2

@@ -105,7 +105,10 @@ class OptimConfig:
 class BatchConfig:
     global_size: int = 4608  # sequences per optimizer step, every phase and size
     micro_size: int = 12  # sequences per rank per forward/backward
-    warmup_tokens: int = 0  # ramp the global batch from one micro-batch per rank over these tokens
+    warmup_tokens: int = 0  # ramp the global batch up to global_size over these tokens (pretrain)
+    # Ettin began at one micro-batch per GPU; a fixed start keeps the order independent of the GPU count.
+    warmup_start_size: int = 256
+    warmup_stages: int = 16  # the ramp is a staircase of this many equal steps
 
 
 @dataclass
@@ -121,6 +124,12 @@ class DataConfig:
     mixture: str = "custom"
     tokenizer: Optional[str] = None  # path to tokenizer.json
     sources: List[SourceConfig] = field(default_factory=list)
+    cache_dir: Optional[str] = None  # where compressed/remote shards are decompressed (default ~/.cache/ettin/mds)
+    mixture_block: int = 8192  # positions per mixture block: each source's share holds in every block
+    shuffle_block: int = 65536  # samples shuffled together (a few shards): bounds what a rank reads at once
+    workers: int = 2  # DataLoader workers per rank (the output does not depend on it)
+    prefetch: int = 4  # micro-batches prefetched per worker
+    allow_fingerprint_change: bool = False  # resume even if the data manifest changed (breaks the ledger)
 
 
 @dataclass
@@ -386,6 +395,12 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
     need(cfg.batch.global_size > 0 and cfg.batch.micro_size > 0, "batch.global_size and batch.micro_size must be positive")
     need(cfg.batch.warmup_tokens >= 0, f"batch.warmup_tokens must be >= 0, got {cfg.batch.warmup_tokens}")
+    need(cfg.batch.warmup_start_size > 0 and cfg.batch.warmup_stages > 0,
+         "batch.warmup_start_size and batch.warmup_stages must be positive")
+    need(cfg.data.mixture_block >= 2 * max(1, len(cfg.data.sources)),
+         f"data.mixture_block ({cfg.data.mixture_block}) must be at least twice the number of sources")
+    need(cfg.data.shuffle_block > 0, "data.shuffle_block must be positive")
+    need(cfg.data.workers >= 0 and cfg.data.prefetch > 0, "data.workers must be >= 0 and data.prefetch > 0")
     for i, s in enumerate(cfg.data.sources):
         need(s.weight > 0, f"data.sources[{i}] ({s.name}): weight must be positive, got {s.weight}")
     if world_size is not None:

@@ -20,10 +20,8 @@ from torch import nn
 
 from ettin.attention import MaskSpec, build_attention
 from ettin.config import ModelConfig
+from ettin.data.collate import IGNORE  # label of positions without a loss
 from ettin.parallel import column_linear, copy_to_tp, row_linear, vocab_bias, vocab_embedding, vocab_parallel_cross_entropy
-
-IGNORE = -100  # label of positions without a loss
-
 
 def trunc_normal(std: float, cutoff: float):
     return lambda w: nn.init.trunc_normal_(w, 0.0, std, -cutoff * std, cutoff * std)

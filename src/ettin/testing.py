@@ -29,3 +29,34 @@ def _worker(rank, fn, world_size, backend, port, args, timeout_s):
 
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def write_mds_source(path, samples, compression: str | None = "zstd", size_limit: int = 1 << 14,
+                     stats: dict | None = None) -> None:
+    """Write ``samples`` (lists of token ids) as a real MDS source folder with streaming's MDSWriter."""
+    import json
+    from pathlib import Path
+
+    import numpy as np
+    from streaming import MDSWriter
+
+    columns = {"input_ids": "ndarray:uint32", "id": "str"}
+    with MDSWriter(out=str(path), columns=columns, compression=compression, size_limit=size_limit) as writer:
+        for i, ids in enumerate(samples):
+            writer.write({"input_ids": np.asarray(ids, dtype=np.uint32), "id": f"doc{i}#0"})
+    tokens = int(sum(len(s) for s in samples))
+    body = {"documents": len(samples), "chunks": len(samples), "tokens": tokens, **(stats or {})}
+    (Path(path) / "stats.json").write_text(json.dumps(body))
+
+
+def synthetic_corpus(n: int, vocab: int, seed: int, min_len: int = 8, max_len: int = 64, cls_id: int = 1,
+                     sep_id: int = 2) -> list[list[int]]:
+    """``n`` samples of random ordinary tokens wrapped [CLS] ... [SEP] (ids >= 5 are ordinary)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        body = rng.integers(5, vocab, rng.integers(min_len, max_len + 1)).tolist()
+        out.append([cls_id, *body, sep_id])
+    return out

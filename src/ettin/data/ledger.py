@@ -1,0 +1,139 @@
+"""The data-order ledger (contract 5) and the tools that read it back.
+
+The trainer records, for every step, the positions it consumed, its real token count and the
+hash of its global batch (every sample's input ids and labels, masks included). Each checkpoint
+holds the steps since the previous one plus a header (fingerprint, seed, schedule), so "the data
+between checkpoint k-1 and k" is exact, and ``replay`` proves it by rebuilding and re-hashing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+LEDGER_FILE = "ledger.json"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class LedgerEntry:
+    step: int
+    start: int
+    end: int
+    tokens: int
+    hash: str
+
+
+class Ledger:
+    """Steps recorded since the last checkpoint; ``flush`` writes them into a checkpoint folder."""
+
+    def __init__(self, header: dict):
+        self.header = dict(header)
+        self.entries: list[LedgerEntry] = []
+
+    @classmethod
+    def for_pipeline(cls, pipeline, cfg) -> "Ledger":
+        from ettin.data.order import ORDER_VERSION
+
+        s = pipeline.schedule
+        return cls({"fingerprint": pipeline.manifest.fingerprint(), "order_version": ORDER_VERSION,
+                    "seed": cfg.phase.seed, "phase": cfg.phase.name, "objective": cfg.objective.name,
+                    "mask_rate": cfg.objective.mask_rate, "schedule": {
+                        "global_size": s.global_size, "warmup_samples": s.warmup_samples,
+                        "start_size": s.start_size, "stages": s.stages},
+                    "sources": [x.name for x in pipeline.manifest.sources]})
+
+    def record(self, step: int, start: int, end: int, tokens: int, digest: str) -> None:
+        if self.entries and step != self.entries[-1].step + 1:
+            raise ValueError(f"ledger: step {step} does not follow step {self.entries[-1].step}")
+        self.entries.append(LedgerEntry(step, start, end, tokens, digest))
+
+    def flush(self, checkpoint_dir: str | Path, previous: str | None = None) -> None:
+        """Write this window into ``checkpoint_dir/ledger.json`` (atomically) and start a new window."""
+        body = {"header": self.header | {"previous_checkpoint": previous}, "steps": [asdict(e) for e in self.entries]}
+        write_json_atomic(Path(checkpoint_dir) / LEDGER_FILE, body)
+        self.entries = []
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_ledger(checkpoint_dir: str | Path) -> tuple[dict, list[LedgerEntry]]:
+    path = Path(checkpoint_dir) / LEDGER_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a checkpoint folder written by `ettin train`")
+    body = json.loads(path.read_text())
+    return body["header"], [LedgerEntry(**e) for e in body["steps"]]
+
+
+def checkpoint_config(checkpoint_dir: str | Path, overrides: list[str] | None = None):
+    from ettin.config import load_config
+
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: pass a checkpoint folder written by `ettin train`")
+    return load_config(str(path), overrides)
+
+
+def replay(checkpoint_dir: str | Path, step: int, overrides: list[str] | None = None) -> dict:
+    """Rebuild ``step``'s global batch from the data alone and compare it with the ledger."""
+    from ettin.data.collate import step_hash
+    from ettin.data.loader import DataPipeline
+
+    header, entries = read_ledger(checkpoint_dir)
+    by_step = {e.step: e for e in entries}
+    if step not in by_step:
+        steps = f"{entries[0].step}..{entries[-1].step}" if entries else "none"
+        raise ValueError(f"step {step} is not in {checkpoint_dir}'s ledger (it holds steps {steps})")
+    entry = by_step[step]
+    cfg = checkpoint_config(checkpoint_dir, overrides)
+    pipeline = DataPipeline.from_config(cfg)
+    fingerprint = pipeline.manifest.fingerprint()
+    start, end = pipeline.schedule.bounds(step)
+    batch = pipeline.batch(start, end)
+    rebuilt = step_hash(batch.digests)
+    return {"step": step, "positions": (start, end), "ledger_positions": (entry.start, entry.end),
+            "tokens": batch.num_tokens, "ledger_tokens": entry.tokens, "hash": rebuilt, "ledger_hash": entry.hash,
+            "fingerprint_ok": fingerprint == header["fingerprint"],
+            "match": rebuilt == entry.hash and (start, end) == (entry.start, entry.end) and batch.num_tokens == entry.tokens,
+            "batch": batch, "pipeline": pipeline}
+
+
+EXPORT_PREFIX = {"pretrain": "checkpoint", "extension": "ext", "decay": "decay", "cross": "cross"}
+
+
+def export_order(checkpoints: list[Path], out_dir: str | Path) -> list[Path]:
+    """Per checkpoint window, parquet rows (step, input_ids, source, sample_index, id), Ettin's layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ettin.data.loader import DataPipeline
+
+    written, pipeline = [], None
+    for n, ckpt in enumerate(checkpoints, start=1):
+        header, entries = read_ledger(ckpt)
+        if pipeline is None:
+            pipeline = DataPipeline.from_config(checkpoint_config(ckpt))
+            if pipeline.manifest.fingerprint() != header["fingerprint"]:
+                raise ValueError(f"{ckpt}: the data on disk is not the data this run trained on (fingerprint differs)")
+        folder = Path(out_dir) / f"{EXPORT_PREFIX.get(header['phase'], header['phase'])}_{n:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = {"step": [], "input_ids": [], "source": [], "sample_index": [], "id": []}
+        for e in entries:
+            for r in pipeline.samples(e.start, e.end):
+                rows["step"].append(e.step)
+                rows["input_ids"].append(r["input_ids"].tolist())
+                rows["source"].append(r["source"])
+                rows["sample_index"].append(r["sample_index"])
+                rows["id"].append(r["id"])
+        pq.write_table(pa.table(rows), folder / "samples.parquet")
+        written.append(folder)
+    return written

@@ -1,0 +1,92 @@
+"""A phase's data as a manifest: its sources, their shards and weights, and one fingerprint.
+
+The fingerprint covers what changes the meaning of a sample position: every source's name,
+shard names, byte sizes and sample counts, its weight, the tokenizer identity and vocab, the
+sequence length and the order algorithm version. A resume that finds another fingerprint stops
+(unless ``data.allow_fingerprint_change``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ettin.data.mds import DataError, MDSSource, is_remote
+from ettin.data.order import ORDER_VERSION
+
+
+@dataclass
+class SourceEntry:
+    name: str
+    path: str
+    weight: float
+    samples: int
+    tokens: int | None  # from stats.json, when prepare wrote one
+    shards: list[tuple[str, int, int]]  # (raw name, raw bytes, samples)
+
+
+@dataclass
+class Manifest:
+    sources: list[SourceEntry]
+    seq_len: int
+    tokenizer: dict  # {"sha256": ..., "vocab_size": ...} or {} when unknown
+
+    def fingerprint(self) -> str:
+        blob = json.dumps({"sources": [asdict(s) | {"path": None} for s in self.sources], "seq_len": self.seq_len,
+                           "tokenizer": self.tokenizer, "order_version": ORDER_VERSION}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def sample_shares(self) -> list[float]:
+        """Weights are shares of tokens (the recipe's budgets): convert them to shares of samples."""
+        if all(s.tokens for s in self.sources):
+            per_sample = [s.tokens / s.samples for s in self.sources]
+            return [s.weight / t for s, t in zip(self.sources, per_sample)]
+        return [s.weight for s in self.sources]
+
+
+def resolve_path(root: str, path: str) -> str:
+    if is_remote(path) or Path(path).is_absolute():
+        return path
+    return f"{root.rstrip('/')}/{path}" if is_remote(root) else str(Path(root) / path)
+
+
+def _stats(path: str) -> dict:
+    if is_remote(path):
+        return {}
+    f = Path(path) / "stats.json"
+    try:
+        return json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise DataError(f"{f}: unreadable stats.json ({e})") from None
+
+
+def build_manifest(data_cfg, seq_len: int, cache_dir: str | None = None) -> tuple[Manifest, list[MDSSource]]:
+    """Open every source of ``data_cfg`` (a DataConfig) and describe them; errors name the source."""
+    if not data_cfg.sources:
+        raise DataError("data.sources is empty: list at least one source folder (see configs/data/)")
+    names = [s.name for s in data_cfg.sources]
+    if len(set(names)) != len(names):
+        raise DataError(f"data.sources has duplicate names: {sorted({n for n in names if names.count(n) > 1})}")
+    entries, readers, tokenizers = [], [], {}
+    for i, src in enumerate(data_cfg.sources):
+        if not src.weight > 0:
+            raise DataError(f"data.sources[{i}] ({src.name}): weight must be positive, got {src.weight}")
+        path = resolve_path(data_cfg.root, src.path)
+        if not is_remote(path) and not Path(path).exists():
+            raise DataError(f"data.sources[{i}] ({src.name}): {path} does not exist; fix data.root or the source path")
+        reader = MDSSource(path, cache_dir or data_cfg.cache_dir)
+        stats = _stats(path)
+        if stats.get("tokenizer"):
+            tokenizers[src.name] = stats["tokenizer"]
+        if stats.get("seq_len") and int(stats["seq_len"]) > seq_len:
+            raise DataError(f"{path}: prepared for seq_len {stats['seq_len']}, longer than phase.seq_len {seq_len}; "
+                            "prepare it again for this sequence length")
+        entries.append(SourceEntry(src.name, path, float(src.weight), len(reader), stats.get("tokens"),
+                                   [(s.raw_name, s.raw_bytes, s.samples) for s in reader.shards]))
+        readers.append(reader)
+    distinct = {json.dumps(t, sort_keys=True) for t in tokenizers.values()}
+    if len(distinct) > 1:
+        raise DataError(f"sources were tokenized with different tokenizers: {sorted(tokenizers)}; prepare them with one")
+    tokenizer = next(iter(tokenizers.values())) if tokenizers else {}
+    return Manifest(entries, seq_len, tokenizer), readers

@@ -1,0 +1,182 @@
+"""Random access to the samples of one MDS source folder (Ettin's released layout).
+
+A source folder holds ``index.json`` and shards written by mosaicml-streaming's ``MDSWriter``
+(columns ``input_ids: ndarray:uint32`` and ``id: str``, zstd-compressed or raw). Compressed or
+remote shards are fetched (streaming's downloaders) and decompressed once into a cache folder,
+written aside and renamed, so concurrent ranks and workers never see half a file. Samples are then
+read straight from the memory-mapped raw shard. Decoding uses streaming's own MDS decoders.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Missing, corrupt or inconsistent data; str() names the file and the fix."""
+
+
+def is_remote(path: str) -> bool:
+    return urllib.parse.urlparse(str(path)).scheme not in ("", "file")
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ETTIN_DATA_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ettin" / "mds"))
+
+
+@dataclass(frozen=True)
+class Shard:
+    raw_name: str
+    raw_bytes: int
+    zip_name: str | None
+    zip_bytes: int | None
+    compression: str | None
+    samples: int
+
+
+class MDSSource:
+    """Samples ``0 .. len-1`` of one source folder, in shard order."""
+
+    def __init__(self, path: str, cache_dir: str | Path | None = None):
+        self.path = str(path)
+        key = hashlib.sha256(os.path.abspath(self.path).encode() if not is_remote(self.path) else self.path.encode())
+        self.cache = Path(cache_dir or default_cache_dir()) / key.hexdigest()[:16]
+        index = self._read_index()
+        self.shards: list[Shard] = []
+        for i, s in enumerate(index.get("shards", [])):
+            if s.get("format") != "mds":
+                raise DataError(f"{self.path}/index.json: shard {i} is format {s.get('format')!r}, expected 'mds'")
+            zip_data = s.get("zip_data") or {}
+            self.shards.append(Shard(s["raw_data"]["basename"], int(s["raw_data"]["bytes"]), zip_data.get("basename"),
+                                     zip_data.get("bytes"), s.get("compression"), int(s["samples"])))
+            if i == 0:
+                self.columns = list(zip(s["column_names"], s["column_encodings"], s["column_sizes"]))
+        if not self.shards:
+            raise DataError(f"{self.path}/index.json lists no shards: an empty source; remove it from data.sources")
+        names = [c[0] for c in self.columns]
+        if "input_ids" not in names:
+            raise DataError(f"{self.path}/index.json: no 'input_ids' column (columns: {names})")
+        self.offsets = np.concatenate([[0], np.cumsum([s.samples for s in self.shards])]).astype(np.int64)
+        self._open: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _read_index(self) -> dict:
+        if is_remote(self.path):
+            local = self.cache / "index.json"
+            if not local.exists():
+                self._download("index.json", local)
+        else:
+            local = Path(self.path) / "index.json"
+            if not local.is_file():
+                raise DataError(f"{self.path}: no index.json; point data.sources[].path at an MDS folder "
+                                "(written by `python -m data_tools prepare`)")
+        try:
+            return json.loads(local.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"{local}: unreadable index.json ({e})") from None
+
+    def _download(self, name: str, local: Path) -> None:
+        from streaming.base.storage import CloudDownloader
+
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            CloudDownloader.direct_download(f"{self.path.rstrip('/')}/{name}", str(local))
+        except Exception as e:  # noqa: BLE001 - any transport failure is the same user-facing problem
+            raise DataError(f"{self.path}/{name}: download failed ({e})") from None
+
+    def shard_file(self, k: int) -> Path:
+        """The raw (decompressed) file of shard ``k``, fetched and decompressed on first use."""
+        shard = self.shards[k]
+        if not is_remote(self.path):
+            raw = Path(self.path) / shard.raw_name
+            if raw.is_file():
+                return self._checked(raw, shard)
+        raw = self.cache / shard.raw_name
+        if raw.is_file():
+            return self._checked(raw, shard)
+        if shard.zip_name is None:
+            if is_remote(self.path):
+                self._download(shard.raw_name, raw)
+                return self._checked(raw, shard)
+            raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
+        if is_remote(self.path):
+            zipped = self.cache / shard.zip_name
+            if not zipped.is_file():
+                self._download(shard.zip_name, zipped)
+        else:
+            zipped = Path(self.path) / shard.zip_name
+            if not zipped.is_file():
+                raise DataError(f"{zipped}: missing shard listed in index.json; re-run prepare or restore it")
+        from streaming.base.compression import decompress
+
+        try:
+            data = decompress(shard.compression, zipped.read_bytes())
+        except Exception as e:  # noqa: BLE001 - zstd raises its own error types
+            raise DataError(f"{zipped}: cannot decompress ({e}); the shard is corrupt, restore it") from None
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=raw.parent, prefix=f".{shard.raw_name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, raw)  # atomic: other ranks see the whole file or none
+        return self._checked(raw, shard)
+
+    def _checked(self, raw: Path, shard: Shard) -> Path:
+        size = raw.stat().st_size
+        if size != shard.raw_bytes:
+            raise DataError(f"{raw}: {size} bytes, index.json says {shard.raw_bytes}; the shard is corrupt or "
+                            "from another dataset, restore it (and clear the cache folder if it is there)")
+        return raw
+
+    def _mapped(self, k: int) -> np.ndarray:
+        mm = self._open.get(k)
+        if mm is None:
+            if len(self._open) >= 64:  # bound open files: the order reads a few shards at a time
+                self._open.pop(next(iter(self._open)))
+            mm = np.memmap(self.shard_file(k), dtype=np.uint8, mode="r")
+            count = int(mm[:4].view(np.uint32)[0])
+            if count != self.shards[k].samples:
+                raise DataError(f"{self.shard_file(k)}: holds {count} samples, index.json says {self.shards[k].samples}")
+            self._open[k] = mm
+        return mm
+
+    def locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {self.path} ({len(self)} samples)")
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return k, i - int(self.offsets[k])
+
+    def raw(self, i: int) -> bytes:
+        k, j = self.locate(i)
+        mm = self._mapped(k)
+        begin, end = mm[4 + 4 * j: 12 + 4 * j].view(np.uint32)
+        return mm[begin:end].tobytes()
+
+    def __getitem__(self, i: int) -> dict:
+        from streaming.base.format.mds.encodings import mds_decode
+
+        data = self.raw(i)
+        sizes, pos = [], 0
+        for _, _, size in self.columns:
+            if size is None:
+                size = int(np.frombuffer(data[pos:pos + 4], np.uint32)[0])
+                pos += 4
+            sizes.append(size)
+        out = {}
+        for (name, encoding, _), size in zip(self.columns, sizes):
+            out[name] = mds_decode(encoding, data[pos:pos + size])
+            pos += size
+        return out
+
+    def __getstate__(self):  # workers reopen their own memory maps
+        state = dict(self.__dict__)
+        state["_open"] = {}
+        return state

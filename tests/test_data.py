@@ -1,0 +1,323 @@
+"""Data pipeline on real MDS shards: reading, the global order, schedules, collation, loader, ledger."""
+import json
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from ettin.config import load_config, to_yaml
+from ettin.data.collate import IGNORE, Collator, step_hash
+from ettin.data.ledger import CONFIG_FILE, Ledger, read_ledger, replay
+from ettin.data.loader import DataPipeline, MicroBatches, build_loader
+from ettin.data.manifest import build_manifest
+from ettin.data.mds import DataError, MDSSource
+from ettin.data.order import GlobalOrder, permute
+from ettin.data.schedule import BatchSchedule
+from ettin.testing import synthetic_corpus, write_mds_source
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Two real MDS sources (zstd and raw) and an experiment file that mixes them 3:1 by tokens."""
+    root = tmp_path_factory.mktemp("corpus")
+    a, b = synthetic_corpus(300, VOCAB, seed=1), synthetic_corpus(120, VOCAB, seed=2, min_len=30, max_len=120)
+    write_mds_source(root / "alpha", a, compression="zstd", stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}})
+    write_mds_source(root / "beta", b, compression=None, stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}})
+    exp = root / "exp.yaml"
+    exp.write_text(textwrap.dedent(f"""\
+        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
+        model: {{vocab_size: {VOCAB}, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
+                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
+        phase: {{tokens: 1e6, seq_len: 128}}
+        schedule: {{warmup_tokens: 1000}}
+        batch: {{global_size: 12, micro_size: 4, warmup_tokens: 0}}
+        data:
+          root: {root}
+          cache_dir: {root / "cache"}
+          mixture_block: 16
+          shuffle_block: 32
+          sources:
+            - {{name: alpha, path: alpha, weight: 3}}
+            - {{name: beta, path: beta, weight: 1}}
+        """))
+    return {"root": root, "alpha": a, "beta": b, "exp": str(exp)}
+
+
+def cfg_of(corpus, *overrides):
+    return load_config(corpus["exp"], list(overrides))
+
+
+def test_reads_back_what_streaming_wrote(corpus):
+    for name in ("alpha", "beta"):
+        src = MDSSource(corpus["root"] / name, corpus["root"] / "cache")
+        assert len(src) == len(corpus[name]) and len(src.shards) > 1
+        for i in (0, 7, len(src) - 1):
+            row = src[i]
+            assert row["input_ids"].dtype == np.uint32 and row["input_ids"].tolist() == corpus[name][i]
+            assert row["id"] == f"doc{i}#0"
+
+
+def test_missing_and_corrupt_shards_are_named(tmp_path):
+    write_mds_source(tmp_path / "s", synthetic_corpus(50, VOCAB, 3), compression=None, size_limit=1 << 10)
+    src = MDSSource(tmp_path / "s")
+    victim = tmp_path / "s" / src.shards[1].raw_name
+    data = victim.read_bytes()
+    victim.write_bytes(data[:-3])
+    with pytest.raises(DataError, match=f"{victim.name}: .* bytes, index.json says"):
+        MDSSource(tmp_path / "s")[src.offsets[1]]
+    victim.unlink()
+    with pytest.raises(DataError, match=f"{victim.name}: missing shard listed in index.json"):
+        MDSSource(tmp_path / "s")[src.offsets[1]]
+    with pytest.raises(DataError, match="no index.json"):
+        MDSSource(tmp_path)
+
+
+def test_manifest_errors_name_the_source(corpus, tmp_path):
+    cfg = cfg_of(corpus)
+    cfg.data.sources[1].path = "nope"
+    with pytest.raises(DataError, match=r"data.sources\[1\] \(beta\): .*nope does not exist"):
+        build_manifest(cfg.data, 128)
+    cfg.data.sources = []
+    with pytest.raises(DataError, match="data.sources is empty"):
+        build_manifest(cfg.data, 128)
+    with pytest.raises(Exception, match="weight must be positive"):
+        cfg_of(corpus, "data.sources=[{name: a, path: alpha, weight: 0}]")
+
+
+def test_fingerprint_covers_shards_seq_len_and_tokenizer(corpus, tmp_path):
+    cfg = cfg_of(corpus)
+    base = build_manifest(cfg.data, 128)[0].fingerprint()
+    assert build_manifest(cfg.data, 128)[0].fingerprint() == base
+    assert build_manifest(cfg.data, 256)[0].fingerprint() != base
+    cfg.data.sources[0].weight = 2
+    assert build_manifest(cfg.data, 128)[0].fingerprint() != base
+    write_mds_source(tmp_path / "alpha", corpus["alpha"][:-1], stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}})
+    cfg = cfg_of(corpus, f"data.sources=[{{name: alpha, path: {tmp_path / 'alpha'}, weight: 3}}, "
+                         "{name: beta, path: beta, weight: 1}]")
+    assert build_manifest(cfg.data, 128)[0].fingerprint() != base
+
+
+# ----------------------------------------------------------------------------- the order
+
+
+def test_permute_is_a_bijection_for_awkward_sizes():
+    for n in (1, 2, 3, 17, 1000, 4097):
+        out = permute(np.arange(n), n, key=9)
+        assert sorted(out.tolist()) == list(range(n))
+    assert not np.array_equal(permute(np.arange(100), 100, 1), permute(np.arange(100), 100, 2))
+
+
+def test_every_sample_appears_once_per_epoch():
+    order = GlobalOrder([97, 40, 13], [5, 2, 1], seed=4, block=32, shuffle_block=16)
+    sources, indices = order(0, 3000)
+    for s, m in enumerate([97, 40, 13]):
+        drawn = indices[sources == s]
+        for epoch in range(len(drawn) // m):
+            assert sorted(drawn[epoch * m:(epoch + 1) * m].tolist()) == list(range(m))
+        assert not np.array_equal(drawn[:m], drawn[m:2 * m])  # each epoch reshuffles
+
+
+def test_the_mixture_holds_in_every_window():
+    shares = [837.2, 356.6, 263.9, 80.3, 57.3, 28.0, 19.6, 16.6, 12.7, 12.6, 7.3, 7.3, 5.3]
+    order = GlobalOrder([10**6] * len(shares), shares, seed=21, block=8192)
+    sources, _ = order(0, 8192 * 6)
+    expected = np.array(shares) / sum(shares)
+    for window in (512, 4608, 8192):
+        for start in range(0, len(sources) - window, 3001):  # windows that straddle blocks too
+            counts = np.bincount(sources[start:start + window], minlength=len(shares))
+            assert np.all(np.abs(counts - expected * window) <= 3), (window, counts - expected * window)
+
+
+def test_order_is_a_pure_function_of_its_inputs():
+    args = ([1000, 300], [2.0, 1.0], 21)
+    a, b = GlobalOrder(*args)(0, 5000), GlobalOrder(*args)(0, 5000)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    pieces = [GlobalOrder(*args)(s, s + 333) for s in range(0, 4995, 333)]
+    assert np.array_equal(np.concatenate([p[1] for p in pieces]), a[1][:4995])
+    assert not np.array_equal(GlobalOrder([1000, 300], [2.0, 1.0], 22)(0, 5000)[1], a[1])  # seed
+    assert not np.array_equal(GlobalOrder([1001, 300], [2.0, 1.0], 21)(0, 5000)[1], a[1])  # manifest
+    code = "from ettin.data.order import GlobalOrder; import hashlib; s, i = GlobalOrder([1000, 300], [2.0, 1.0], 21)(0, 5000); " \
+           "print(hashlib.sha256(s.tobytes() + i.tobytes()).hexdigest())"
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    import hashlib
+    assert other == hashlib.sha256(a[0].tobytes() + a[1].tobytes()).hexdigest()
+
+
+def test_memory_does_not_grow_with_the_dataset():
+    shares = [837.2, 356.6, 263.9, 80.3, 57.3, 28.0, 19.6, 16.6, 12.7, 12.6, 7.3, 7.3, 5.3]
+    peaks = {}
+    for total in (2 * 10**6, 2 * 10**9):
+        order = GlobalOrder([total // len(shares)] * len(shares), shares, seed=21)
+        tracemalloc.start()
+        for position in (0, total // 2, total - 5000):
+            order(position, position + 4608)
+        peaks[total] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[2 * 10**9] < 1.5 * peaks[2 * 10**6] + 1e6, peaks
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_batch_warmup_covers_positions_without_gap_or_overlap():
+    s = BatchSchedule(global_size=4608, warmup_samples=20_000, start_size=96, stages=8)
+    sizes, expected_start = [], 0
+    for step in range(200):
+        start, end = s.bounds(step)
+        assert start == expected_start and end - start == s.size(step)
+        assert s.step_at(start) == step and s.step_at(end - 1) == step
+        expected_start = end
+        sizes.append(end - start)
+    assert sizes[0] == 96 and sizes[-1] == 4608 and sizes == sorted(sizes)
+    for world in (1, 2, 3, 4):
+        slices = [s.rank_bounds(7, r, world) for r in range(world)]
+        assert slices[0][0] == s.bounds(7)[0] and slices[-1][1] == s.bounds(7)[1]
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+
+
+# ----------------------------------------------------------------------------- collation
+
+
+def test_mlm_masks_are_keyed_by_position_and_follow_80_10_10():
+    c = Collator("mlm", seed=21, vocab_size=VOCAB, cls_id=1, sep_id=2, pad_id=0, mask_id=3, mask_rate=0.3)
+    ids = np.array([1, *np.random.default_rng(0).integers(5, VOCAB, 20000), 2], dtype=np.uint32)
+    x1, y1 = c.sample(ids, 77)
+    x2, y2 = c.sample(ids, 77)
+    x3, _ = c.sample(ids, 78)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and not np.array_equal(x1, x3)
+    chosen = y1 != IGNORE
+    assert chosen.mean() == pytest.approx(0.3, abs=0.015)
+    assert not chosen[0] and not chosen[-1]  # [CLS] and [SEP] never masked
+    assert np.array_equal(y1[chosen], ids[chosen].astype(np.int64))
+    masked, same = (x1[chosen] == 3).mean(), (x1[chosen] == ids[chosen]).mean()
+    assert masked == pytest.approx(0.8, abs=0.02) and same == pytest.approx(0.1 + 0.1 / VOCAB, abs=0.02)
+    assert np.array_equal(x1[~chosen], ids[~chosen].astype(np.int64))
+
+
+def test_clm_labels_stay_inside_each_document():
+    c = Collator("clm", seed=21, vocab_size=VOCAB, cls_id=1, sep_id=2, pad_id=0, mask_id=3)
+    docs = [np.array([1, 10, 11, 12, 2]), np.array([1, 20, 21, 2])]
+    batch = c(docs, [5, 6])
+    assert batch.input_ids.tolist() == [1, 10, 11, 12, 1, 20, 21]  # [CLS] as BOS, no forced [SEP]
+    assert batch.labels.tolist() == [10, 11, 12, IGNORE, 20, 21, IGNORE]
+    assert batch.cu_seqlens.tolist() == [0, 4, 7] and batch.max_seqlen == 4
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+def global_batches(cfg, dp_size, workers, steps=range(0, 5)):
+    """Concatenate every rank's micro-batches per step, in rank order."""
+    pipeline = DataPipeline.from_config(cfg)
+    out = {}
+    for rank in range(dp_size):
+        ds = MicroBatches(pipeline, cfg.batch.micro_size, rank, dp_size)
+        for step, m, batch in build_loader(ds, steps.start, steps.stop, workers=workers, prefetch=2):
+            out.setdefault(step, {}).setdefault(rank, []).append(batch)
+    result = {}
+    for step, ranks in out.items():
+        batches = [b for r in sorted(ranks) for b in ranks[r]]
+        result[step] = (torch.cat([b.input_ids for b in batches]), torch.cat([b.labels for b in batches]),
+                        step_hash([d for b in batches for d in b.digests]))
+    return result
+
+
+def test_same_global_batches_at_any_dp_size_and_worker_count(corpus):
+    cfg = cfg_of(corpus, "batch.global_size=10", "batch.micro_size=3")
+    ref = global_batches(cfg, dp_size=1, workers=0)
+    for dp, workers in [(2, 0), (4, 1), (2, 2), (1, 2)]:
+        got = global_batches(cfg, dp, workers)
+        assert got.keys() == ref.keys()
+        for step in ref:
+            assert torch.equal(got[step][0], ref[step][0]) and torch.equal(got[step][1], ref[step][1])
+            assert got[step][2] == ref[step][2]
+
+
+def test_resume_seeks_directly_to_a_step(corpus):
+    cfg = cfg_of(corpus)
+    full = global_batches(cfg, 1, 0, range(0, 8))
+    resumed = global_batches(cfg, 1, 0, range(5, 8))
+    assert all(resumed[s][2] == full[s][2] for s in range(5, 8))
+
+
+def test_the_mixture_reaches_the_loader(corpus):
+    pipeline = DataPipeline.from_config(cfg_of(corpus))
+    rows = pipeline.samples(0, 4000)
+    tokens = {"alpha": 0, "beta": 0}
+    for r in rows:
+        tokens[r["source"]] += len(r["input_ids"])
+    assert tokens["alpha"] / tokens["beta"] == pytest.approx(3.0, rel=0.1)  # weights are token shares
+
+
+# ----------------------------------------------------------------------------- ledger and replay
+
+
+def write_checkpoint(cfg, path, steps, dp_size=2):
+    """What the trainer does: record every step's global hash, flush the window into a checkpoint."""
+    pipeline = DataPipeline.from_config(cfg)
+    ledger = Ledger.for_pipeline(pipeline, cfg)
+    batches = global_batches(cfg, dp_size, 0, steps)
+    for step in steps:
+        start, end = pipeline.schedule.bounds(step)
+        ledger.record(step, start, end, int(batches[step][0].numel()), batches[step][2])
+    path.mkdir(parents=True)
+    (path / CONFIG_FILE).write_text(to_yaml(cfg))
+    ledger.flush(path)
+
+
+def test_replay_reproduces_the_ledger_and_catches_a_tampered_shard(corpus, tmp_path):
+    cfg = cfg_of(corpus)
+    ckpt = tmp_path / "step_000006"
+    write_checkpoint(cfg, ckpt, range(0, 6))
+    header, entries = read_ledger(ckpt)
+    assert [e.step for e in entries] == list(range(6)) and header["fingerprint"]
+    for step in (0, 3, 5):
+        result = replay(ckpt, step)
+        assert result["match"] and result["fingerprint_ok"], result
+    # tamper with one token of a sample that step 2 reads, in the (raw, uncompressed) beta source
+    pipeline = result["pipeline"]
+    rows = [r for r in pipeline.samples(*pipeline.schedule.bounds(2)) if r["source"] == "beta"]
+    src = pipeline.readers[1]
+    k, j = src.locate(rows[0]["sample_index"])
+    shard = src.shard_file(k)
+    data = bytearray(shard.read_bytes())
+    begin, end = np.frombuffer(bytes(data[4 + 4 * j: 12 + 4 * j]), np.uint32)
+    data[end - 8] ^= 0xFF  # flip bits inside that sample's token ids
+    shard.write_bytes(bytes(data))
+    try:
+        assert not replay(ckpt, 2)["match"]
+        assert replay(ckpt, 0)["match"] == all(r["source"] != "beta" or r["sample_index"] != rows[0]["sample_index"]
+                                                 for r in pipeline.samples(*pipeline.schedule.bounds(0)))
+    finally:
+        data[end - 8] ^= 0xFF
+        shard.write_bytes(bytes(data))
+
+
+def test_cli_data_order_show_replay_and_export(corpus, tmp_path):
+    cfg = cfg_of(corpus)
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
+    write_checkpoint(cfg, ckpt, range(0, 4))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ettin.cli", *a], capture_output=True, text=True)  # noqa: E731
+    show = run("data-order", "show", corpus["exp"], "--steps", "2:4")
+    assert show.returncode == 0, show.stderr
+    assert "step 2" in show.stdout and "step 3" in show.stdout and "alpha" in show.stdout
+    rep = run("replay", str(ckpt), "--step", "3")
+    assert rep.returncode == 0 and "MATCH" in rep.stdout, rep.stdout + rep.stderr
+    bad = run("replay", str(ckpt), "--step", "9")
+    assert bad.returncode == 2 and "step 9 is not in" in bad.stderr
+    out = tmp_path / "order"
+    exp = run("data-order", "export", str(tmp_path / "run"), "--out", str(out))
+    assert exp.returncode == 0, exp.stderr
+    import pyarrow.parquet as pq
+    table = pq.read_table(out / "checkpoint_000001" / "samples.parquet").to_pydict()
+    assert sorted(set(table["step"])) == [0, 1, 2, 3] and len(table["step"]) == 4 * cfg.batch.global_size
+    pipeline = DataPipeline.from_config(cfg)
+    first = pipeline.samples(0, 1)[0]
+    assert table["input_ids"][0] == first["input_ids"].tolist() and table["id"][0] == first["id"]
+    assert json.loads((ckpt / "ledger.json").read_text())["header"]["phase"] == "pretrain"
