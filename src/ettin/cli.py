@@ -187,9 +187,34 @@ def cmd_replay(args) -> int:
     return 0 if r["match"] else 1
 
 
+def cmd_train(args) -> int:
+    from ettin.train.trainer import train
+
+    return train(load_config(args.experiment, args.overrides))
+
+
+def cmd_plot(args) -> int:
+    from ettin.train.metrics import plot
+
+    print(f"wrote {plot(args.run, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ettin", description="Train paired encoder (MLM) / decoder (CLM) models.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train one phase (launch with torchrun or srun; resumes by itself)",
+                        description="Train one phase of one model. Start one process per device with torchrun "
+                        "or srun; the run folder (run_dir) is resumed from its newest complete checkpoint. "
+                        "Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped early (requeue me).")
+    tr.add_argument("experiment")
+    tr.add_argument("overrides", nargs="*", help=_overrides_help())
+    tr.set_defaults(func=cmd_train)
+    pl = sub.add_parser("plot", help="write a PNG of a run's loss and throughput")
+    pl.add_argument("run", help="run folder (with metrics.jsonl)")
+    pl.add_argument("--out", help="output PNG (default: RUN/metrics.png)")
+    pl.set_defaults(func=cmd_plot)
 
     config = sub.add_parser("config", help="list and show configurations").add_subparsers(dest="action", required=True)
     config.add_parser("list", help="list experiments and group files").set_defaults(func=cmd_config_list)

@@ -81,6 +81,8 @@ class PhaseConfig:
     seed: int = 21
     checkpoint_every_tokens: int = 8_500_000_000
     keep_checkpoints: int = 0  # 0 keeps all
+    # init=previous / other_objective: the run folder (or checkpoint) to start from; its final checkpoint is used
+    init_checkpoint: Optional[str] = None
 
 
 @dataclass
@@ -139,6 +141,16 @@ class ParallelConfig:
 
 
 @dataclass
+class TrainConfig:
+    max_runtime_s: float = 0.0  # 0: no limit; else save and exit with the requeue code after this long
+    collective_timeout_s: float = 600.0  # a dead rank makes the others fail after this long, not hang
+    max_steps: int = 0  # 0: run until phase.tokens; else stop (and checkpoint) after this many steps
+    log_every: int = 10  # progress line every N steps (metrics are written every step)
+    peak_flops_per_device: float = 989e12  # for MFU: H100 dense bf16; set it to your accelerator's peak
+    device: str = "auto"  # auto | cuda | cpu
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     run_dir: str = "runs/${name}"
@@ -150,6 +162,7 @@ class ExperimentConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     groups: Dict[str, str] = field(default_factory=dict)  # which file each group came from (informational)
 
 
@@ -383,6 +396,9 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
         need(getattr(cfg.phase, key) > 0, f"phase.{key} must be positive, got {getattr(cfg.phase, key)}")
     need(cfg.phase.init in ("scratch", "previous", "other_objective"),
          f"phase.init must be scratch, previous or other_objective, got '{cfg.phase.init}'")
+    need(cfg.parallel.zero_stage in (1, 2), f"parallel.zero_stage must be 1 or 2, got {cfg.parallel.zero_stage}")
+    need(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
+    need(cfg.train.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, got '{cfg.train.device}'")
     need(cfg.phase.init == "scratch" or cfg.phase.previous,
          f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
     for key in ("warmup_tokens", "decay_tokens"):

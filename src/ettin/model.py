@@ -97,8 +97,9 @@ class Transformer(nn.Module):
         self.attend = build_attention(attn_backend or cfg.attn_backend)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [tokens, vocab / TP] (this rank's vocab shard), or the mean loss over labelled tokens."""
+                labels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Logits [tokens, vocab / TP] (this rank's vocab shard), or the loss over labelled tokens
+        (``reduction``: mean, or sum for callers that normalize over a whole global batch)."""
         lengths = cu_seqlens[1:] - cu_seqlens[:-1]
         if max_seqlen is None:
             max_seqlen = int(lengths.max())
@@ -115,7 +116,8 @@ class Transformer(nn.Module):
         if labels is None:
             return self.logits(x)
         keep = labels != IGNORE  # the head runs only where there is a loss (MLM: masked tokens)
-        return vocab_parallel_cross_entropy(self.logits(x[keep]), labels[keep]).mean()
+        losses = vocab_parallel_cross_entropy(self.logits(x[keep]), labels[keep])
+        return losses.sum() if reduction == "sum" else losses.mean()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         x = self.head_norm(F.gelu(self.head_dense(x)))

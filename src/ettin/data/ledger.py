@@ -50,10 +50,13 @@ class Ledger:
             raise ValueError(f"ledger: step {step} does not follow step {self.entries[-1].step}")
         self.entries.append(LedgerEntry(step, start, end, tokens, digest))
 
+    def body(self, previous: str | None = None) -> dict:
+        """This window as the content of ``ledger.json``."""
+        return {"header": self.header | {"previous_checkpoint": previous}, "steps": [asdict(e) for e in self.entries]}
+
     def flush(self, checkpoint_dir: str | Path, previous: str | None = None) -> None:
         """Write this window into ``checkpoint_dir/ledger.json`` (atomically) and start a new window."""
-        body = {"header": self.header | {"previous_checkpoint": previous}, "steps": [asdict(e) for e in self.entries]}
-        write_json_atomic(Path(checkpoint_dir) / LEDGER_FILE, body)
+        write_json_atomic(Path(checkpoint_dir) / LEDGER_FILE, self.body(previous))
         self.entries = []
 
 

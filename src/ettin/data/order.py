@@ -75,6 +75,15 @@ class GlobalOrder:
         self.samples, self.seed, self.block, self.shuffle_block = list(samples), int(seed), int(block), int(shuffle_block)
         self._slots = lru_cache(maxsize=8)(self._block_slots)
 
+    def __getstate__(self):  # loader workers get a copy; the block cache is rebuilt there
+        state = dict(self.__dict__)
+        del state["_slots"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._slots = lru_cache(maxsize=8)(self._block_slots)
+
     def _draws_before(self, k: int) -> list[int]:
         """How many draws each source has made before mixture block ``k``."""
         return [(k * self.block * w) // self.total_weight for w in self.weights]

@@ -1,0 +1,39 @@
+"""Where this process sits in the job: torchrun's variables, or Slurm's when those are absent."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list such as ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
+    if shutil.which("scontrol"):
+        try:
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.split()[0]
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    first = re.split(r",(?![^\[]*\])", nodelist)[0]
+    m = re.match(r"^(.*?)\[([^\]]+)\](.*)$", first)
+    if not m:
+        return first
+    start = re.split(r"[-,]", m.group(2))[0]
+    return f"{m.group(1)}{start}{m.group(3)}"
+
+
+def setup_distributed_env(environ=os.environ) -> dict:
+    """Fill RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT from Slurm when torchrun did not.
+
+    Under ``srun`` every task is one rank; the first node of the allocation is the rendezvous host
+    and the port is derived from the job id, so all tasks agree without talking first.
+    """
+    if "RANK" not in environ and "SLURM_PROCID" in environ:
+        environ["RANK"] = environ["SLURM_PROCID"]
+        environ["WORLD_SIZE"] = environ.get("SLURM_NTASKS", "1")
+        environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
+        environ.setdefault("MASTER_ADDR", first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    return {k: environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

@@ -1,0 +1,163 @@
+"""StableAdamW that gives the same update at every TP and DP size, and the LR schedules.
+
+The math is torch-optimi's ``StableAdamW`` (debiased betas folded into the moving averages,
+fully decoupled weight decay, no gradient clipping): each parameter's learning rate is divided
+by ``max(1, RMS(g² / max(v, eps²)))``, an RMS over the whole parameter. Under ZeRO the optimizer
+only sees this rank's slice of a flat buffer, and under TP only a shard of the parameter, so a
+plain per-tensor RMS would change with the topology. Here the optimizer is told which slices
+belong to which parameter (``set_layout``), sums its partial RMS terms, and all-reduces one small
+vector per step over the data-parallel group (and the TP group for TP-split parameters). Without
+a layout every tensor is its own parameter, which is optimi's behaviour exactly.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+def debias_beta(beta: float, step: int) -> float:
+    """Adam's bias correction folded into the EMA coefficient (as torch-optimi does)."""
+    return (beta**step - beta) / (beta**step - 1)
+
+
+@dataclass(frozen=True)
+class Segment:
+    start: int
+    numel: int
+    param: int  # index of the logical parameter
+
+
+@dataclass
+class Layout:
+    """Which slice of which optimizer tensor belongs to which logical parameter."""
+
+    segments: dict[int, list[Segment]]  # id(optimizer tensor) -> its segments
+    numel: list[int]  # full size of each logical parameter (all TP shards)
+    tp_split: list[bool]  # the parameter is split across TP ranks
+    dp_group: object = None
+    tp_group: object = None
+
+
+class StableAdamW(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, weight_decay: float = 0.0,
+                 max_lr: float | None = None):
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                                      max_lr=max_lr or lr, step=0))
+        self.layout: Layout | None = None
+        self.last_grad_norm = float("nan")
+        self._all_groups: list[dict] | None = None  # DeepSpeed hides all but one group during step()
+
+    def set_layout(self, layout: Layout) -> None:
+        self.layout = layout
+        self._all_groups = list(self.param_groups)
+
+    def init_state(self) -> None:
+        """Create zero moments now (not at the first step), so a checkpoint can be loaded into them."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "exp_avg" not in self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+                    self.state[p]["exp_avg_sq"] = torch.zeros_like(p)
+
+    def _segments(self, p: torch.Tensor) -> list[Segment]:
+        if self.layout is None:
+            return [Segment(0, p.numel(), -1)]
+        return self.layout.segments.get(id(p), [])
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.init_state()
+        # DeepSpeed's ZeRO calls step() once per parameter group (the others hidden); every logical
+        # parameter lives in exactly one group, so each call's reductions are complete for its group.
+        tensors = []  # (group, param, grad, exp_avg, exp_avg_sq, segments)
+        for group in self.param_groups:
+            group["step"] += 1
+            b1, b2 = group["betas"]
+            beta1_hat, beta2_hat = debias_beta(b1, group["step"]), debias_beta(b2, group["step"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad, state = p.grad, self.state[p]
+                state["exp_avg"].lerp_(grad, 1 - beta1_hat)
+                state["exp_avg_sq"].mul_(beta2_hat).addcmul_(grad, grad, value=1 - beta2_hat)
+                tensors.append((group, p, grad, state["exp_avg"], state["exp_avg_sq"], self._segments(p)))
+
+        scales = self._rms_scales(tensors)
+        for k, (group, p, grad, exp_avg, exp_avg_sq, segments) in enumerate(tensors):
+            update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
+            flat_p, flat_u = p.view(-1), update.view(-1)
+            for n, seg in enumerate(segments):
+                lr = group["lr"] * (scales[seg.param] if seg.param >= 0 else scales[("tensor", k)])
+                part = flat_p.narrow(0, seg.start, seg.numel)
+                if group["weight_decay"]:
+                    part.mul_(1 - lr / group["max_lr"] * group["weight_decay"])
+                part.sub_(flat_u.narrow(0, seg.start, seg.numel) * lr)
+
+    def _rms_scales(self, tensors) -> dict:
+        """1 / max(1, RMS) per logical parameter (tensors on the parameters' device, no host sync);
+        also sets ``last_grad_norm``, the global gradient norm, from the same reduction."""
+        if self.layout is None:
+            out, grad_sq = {}, 0.0
+            for k, (group, p, grad, _, exp_avg_sq, _) in enumerate(tensors):
+                rms = grad.pow(2).div_(exp_avg_sq.clamp(min=group["eps"] ** 2)).mean().sqrt()
+                out[("tensor", k)] = 1 / rms.clamp(min=1)
+                grad_sq += float(grad.double().pow(2).sum())
+            self._record_grad_sq(grad_sq)
+            return out
+        lay = self.layout
+        device = tensors[0][1].device if tensors else torch.device("cpu")
+        sums = torch.zeros(2, len(lay.numel), dtype=torch.float64, device=device)  # [RMS terms, grad squares]
+        for group, p, grad, _, exp_avg_sq, segments in tensors:
+            g = grad.float().view(-1)
+            ratio = g.pow(2) / exp_avg_sq.float().view(-1).clamp(min=group["eps"] ** 2)
+            for seg in segments:
+                sums[0, seg.param] += ratio.narrow(0, seg.start, seg.numel).sum(dtype=torch.float64)
+                sums[1, seg.param] += g.narrow(0, seg.start, seg.numel).pow(2).sum(dtype=torch.float64)
+        if lay.dp_group is not None and dist.get_world_size(lay.dp_group) > 1:
+            dist.all_reduce(sums, group=lay.dp_group)
+        split = torch.tensor(lay.tp_split, device=device)
+        if lay.tp_group is not None and dist.get_world_size(lay.tp_group) > 1 and split.any():
+            tp_sums = torch.where(split, sums, torch.zeros_like(sums))
+            dist.all_reduce(tp_sums, group=lay.tp_group)
+            sums = torch.where(split, tp_sums, sums)
+        self._record_grad_sq(float(sums[1].sum()))
+        rms = (sums[0] / torch.tensor(lay.numel, dtype=torch.float64, device=device)).sqrt()
+        return (1 / rms.clamp(min=1)).float()
+
+
+    def _record_grad_sq(self, value: float) -> None:
+        for group in self.param_groups:
+            group["grad_sq"] = value
+        full = self._all_groups or self.param_groups
+        self.last_grad_norm = math.sqrt(sum(g.get("grad_sq", 0.0) for g in full))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms and biases (RECIPE: optimizer)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if "norm" in name or "bias" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(tokens: float, schedule, phase_tokens: int) -> float:
+    """LR as a fraction of optim.lr after ``tokens`` real tokens of the phase (RECIPE "Phases")."""
+    t = min(max(tokens, 0.0), phase_tokens)
+    warmup = schedule.warmup_tokens
+    if warmup and t < warmup:
+        return schedule.start_factor * t / warmup
+    start, end = schedule.start_factor, schedule.end_factor
+    if schedule.shape == "constant":
+        return start
+    if schedule.shape == "one_minus_sqrt":
+        span = max(phase_tokens - warmup, 1)
+        return end + (start - end) * (1 - math.sqrt((t - warmup) / span))
+    if schedule.shape == "wsd":
+        decay_start = phase_tokens - schedule.decay_tokens
+        if t < decay_start or schedule.decay_tokens == 0:
+            return start
+        return start + (end - start) * (t - decay_start) / schedule.decay_tokens
+    raise ValueError(f"unknown schedule.shape '{schedule.shape}'")

@@ -1,0 +1,249 @@
+"""``ettin train``: one phase of one model, on TP x DP ranks, resumable on any topology.
+
+Per step: fetch this rank's micro-batches, agree on the global label count, run forward/backward
+per micro-batch (loss summed and normalized by the global count, so the gradient is the same at
+any DP size), take one optimizer step, record the step in the ledger. Checkpoint every
+``phase.checkpoint_every_tokens`` and at the end. Signals (Slurm's USR2, TERM) and
+``train.max_runtime_s`` only raise a flag; ranks agree on it at the step boundary, save, and exit
+with EXIT_REQUEUE. A dead rank makes the others' collectives fail after
+``train.collective_timeout_s``. A non-finite loss stops the run before anything is saved.
+"""
+from __future__ import annotations
+
+import math
+import resource
+import signal
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
+from ettin.data.collate import IGNORE, Batch, step_hash
+from ettin.data.ledger import Ledger
+from ettin.data.loader import DataPipeline, MicroBatches, build_loader
+from ettin.data.order import derive_key
+from ettin.train.checkpoint import TrainState, latest_checkpoint, prune, read_checkpoint, write_checkpoint
+from ettin.train.env import setup_distributed_env
+from ettin.train.metrics import MetricsLogger
+from ettin.train.optim import lr_factor
+
+EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75  # 75 = EX_TEMPFAIL: "try again"
+
+
+class StopFlag:
+    """Set by SIGUSR2/SIGTERM; read only at step boundaries."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+
+def pick_device(cfg) -> torch.device:
+    if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig):
+        from megatron.core import parallel_state as ps
+
+        from ettin.flops import flops_per_token
+        from ettin.parallel import init_process_groups
+        from ettin.train.engine import build_engine
+
+        self.cfg = cfg
+        setup_distributed_env()
+        use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            import os
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        init_process_groups(cfg.parallel.tensor, "nccl" if use_cuda else "gloo", cfg.train.collective_timeout_s)
+        validate(cfg, dist.get_world_size())
+        self.device = pick_device(cfg)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_group = ps.get_data_parallel_group()
+        self.main = self.rank == 0
+        self.run_dir = Path(cfg.run_dir)
+
+        torch.manual_seed(cfg.phase.seed)  # the same initial weights on every rank and TP size
+        self.model = cfg.model.build().to(self.device)
+        self.engine, self.optimizer = build_engine(self.model, cfg, bf16=use_cuda)
+        self.pipeline = DataPipeline.from_config(cfg)
+        self.fingerprint = self.pipeline.manifest.fingerprint()
+        vocab = self.pipeline.manifest.tokenizer.get("vocab_size")
+        if vocab and vocab > cfg.model.vocab_size:
+            raise ConfigError(f"the data's tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}")
+        self.flops_per_token = flops_per_token(cfg.model, cfg.phase.seq_len)["total"]
+        self.state, self.last_checkpoint = self._restore()
+        self.ledger = Ledger.for_pipeline(self.pipeline, cfg)
+        self.metrics = MetricsLogger(self.run_dir, self.main, cfg.train.log_every)
+
+    # ------------------------------------------------------------------ starting points
+
+    def _restore(self) -> tuple[TrainState, str | None]:
+        from ettin.train.engine import load_full_state
+
+        cfg = self.cfg
+        resume = latest_checkpoint(self.run_dir) if (self.run_dir / "checkpoints").is_dir() else None
+        if resume is not None:  # our own run: everything, clock included
+            meta, weights, moments = read_checkpoint(resume)
+            if meta["fingerprint"] != self.fingerprint and not cfg.data.allow_fingerprint_change:
+                raise ConfigError(f"{resume}: the data manifest changed since this checkpoint (fingerprint "
+                                  f"{meta['fingerprint'][:12]} -> {self.fingerprint[:12]}); restore the data, or set "
+                                  "data.allow_fingerprint_change=true to continue on the new data (the order changes)")
+            load_full_state(self.model, self.optimizer, weights, moments, meta["optimizer_step"])
+            state = TrainState(**{f.name: meta[f.name] for f in fields(TrainState)})
+            self._say(f"resumed from {resume} (step {state.step}, {state.tokens:,} tokens)")
+            return state, resume.name
+        if cfg.phase.init == "scratch":
+            return TrainState(), None
+        if not cfg.phase.init_checkpoint:
+            raise ConfigError(f"phase.init={cfg.phase.init} needs phase.init_checkpoint (the {cfg.phase.previous} run folder)")
+        source = latest_checkpoint(cfg.phase.init_checkpoint)
+        if source is None:
+            raise ConfigError(f"phase.init_checkpoint={cfg.phase.init_checkpoint} holds no complete checkpoint")
+        carry = cfg.phase.init == "previous"  # the next phase keeps the optimizer; cross-objective starts fresh
+        meta, weights, moments = read_checkpoint(source, moments=carry)
+        if not meta.get("final"):
+            self._say(f"warning: {source} is not the final checkpoint of its phase")
+        load_full_state(self.model, self.optimizer, weights, moments if carry else None,
+                        meta["optimizer_step"] if carry else 0)
+        self._say(f"phase {cfg.phase.name}: starting from {source} ({'weights and optimizer' if carry else 'weights only'}), clock reset")
+        return TrainState(optimizer_step=meta["optimizer_step"] if carry else 0), None
+
+    def _say(self, text: str) -> None:
+        if self.main:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        cfg, state = self.cfg, self.state
+        if state.final:
+            self._say(f"{self.run_dir}: phase already complete ({state.tokens:,} tokens)")
+            return EXIT_OK
+        stop, started = StopFlag(), time.time()
+        every = cfg.phase.checkpoint_every_tokens
+        dataset = MicroBatches(self.pipeline, cfg.batch.micro_size, self.dp_rank, self.dp_size)
+        loader = iter(build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch))
+        while True:
+            step = state.step
+            t0 = time.perf_counter()
+            batches = [next(loader)[2] for _ in range(dataset.micro_count(step))]
+            data_wait = time.perf_counter() - t0
+            loss, labels, tokens, digests = self._step(step, batches)
+            if not math.isfinite(loss):
+                self._say(f"error: non-finite loss ({loss}) at step {step}; the last good checkpoint is "
+                          f"{self.last_checkpoint or 'none'}; lower optim.lr or inspect the batch with "
+                          f"`ettin data-order show` (nothing was saved)")
+                return EXIT_NONFINITE
+            start, end = self.pipeline.schedule.bounds(step)
+            self.ledger.record(step, start, end, tokens, step_hash(digests))
+            before = state.tokens
+            state.step, state.tokens, state.samples = step + 1, state.tokens + tokens, end
+            state.optimizer_step = int(self.optimizer.param_groups[0]["step"])
+            seconds = time.perf_counter() - t0
+            self.metrics.log({
+                "step": state.step, "tokens": state.tokens, "samples": state.samples, "loss": loss,
+                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": self.optimizer.last_grad_norm,
+                "labels": labels, "step_tokens": tokens, "tokens_per_s": tokens / seconds,
+                "samples_per_s": (end - start) / seconds, "mfu": self.flops_per_token * tokens / seconds
+                / (cfg.train.peak_flops_per_device * self.world), "data_wait_s": data_wait, "step_s": seconds,
+                "memory_gb": self._memory_gb(), "time": time.time()})
+
+            finished = state.tokens >= cfg.phase.tokens
+            capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
+            flags = torch.tensor([stop.signal is not None,
+                                  bool(cfg.train.max_runtime_s) and time.time() - started > cfg.train.max_runtime_s])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank leaves at the same step
+            if finished or capped or flags.any() or state.tokens // every > before // every:
+                state.final = finished
+                self._save()
+            if finished or capped:
+                self._say(f"done: {state.step} steps, {state.tokens:,} tokens; checkpoint {self.last_checkpoint}")
+                return EXIT_OK
+            if flags.any():
+                why = f"signal {stop.signal}" if stop.signal else f"train.max_runtime_s={cfg.train.max_runtime_s:g}"
+                self._say(f"stopping for {why} at step {state.step}; saved {self.last_checkpoint}; exit {EXIT_REQUEUE} (requeue me)")
+                return EXIT_REQUEUE
+
+    def _step(self, step: int, batches: list[Batch]) -> tuple[float, int, int, list[bytes]]:
+        cfg, engine = self.cfg, self.engine
+        counts = torch.tensor([sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)], dtype=torch.float64)
+        dist.all_reduce(counts, group=self.dp_group)
+        labels, tokens = int(counts[0]), int(counts[1])
+        # dropout masks: a function of (seed, step, DP rank), so a resumed run draws the same ones
+        torch.manual_seed(derive_key(cfg.phase.seed, "dropout", step, self.dp_rank) % 2**63)
+        lr = cfg.optim.lr * lr_factor(self.state.tokens, cfg.schedule, cfg.phase.tokens)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i, b in enumerate(batches):
+            engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
+            if b.num_tokens == 0:  # this rank's share ran out: a no-loss token keeps the collectives in step
+                b = Batch(torch.tensor([cfg.model.cls_token_id]), torch.tensor([IGNORE]),
+                          torch.tensor([0, 1], dtype=torch.int32), 1, torch.zeros(0, dtype=torch.int64), [])
+            loss = engine(b.input_ids.to(self.device), b.cu_seqlens.to(self.device), b.max_seqlen,
+                          labels=b.labels.to(self.device), reduction="sum")
+            engine.backward(loss * self.dp_size / max(labels, 1), scale_wrt_gas=False)
+            total += loss.detach().double()
+        engine.step()
+        dist.all_reduce(total, group=self.dp_group)
+        gathered = [None] * self.dp_size
+        dist.all_gather_object(gathered, [d for b in batches for d in b.digests], group=self.dp_group)
+        return float(total) / max(labels, 1), labels, tokens, [d for part in gathered for d in part]
+
+    def _save(self) -> None:
+        from ettin.train.engine import full_state
+
+        weights, moments, _ = full_state(self.model, self.optimizer)  # collective: every rank takes part
+        if self.main:
+            path = write_checkpoint(
+                self.run_dir, self.state, weights, moments,
+                {"config.yaml": to_yaml(self.cfg), "ledger.json": _json(self.ledger.body(self.last_checkpoint))},
+                asdict(self.cfg.model),
+                {"fingerprint": self.fingerprint, "seed": self.cfg.phase.seed, "phase": self.cfg.phase.name,
+                 "objective": self.cfg.objective.name, "world_size": self.world, "tensor_parallel": self.cfg.parallel.tensor,
+                 "rng": "dropout reseeded every step from (phase.seed, step, DP rank): no state to save"})
+            prune(self.run_dir, self.cfg.phase.keep_checkpoints)
+            name = path.name
+        else:
+            name = None
+        names = [name]
+        dist.broadcast_object_list(names, src=0)
+        self.last_checkpoint = names[0]
+        self.ledger.entries = []
+
+    def _memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**30
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=1) + "\n"
+
+
+def train(cfg: ExperimentConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

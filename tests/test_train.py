@@ -1,0 +1,284 @@
+"""Training engine on CPU with gloo: exact resume, topology changes, exits, phase chains."""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ettin.config import load_config
+from ettin.data.ledger import read_ledger
+from ettin.parallel import free_port
+from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
+from ettin.train.checkpoint import list_checkpoints
+from ettin.train.optim import StableAdamW, lr_factor
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    tok = {"tokenizer": {"sha256": "t", "vocab_size": 512}}
+    write_mds_source(root / "a", synthetic_corpus(400, 512, 1), stats=tok)
+    write_mds_source(root / "b", synthetic_corpus(200, 512, 2, 30, 120), compression=None, stats=tok)
+    exp = root / "exp.yaml"
+    exp.write_text(textwrap.dedent(f"""\
+        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
+        model: {{vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 3,
+                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
+        phase: {{tokens: 12000, seq_len: 128, checkpoint_every_tokens: 3000}}
+        schedule: {{warmup_tokens: 2000}}
+        optim: {{lr: 3e-3, weight_decay: 0.01}}
+        batch: {{global_size: 10, micro_size: 3, warmup_tokens: 2560, warmup_start_size: 4, warmup_stages: 2}}
+        train: {{log_every: 1000, collective_timeout_s: 60}}
+        data:
+          root: {root}
+          cache_dir: {root / "cache"}
+          workers: 0
+          sources: [{{name: a, path: a, weight: 3}}, {{name: b, path: b, weight: 1}}]
+        """))
+    return {"root": root, "exp": str(exp)}
+
+
+def _train(exp, overrides, expect):
+    from ettin.config import load_config
+    from ettin.train.trainer import train
+
+    code = train(load_config(exp, overrides))
+    assert code == expect, f"exit {code}, expected {expect}"
+
+
+def train(corpus, run_dir, world=2, expect=0, *overrides):
+    run_distributed_test(_train, world, args=(corpus["exp"], [f"run_dir={run_dir}", *overrides], expect))
+
+
+def metrics(run_dir):
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows}
+
+
+def ledger(run_dir):
+    entries = []
+    for ckpt in list_checkpoints(run_dir):
+        entries += read_ledger(ckpt)[1]
+    return entries
+
+
+def final_weights(run_dir):
+    return load_file(str(list_checkpoints(run_dir)[-1] / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- pure pieces
+
+
+def test_stableadamw_matches_torch_optimi_per_tensor():
+    from optimi import StableAdamW as Reference
+
+    torch.manual_seed(0)
+    params = [torch.randn(40, 30), torch.randn(30)]
+    ours_p = [p.clone().requires_grad_() for p in params]
+    ref_p = [p.clone().requires_grad_() for p in params]
+    ours = StableAdamW([{"params": ours_p, "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+    ref = Reference([{"params": ref_p, "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
+                    decouple_lr=True, max_lr=1e-2, foreach=False)
+    for step in range(6):
+        g = [torch.randn_like(p) * (10 if step == 3 else 1) for p in params]  # a spike: update clipping acts
+        for p, q, gi in zip(ours_p, ref_p, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        ours.step()
+        ref.step()
+    for p, q in zip(ours_p, ref_p):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_lr_schedules_follow_their_formulas():
+    for phase in ("pretrain", "extension", "decay", "cross"):
+        cfg = load_config("ettin", [f"phase={phase}", "model=150m"])
+        s, total = cfg.schedule, cfg.phase.tokens
+        if phase == "pretrain":
+            assert lr_factor(1.5e9, s, total) == pytest.approx(0.5)  # half way through the 3B warmup
+            assert lr_factor(1e12, s, total) == 1.0
+        elif phase == "extension":
+            assert lr_factor(0, s, total) == 1.0 and lr_factor(total, s, total) == pytest.approx(0.5)
+            assert lr_factor(total / 4, s, total) == pytest.approx(0.5 + 0.5 * (1 - math.sqrt(0.25)))
+        elif phase == "decay":
+            assert lr_factor(0, s, total) == 0.5 and lr_factor(total, s, total) == pytest.approx(0.02)
+        else:
+            assert lr_factor(1.5e9, s, total) == pytest.approx(0.5) and lr_factor(20e9, s, total) == 1.0
+            assert lr_factor(45e9, s, total) == pytest.approx(1 - 0.98 * 0.5) and lr_factor(total, s, total) == pytest.approx(0.02)
+
+
+def test_slurm_environment_becomes_torch_distributed():
+    from ettin.train.env import first_host, setup_distributed_env
+
+    assert first_host("gpu[003-010,012],cpu1") in ("gpu003",)
+    assert first_host("127.0.0.[1-2]") == "127.0.0.1" and first_host("node7") == "node7"
+    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[1-2]",
+           "SLURM_JOB_ID": "12345"}
+    out = setup_distributed_env(env)
+    assert out == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": str(20000 + 12345)}
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_n_steps_equal_half_plus_resume_plus_half_bitwise(corpus, tmp_path, objective):
+    """fp32 on CPU, DP=2, dropout on: every loss and every final weight identical."""
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(corpus, whole, 2, 0, f"objective={objective}", "train.max_steps=8")
+    train(corpus, split, 2, 0, f"objective={objective}", "train.max_steps=4")
+    train(corpus, split, 2, 0, f"objective={objective}", "train.max_steps=8")
+    a, b = metrics(whole), metrics(split)
+    assert sorted(a) == list(range(1, 9))
+    assert [a[s]["loss"] for s in a] == [b[s]["loss"] for s in a]
+    assert [e.hash for e in ledger(whole)] == [e.hash for e in ledger(split)]
+    wa, wb = final_weights(whole), final_weights(split)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ma = load_file(str(list_checkpoints(whole)[-1] / "optimizer.safetensors"))
+    mb = load_file(str(list_checkpoints(split)[-1] / "optimizer.safetensors"))
+    assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_resume_on_another_topology(corpus, tmp_path):
+    """Saved at TP1xDP2, resumed at TP1xDP1 and at TP2xDP1: same ledger, losses within 1e-5."""
+    common = ["model.attn_out_dropout=0.0", "model.num_heads=4"]  # dropout masks depend on the DP rank
+    whole = tmp_path / "whole"
+    train(corpus, whole, 2, 0, *common, "train.max_steps=8")
+    half = tmp_path / "half"
+    train(corpus, half, 2, 0, *common, "train.max_steps=4")
+    for name, world, extra in [("dp1", 1, []), ("tp2", 2, ["parallel.tensor=2"])]:
+        run = tmp_path / name
+        shutil.copytree(half, run)
+        train(corpus, run, world, 0, *common, *extra, "train.max_steps=8")
+        a, b = metrics(whole), metrics(run)
+        for step in range(5, 9):
+            assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5), (name, step)
+        assert [e.hash for e in ledger(whole)] == [e.hash for e in ledger(run)], name
+        wa, wb = final_weights(whole), final_weights(run)
+        for k in wa:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- exits
+
+
+def launch(corpus, run_dir, world, *overrides, env_extra=None):
+    """Start ``world`` real `ettin train` processes (what srun would start), one per rank."""
+    port = str(free_port())
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env_extra or {})}
+        procs.append(subprocess.Popen([sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run_dir}",
+                                       *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def wait_for_step(run_dir, step, procs, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        path = Path(run_dir) / "metrics.jsonl"
+        if path.is_file() and len(path.read_text().splitlines()) >= step:
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError("a rank exited early: " + "".join(p.communicate()[0][-2000:] for p in procs))
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def test_usr2_saves_and_requeues_then_the_restart_completes_the_phase(corpus, tmp_path):
+    run = tmp_path / "run"
+    slow = ["train.max_steps=0", "phase.tokens=30000", "phase.checkpoint_every_tokens=100000"]
+    procs = launch(corpus, run, 2, *slow)
+    wait_for_step(run, 3, procs)
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)
+    codes = [p.wait(timeout=120) for p in procs]
+    out = procs[0].communicate()[0]
+    assert codes == [75, 75], out
+    assert "requeue me" in out
+    first = list_checkpoints(run)
+    assert len(first) == 1
+    stopped_at = json.loads((first[0] / "state.json").read_text())["step"]
+    procs = launch(corpus, run, 2, *slow)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], procs[0].communicate()[0][-3000:]
+    entries = ledger(run)
+    assert [e.step for e in entries] == list(range(len(entries))) and len(entries) > stopped_at
+    assert entries[0].start == 0 and all(a.end == b.start for a, b in zip(entries, entries[1:]))
+    state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
+    assert state["final"] and state["tokens"] >= 30000 and state["samples"] == entries[-1].end
+
+
+def test_a_dead_rank_fails_the_others_in_bounded_time_and_the_run_resumes(corpus, tmp_path):
+    run = tmp_path / "run"
+    args = ["phase.tokens=30000", "phase.checkpoint_every_tokens=2000", "train.collective_timeout_s=20"]
+    procs = launch(corpus, run, 2, *args)
+    wait_for_step(run, 6, procs)
+    procs[1].kill()  # kill -9
+    killed_at = time.time()
+    code = procs[0].wait(timeout=60)
+    assert code != 0 and time.time() - killed_at < 45
+    complete = list_checkpoints(run)
+    assert complete, "a checkpoint should have been written before the kill"
+    # a kill during a checkpoint write leaves only a hidden folder: the resume must ignore it
+    (run / "checkpoints" / ".step_99999999.deadbeef").mkdir()
+    procs = launch(corpus, run, 2, *args)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:]
+    assert f"resumed from {complete[-1]}" in outs[0]
+    assert not (run / "checkpoints" / ".step_99999999.deadbeef").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(corpus, run, 1, 0, "train.max_steps=2")
+    before = [p.name for p in list_checkpoints(run)]
+    train(corpus, run, 1, 3, "train.max_steps=6", "optim.lr=1e30", "optim.weight_decay=0")
+    assert [p.name for p in list_checkpoints(run)] == before
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+def test_phase_chain_and_cross_objective(corpus, tmp_path):
+    short = ["phase.tokens=3000", "phase.checkpoint_every_tokens=1e9", "schedule.warmup_tokens=1000", "batch.warmup_tokens=0",
+             "phase.seq_len=128"]
+    runs = {}
+    for objective in ("mlm", "clm"):
+        prev = None
+        for phase in ("pretrain", "extension", "decay"):
+            run = tmp_path / f"{objective}-{phase}"
+            extra = [f"phase.init_checkpoint={prev}"] if prev else []
+            train(corpus, run, 1, 0, f"objective={objective}", f"phase={phase}", *short, *extra)
+            runs[(objective, phase)] = prev = run
+    cross = tmp_path / "mlm-to-clm"
+    train(corpus, cross, 1, 0, "objective=clm", "phase=cross", *short, "schedule.decay_tokens=1000",
+          f"phase.init_checkpoint={runs[('mlm', 'decay')]}")
+    for (objective, phase), run in runs.items():
+        cfg = load_config(corpus["exp"], [f"objective={objective}", f"phase={phase}", *short])
+        m = metrics(run)
+        state = json.loads((list_checkpoints(run)[-1] / "state.json").read_text())
+        assert state["final"] and state["step"] == max(m)
+        tokens_before = 0
+        for step in sorted(m):  # the LR of each step is the schedule at the tokens seen before it
+            expected = cfg.optim.lr * lr_factor(tokens_before, cfg.schedule, cfg.phase.tokens)
+            assert m[step]["lr"] == pytest.approx(expected, rel=1e-9), (objective, phase, step)
+            tokens_before = m[step]["tokens"]
+    pre = json.loads((list_checkpoints(runs[("mlm", "pretrain")])[-1] / "state.json").read_text())
+    ext = json.loads((list_checkpoints(runs[("mlm", "extension")])[-1] / "state.json").read_text())
+    assert ext["optimizer_step"] == pre["optimizer_step"] + ext["step"]  # optimizer carried, clock reset
+    crossed = json.loads((list_checkpoints(cross)[-1] / "state.json").read_text())
+    assert crossed["optimizer_step"] == crossed["step"] and crossed["seed"] == 210  # fresh optimizer
+    cfg = load_config(corpus["exp"], ["objective=clm", "phase=cross", *short, "schedule.decay_tokens=1000"])
+    m, tokens_before = metrics(cross), 0
+    for step in sorted(m):
+        assert m[step]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(tokens_before, cfg.schedule, cfg.phase.tokens))
+        tokens_before = m[step]["tokens"]
