@@ -176,9 +176,11 @@ def cmd_replay(args) -> int:
     if args.decode:
         from tokenizers import Tokenizer
 
-        tokenizer_path = args.tokenizer or r["pipeline"].manifest.tokenizer.get("path")
+        from ettin.data.ledger import checkpoint_config
+
+        tokenizer_path = args.tokenizer or checkpoint_config(args.checkpoint).data.tokenizer
         if not tokenizer_path:
-            raise ConfigError("--decode needs --tokenizer PATH (tokenizer.json)")
+            raise ConfigError("--decode needs --tokenizer PATH (tokenizer.json), or data.tokenizer in the run's config")
         tok = Tokenizer.from_file(tokenizer_path)
         b = r["batch"]
         for n, (s, e) in enumerate(zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist())):
