@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ettin.data.order import _mix, derive_key
+
 IGNORE = -100
 
 
@@ -58,37 +60,45 @@ class Collator:
 
     def sample(self, ids: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(input ids, labels) of one stored sample at global ``position``."""
-        ids = ids.astype(np.int64)
-        if self.objective == "clm":
-            if len(ids) > 1 and ids[-1] == self.sep_id:
-                ids = ids[:-1]
-            labels = np.empty_like(ids)
-            labels[:-1], labels[-1] = ids[1:], IGNORE
-            return ids, labels
-        rng = np.random.Generator(np.random.Philox(key=[self.seed, position]))
+        batch = self([ids], [position])
+        return batch.input_ids.numpy(), batch.labels.numpy()
+
+    def _mlm(self, ids: np.ndarray, positions: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mask a whole batch at once; token ``index`` of the sample at ``position`` draws from
+        counter-based hashes of (seed, position, index), never from shared generator state."""
+        key = (positions.astype(np.uint64) << np.uint64(24)) | index.astype(np.uint64)
+        choose, action = (_uniform(key, derive_key(self.seed, tag)) for tag in ("mlm-choose", "mlm-action"))
+        random_tokens = (_mix(key, derive_key(self.seed, "mlm-token")) % np.uint64(self.vocab_size)).astype(np.int64)
         candidates = (ids != self.cls_id) & (ids != self.sep_id) & (ids != self.pad_id)
-        chosen = (rng.random(len(ids)) < self.mask_rate) & candidates
-        action = rng.random(len(ids))
-        random_tokens = rng.integers(0, self.vocab_size, len(ids))
+        chosen = (choose < self.mask_rate) & candidates
         labels = np.where(chosen, ids, IGNORE)
         inputs = np.where(chosen & (action < self.mask_token_prob), self.mask_id, ids)
         swap = chosen & (action >= self.mask_token_prob) & (action < self.mask_token_prob + self.random_token_prob)
-        inputs = np.where(swap, random_tokens, inputs)
-        return inputs, labels
+        return np.where(swap, random_tokens, inputs), labels
 
     def __call__(self, samples: list[np.ndarray], positions: list[int]) -> Batch:
-        inputs, labels, digests = [], [], []
-        for ids, p in zip(samples, positions):
-            x, y = self.sample(ids, p)
-            inputs.append(x)
-            labels.append(y)
-            digests.append(hashlib.sha256(int(p).to_bytes(8, "little") + x.astype("<i4").tobytes()
-                                          + y.astype("<i4").tobytes()).digest())
-        lengths = [len(x) for x in inputs]
-        cat = (lambda arrs: torch.from_numpy(np.concatenate(arrs))) if inputs else (lambda arrs: torch.zeros(0, dtype=torch.int64))
+        if self.objective == "clm":  # [CLS] is the BOS; the stored trailing [SEP] is not a target
+            samples = [ids[:-1] if len(ids) > 1 and ids[-1] == self.sep_id else ids for ids in samples]
+        lengths = np.array([len(x) for x in samples], dtype=np.int64)
+        cu = np.concatenate([[0], np.cumsum(lengths)])
+        ids = np.concatenate(samples).astype(np.int64) if samples else np.zeros(0, np.int64)
+        if self.objective == "mlm":
+            starts = np.repeat(cu[:-1], lengths)
+            inputs, labels = self._mlm(ids, np.repeat(np.asarray(positions, np.int64), lengths),
+                                       np.arange(len(ids)) - starts)
+        else:  # next token of the same sample: the last token of each sample has no label
+            inputs, labels = ids, np.roll(ids, -1)
+            labels[cu[1:] - 1] = IGNORE
+        digests = [hashlib.sha256(int(p).to_bytes(8, "little") + inputs[a:b].astype("<i4").tobytes()
+                                  + labels[a:b].astype("<i4").tobytes()).digest()
+                   for p, a, b in zip(positions, cu[:-1], cu[1:])]
         return Batch(
-            input_ids=cat(inputs), labels=cat(labels),
-            cu_seqlens=torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32),
-            max_seqlen=max(lengths, default=0), positions=torch.tensor(list(positions), dtype=torch.int64),
-            digests=digests,
+            input_ids=torch.from_numpy(inputs), labels=torch.from_numpy(labels),
+            cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max(initial=0)),
+            positions=torch.tensor(list(positions), dtype=torch.int64), digests=digests,
         )
+
+
+def _uniform(key: np.ndarray, salt: int) -> np.ndarray:
+    """Uniform floats in [0, 1) from 53 bits of a keyed hash."""
+    return (_mix(key, salt) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
