@@ -287,3 +287,19 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
     for step in sorted(m):
         assert m[step]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(tokens_before, cfg.schedule, cfg.phase.tokens))
         tokens_before = m[step]["tokens"]
+
+
+def test_keep_last_k_and_plot(corpus, tmp_path):
+    from ettin.train.checkpoint import prune
+    from ettin.train.metrics import plot
+
+    run = tmp_path / "run"
+    train(corpus, run, 1, 0, "train.max_steps=14", "phase.checkpoint_every_tokens=500", "phase.keep_checkpoints=2")
+    kept = list_checkpoints(run)
+    assert len(kept) == 2 and json.loads((kept[-1] / "state.json").read_text())["step"] == 14
+    assert len(read_ledger(kept[-1])[1]) >= 1
+    prune(run, 1)
+    assert list_checkpoints(run) == kept[-1:]
+    png = plot(run)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
