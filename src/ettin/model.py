@@ -28,22 +28,26 @@ def trunc_normal(std: float, cutoff: float):
 
 
 class Rotary(nn.Module):
-    """RoPE over the full head dim (rotate-half convention, as transformers' ModernBERT)."""
+    """RoPE over the full head dim (rotate-half convention, as transformers' ModernBERT).
+
+    The frequencies are recomputed in fp32 on every call (a few dozen numbers) rather than kept
+    as a buffer, so casting the model to bf16 never rounds them."""
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float() / self.head_dim
+        inv_freq = 1.0 / (self.theta ** exponents)
+        freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [tokens, 1 (heads), head_dim]
         return emb.cos(), emb.sin()
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return x * cos.to(x.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(x.dtype)
 
 
 class Block(nn.Module):
