@@ -21,7 +21,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/python -m ettin.demo --out demo_out
+	$(BIN)/ettin demo --out demo_out
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -5,7 +5,6 @@ import argparse
 import logging
 import os
 import sys
-import time
 
 # torch warns "No CUDA runtime is found" on every CPU machine; keep stderr for what matters
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -83,33 +82,9 @@ def cmd_hf_check(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Build the model from a config and run one forward/backward per objective on random documents."""
-    import torch
+    from ettin.demo import main as demo
 
-    from ettin.flops import num_parameters
-    from ettin.model import IGNORE
-
-    print(f"{'objective':<9} {'params':>8} {'tokens':>7} {'loss':>7} {'grad norm':>9} {'fwd+bwd s':>9} {'tokens/s':>9}")
-    for objective in ("mlm", "clm"):
-        cfg = load_config(args.experiment, [*args.overrides, f"objective={objective}"])
-        model = _build(cfg, args.seed)
-        g = torch.Generator().manual_seed(args.seed)
-        lengths = torch.randint(cfg.phase.seq_len // 8, cfg.phase.seq_len + 1, (args.docs,), generator=g)
-        ids = torch.randint(0, cfg.model.vocab_size, (int(lengths.sum()),), generator=g)
-        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-        if objective == "mlm":
-            labels = torch.where(torch.rand(ids.shape, generator=g) < cfg.objective.mask_rate, ids, IGNORE)
-        else:  # next token, never across a document boundary
-            labels = torch.roll(ids, -1)
-            labels[cu[1:] - 1] = IGNORE
-        start = time.perf_counter()
-        loss = model(ids, cu, labels=labels)
-        loss.backward()
-        seconds = time.perf_counter() - start
-        grad = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-        print(f"{objective:<9} {num_parameters(cfg.model) / 1e6:>7.1f}M {len(ids):>7} {loss.item():>7.3f} "
-              f"{grad.item():>9.3f} {seconds:>9.2f} {len(ids) / seconds:>9.0f}")
-    return 0
+    return demo(["--out", args.out, "--steps", str(args.steps)])
 
 
 def _step_range(text: str) -> range:
@@ -264,11 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--tokenizer", help="tokenizer.json for --decode")
     rep.set_defaults(func=cmd_replay)
 
-    demo = sub.add_parser("demo", help="build a model from a config and run a forward/backward")
-    demo.add_argument("experiment", nargs="?", default="tiny")
-    demo.add_argument("overrides", nargs="*", help=_overrides_help())
-    demo.add_argument("--docs", type=int, default=8, help="random documents in the batch")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the main job end to end on this machine (what `make demo` runs)")
+    demo.add_argument("--out", default="demo_out", help="working folder (recreated)")
+    demo.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
     demo.set_defaults(func=cmd_demo)
     return p
 
