@@ -60,6 +60,7 @@ def test_reads_back_what_streaming_wrote(corpus):
         for i in (0, 7, len(src) - 1):
             row = src[i]
             assert row["input_ids"].dtype == np.uint32 and row["input_ids"].tolist() == corpus[name][i]
+            assert src.input_ids(i).tolist() == corpus[name][i]  # the loader's decoder-free path
             assert row["id"] == f"doc{i}#0"
 
 

@@ -67,8 +67,10 @@ class Collator:
         """Mask a whole batch at once; token ``index`` of the sample at ``position`` draws from
         counter-based hashes of (seed, position, index), never from shared generator state."""
         key = (positions.astype(np.uint64) << np.uint64(24)) | index.astype(np.uint64)
-        choose, action = (_uniform(key, derive_key(self.seed, tag)) for tag in ("mlm-choose", "mlm-action"))
-        random_tokens = (_mix(key, derive_key(self.seed, "mlm-token")) % np.uint64(self.vocab_size)).astype(np.int64)
+        bits = _mix(key, derive_key(self.seed, "mlm"))  # one 64-bit draw per token, cut in three
+        choose = (bits & np.uint64(0xFFFFF)).astype(np.float64) / (1 << 20)
+        action = ((bits >> np.uint64(20)) & np.uint64(0xFFFFF)).astype(np.float64) / (1 << 20)
+        random_tokens = ((bits >> np.uint64(40)) * np.uint64(self.vocab_size) >> np.uint64(24)).astype(np.int64)
         candidates = (ids != self.cls_id) & (ids != self.sep_id) & (ids != self.pad_id)
         chosen = (choose < self.mask_rate) & candidates
         labels = np.where(chosen, ids, IGNORE)
@@ -97,8 +99,3 @@ class Collator:
             cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max(initial=0)),
             positions=torch.tensor(list(positions), dtype=torch.int64), digests=digests,
         )
-
-
-def _uniform(key: np.ndarray, salt: int) -> np.ndarray:
-    """Uniform floats in [0, 1) from 53 bits of a keyed hash."""
-    return (_mix(key, salt) >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))

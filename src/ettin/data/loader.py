@@ -49,8 +49,9 @@ class DataPipeline:
         return out
 
     def batch(self, start: int, end: int) -> Batch:
-        rows = self.samples(start, end)
-        return self.collator([r["input_ids"] for r in rows], [r["position"] for r in rows])
+        sources, indices = self.order(start, end)
+        ids = [self.readers[s].input_ids(i) for s, i in zip(sources.tolist(), indices.tolist())]
+        return self.collator(ids, list(range(start, end)))
 
 
 class MicroBatches(Dataset):

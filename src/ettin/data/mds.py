@@ -64,6 +64,11 @@ class MDSSource:
         if "input_ids" not in names:
             raise DataError(f"{self.path}/index.json: no 'input_ids' column (columns: {names})")
         self.offsets = np.concatenate([[0], np.cumsum([s.samples for s in self.shards])]).astype(np.int64)
+        # the common layout (every column variable-size, input_ids as ndarray:uint32) is read without decoders
+        variable = [c for c in self.columns if c[2] is None]
+        self._fast_ids = len(variable) == len(self.columns) and ("input_ids", "ndarray:uint32", None) in self.columns
+        self._ids_column = names.index("input_ids")
+        self._variable_before_ids = len(self.columns)
         self._open: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -141,7 +146,7 @@ class MDSSource:
         if mm is None:
             if len(self._open) >= 64:  # bound open files: the order reads a few shards at a time
                 self._open.pop(next(iter(self._open)))
-            mm = np.memmap(self.shard_file(k), dtype=np.uint8, mode="r")
+            mm = np.memmap(self.shard_file(k), dtype=np.uint8, mode="r").view(np.ndarray)  # plain views: cheaper slicing
             count = int(mm[:4].view(np.uint32)[0])
             if count != self.shards[k].samples:
                 raise DataError(f"{self.shard_file(k)}: holds {count} samples, index.json says {self.shards[k].samples}")
@@ -154,11 +159,27 @@ class MDSSource:
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return k, i - int(self.offsets[k])
 
-    def raw(self, i: int) -> bytes:
+    def _span(self, i: int) -> tuple[np.ndarray, int, int]:
         k, j = self.locate(i)
         mm = self._mapped(k)
         begin, end = mm[4 + 4 * j: 12 + 4 * j].view(np.uint32)
+        return mm, int(begin), int(end)
+
+    def raw(self, i: int) -> bytes:
+        mm, begin, end = self._span(i)
         return mm[begin:end].tobytes()
+
+    def input_ids(self, i: int) -> np.ndarray:
+        """Sample ``i``'s token ids, read straight from the mapped shard (the loader's hot path)."""
+        if not self._fast_ids:
+            return self[i]["input_ids"]
+        mm, begin, end = self._span(i)
+        pos = begin + 4 * self._variable_before_ids  # the sizes of the variable-size columns come first
+        sizes = mm[begin:pos].view(np.uint32)
+        start = pos + int(sizes[: self._ids_column].sum())
+        header = int(mm[start])  # ndarray with a dynamic shape: (ndim << 2 | shape dtype), then the shape
+        values = start + 1 + (header >> 2) * (1 << (header & 3))
+        return mm[values:start + int(sizes[self._ids_column])].view(np.uint32)
 
     def __getitem__(self, i: int) -> dict:
         from streaming.base.format.mds.encodings import mds_decode
