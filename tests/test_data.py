@@ -269,6 +269,7 @@ def write_checkpoint(cfg, path, steps, dp_size=2):
         ledger.record(step, start, end, int(batches[step][0].numel()), batches[step][2])
     path.mkdir(parents=True)
     (path / CONFIG_FILE).write_text(to_yaml(cfg))
+    (path / "state.json").write_text(json.dumps({"step": steps.stop}))  # marks the folder complete
     ledger.flush(path)
 
 

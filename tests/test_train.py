@@ -303,3 +303,14 @@ def test_keep_last_k_and_plot(corpus, tmp_path):
     png = plot(run)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_resume_refuses_settings_that_would_change_the_order(corpus, tmp_path):
+    run = tmp_path / "run"
+    train(corpus, run, 1, 0, "train.max_steps=2")
+    for change in ("batch.global_size=12", "phase.seed=22", "data.shuffle_block=7"):
+        proc = subprocess.run([sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run}",
+                               "train.max_steps=4", change], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        assert "would change which samples each step sees" in proc.stderr, proc.stderr
+        assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1

@@ -73,7 +73,8 @@ class FlexAttention:
         from torch.nn.attention import flex_attention as fa
 
         self._fa = fa
-        self._attend = torch.compile(fa.flex_attention, dynamic=False) if torch.cuda.is_available() else fa.flex_attention
+        # the token count changes every micro-batch: compile for dynamic shapes, not once per length
+        self._attend = torch.compile(fa.flex_attention, dynamic=True) if torch.cuda.is_available() else fa.flex_attention
 
     def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, spec: MaskSpec):
         n = int(cu_seqlens[-1])
@@ -86,7 +87,7 @@ class FlexAttention:
             return same & allowed(q_idx - start[q_idx], kv_idx - start[kv_idx], spec)
 
         device = "cuda" if cu_seqlens.is_cuda else "cpu"
-        return self._fa.create_block_mask(mask_mod, None, None, n, n, device=device)
+        return self._fa.create_block_mask(mask_mod, None, None, n, n, device=device, _compile=cu_seqlens.is_cuda)
 
     def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
         if dropout_p:
@@ -134,5 +135,6 @@ def build_attention(name: str = "auto"):
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend '{name}': use one of auto, {', '.join(BACKENDS)}")
     if name not in available_backends():
-        raise RuntimeError(f"attention backend '{name}' is not available here (available: {', '.join(available_backends())})")
+        raise ValueError(f"attention backend '{name}' is not available here (available: {', '.join(available_backends())}); "
+                         "set model.attn_backend to one of those")
     return BACKENDS[name]()

@@ -122,14 +122,11 @@ def cmd_data_order_show(args) -> int:
 def _checkpoints_of(path: str):
     from pathlib import Path
 
-    from ettin.data.ledger import LEDGER_FILE
+    from ettin.train.checkpoint import latest_checkpoint, list_checkpoints
 
-    p = Path(path)
-    if (p / LEDGER_FILE).is_file():
-        return [p]
-    found = sorted(c.parent for c in p.glob(f"**/{LEDGER_FILE}"))
+    found = [Path(path)] if latest_checkpoint(path) == Path(path) else list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"{path} holds no checkpoints with a {LEDGER_FILE}: pass a run folder or a checkpoint")
+        raise FileNotFoundError(f"{path} holds no complete checkpoints: pass a run folder or a checkpoint folder")
     return found
 
 
@@ -253,8 +250,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, ConversionError, DataError, FileNotFoundError, ValueError) as e:
-        for line in str(e).splitlines():
+    except (ConfigError, ConversionError, DataError, ValueError, OSError) as e:
+        lines = str(e).splitlines() or [type(e).__name__]
+        if "Original Traceback" in str(e):  # raised in a DataLoader worker: its last line is the message
+            lines = lines[-1:]
+        for line in lines:
             print(f"error: {line}", file=sys.stderr)
         return 2
 

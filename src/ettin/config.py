@@ -264,7 +264,10 @@ def _parse_overrides(overrides: list[str]) -> tuple[dict[str, str], list[tuple[s
         if key in GROUPS:
             groups[key] = raw.strip()
             continue
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"_v={raw}"]))["_v"]
+        try:
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"_v={raw}"]))["_v"]
+        except Exception as e:  # noqa: BLE001 - yaml and OmegaConf grammar errors alike
+            raise ConfigError(f"override {key}: cannot parse value {raw!r} ({str(e).splitlines()[0]})") from None
         values.append((key, parsed))
     return groups, values
 

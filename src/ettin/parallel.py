@@ -8,6 +8,7 @@ same numbers for the same seed.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import warnings
@@ -39,7 +40,9 @@ def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: f
         raise ValueError(
             f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tp}"
         )
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    # the TP and DP groups carry most collectives: give them the same bounded timeout
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                             distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)))
 
 
 def free_port() -> int:
@@ -142,7 +145,8 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     params = dict(model.named_parameters())
     missing, unexpected = set(params) - set(state), set(state) - set(params)
     if missing or unexpected:
-        raise KeyError(f"state dict mismatch: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(f"weights do not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
+                         "check the model config (size, vocab) against the checkpoint's model.json")
     for name, p in params.items():
         full = state[name]
         if is_tp_sharded(p):

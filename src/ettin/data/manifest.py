@@ -38,10 +38,10 @@ class Manifest:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def sample_shares(self) -> list[float]:
-        """Weights are shares of tokens (the recipe's budgets): convert them to shares of samples."""
+        """Weights are shares of tokens (the recipe's budgets): convert them to shares of samples with
+        each source's tokens per sample. Without any stats.json, weights are taken as sample shares."""
         if all(s.tokens for s in self.sources):
-            per_sample = [s.tokens / s.samples for s in self.sources]
-            return [s.weight / t for s, t in zip(self.sources, per_sample)]
+            return [s.weight / (s.tokens / s.samples) for s in self.sources]
         return [s.weight for s in self.sources]
 
 
@@ -51,10 +51,16 @@ def resolve_path(root: str, path: str) -> str:
     return f"{root.rstrip('/')}/{path}" if is_remote(root) else str(Path(root) / path)
 
 
-def _stats(path: str) -> dict:
+def _stats(path: str, reader: MDSSource) -> dict:
     if is_remote(path):
-        return {}
-    f = Path(path) / "stats.json"
+        f = reader.cache / "stats.json"
+        if not f.exists():
+            try:
+                reader._download("stats.json", f)
+            except DataError:
+                return {}
+    else:
+        f = Path(path) / "stats.json"
     try:
         return json.loads(f.read_text()) if f.is_file() else {}
     except json.JSONDecodeError as e:
@@ -76,7 +82,7 @@ def build_manifest(data_cfg, seq_len: int, cache_dir: str | None = None) -> tupl
         if not is_remote(path) and not Path(path).exists():
             raise DataError(f"data.sources[{i}] ({src.name}): {path} does not exist; fix data.root or the source path")
         reader = MDSSource(path, cache_dir or data_cfg.cache_dir)
-        stats = _stats(path)
+        stats = _stats(path, reader)
         if stats.get("tokenizer"):
             tokenizers[src.name] = stats["tokenizer"]
         if stats.get("seq_len") and int(stats["seq_len"]) > seq_len:
@@ -85,6 +91,11 @@ def build_manifest(data_cfg, seq_len: int, cache_dir: str | None = None) -> tupl
         entries.append(SourceEntry(src.name, path, float(src.weight), len(reader), stats.get("tokens"),
                                    [(s.raw_name, s.raw_bytes, s.samples) for s in reader.shards]))
         readers.append(reader)
+    counted = [e.name for e in entries if e.tokens]
+    if counted and len(counted) < len(entries):
+        lacking = [e.name for e in entries if not e.tokens]
+        raise DataError(f"sources {lacking} have no stats.json token count but {counted} do: the mixture weights "
+                        "(token shares) cannot be converted consistently; add stats.json (prepare writes it)")
     distinct = {json.dumps(t, sort_keys=True) for t in tokenizers.values()}
     if len(distinct) > 1:
         raise DataError(f"sources were tokenized with different tokenizers: {sorted(tokenizers)}; prepare them with one")

@@ -20,7 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 PREFIX = "step_"
 
@@ -87,27 +88,50 @@ def write_checkpoint(run_dir: str | Path, state: TrainState, weights: dict, mome
     for name, text in extra_files.items():
         (tmp / name).write_text(text)
     (tmp / "state.json").write_text(json.dumps(asdict(state) | meta | {"versions": versions()}, indent=2) + "\n")
-    _fsync_dir(tmp)
+    for f in tmp.iterdir():  # the data must be on disk before the rename makes the folder count
+        _fsync(f, os.O_RDONLY)
+    _fsync(tmp, os.O_RDONLY)
     if final.exists():  # a checkpoint of the same step from an interrupted earlier attempt
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    _fsync(root, os.O_RDONLY)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def read_checkpoint(path: Path, moments: bool = True) -> tuple[dict, dict, dict | None]:
-    """(state.json, weights, moments) of a complete checkpoint."""
+class TensorFile:
+    """A safetensors file read lazily: each rank reads only its own slice of each tensor."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+
+    def keys(self) -> set[str]:
+        return set(self._file.keys())
+
+    def read(self, name: str, dim: int | None = None, rank: int = 0, parts: int = 1) -> torch.Tensor:
+        """Tensor ``name``, or its ``rank``-th of ``parts`` equal slices along ``dim``."""
+        if dim is None or parts == 1:
+            return self._file.get_tensor(name)
+        piece = self._file.get_slice(name)
+        size = piece.get_shape()[dim] // parts
+        index = [slice(None)] * len(piece.get_shape())
+        index[dim] = slice(rank * size, (rank + 1) * size)
+        return piece[tuple(index)]
+
+
+def read_checkpoint(path: Path, moments: bool = True) -> tuple[dict, TensorFile, TensorFile | None]:
+    """(state.json, weights, moments) of a complete checkpoint; tensors are read on demand."""
     meta = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    opt = load_file(str(path / "optimizer.safetensors")) if moments else None
+    weights = TensorFile(path / "model.safetensors")
+    opt = TensorFile(path / "optimizer.safetensors") if moments else None
     return meta, weights, opt
 
 

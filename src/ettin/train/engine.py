@@ -87,8 +87,10 @@ def _layout(model: torch.nn.Module, flat_partitions: list[torch.Tensor]) -> Layo
     return Layout(segments, numel, split, ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group())
 
 
-def full_state(model: torch.nn.Module, optimizer: StableAdamW) -> tuple[dict, dict, int]:
-    """(weights, moments, optimizer step): every tensor whole (all DP and TP pieces), fp32, by name."""
+def full_state(model: torch.nn.Module, keep: bool) -> tuple[dict, dict]:
+    """(weights, moments), every tensor whole (all DP and TP pieces), fp32, by name, on the CPU.
+
+    Every rank must call it (the gathers are collective); only ``keep`` ranks hold the result."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     weights, moments = {}, {}
@@ -96,32 +98,34 @@ def full_state(model: torch.nn.Module, optimizer: StableAdamW) -> tuple[dict, di
         pieces = {"": safe_get_full_fp32_param(p)} | {f".{k}": safe_get_full_optimizer_state(p, k) for k in MOMENTS}
         for suffix, t in pieces.items():
             t = gather_tp(t.float(), p.partition_dim) if is_tp_sharded(p) else t.float()
-            (weights if suffix == "" else moments)[name + suffix] = t.contiguous()
-    return weights, moments, int(optimizer.param_groups[0]["step"])
+            if keep:
+                (weights if suffix == "" else moments)[name + suffix] = t.detach().cpu().contiguous()
+    return weights, moments
 
 
 @torch.no_grad()
-def load_full_state(model: torch.nn.Module, optimizer: StableAdamW, weights: dict, moments: dict | None,
-                    step: int | None) -> None:
-    """Load whole tensors into this rank's pieces; ``moments=None`` keeps a fresh optimizer."""
+def load_full_state(model: torch.nn.Module, optimizer: StableAdamW, weights, moments, step: int | None) -> None:
+    """Load whole tensors (``TensorFile``s) into this rank's pieces; ``moments=None`` keeps a fresh optimizer."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-    names = [n for n, _ in model.named_parameters()]
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise KeyError(f"checkpoint lacks {missing[:3]} ({len(missing)} tensors): not a checkpoint of this model")
+    names = {n for n, _ in model.named_parameters()}
+    missing, unexpected = names - weights.keys(), weights.keys() - names
+    if missing or unexpected:
+        raise ValueError(f"{weights.path}: does not fit this model (missing {sorted(missing)[:3]}, unexpected "
+                         f"{sorted(unexpected)[:3]}); check model.* against the checkpoint's model.json")
     for name, p in model.named_parameters():
-        def local(t):
-            t = t.chunk(tp_size(), dim=p.partition_dim)[tp_rank()] if is_tp_sharded(p) else t
+        def local(source, key):
+            t = source.read(key, p.partition_dim if is_tp_sharded(p) else None, tp_rank(), tp_size())
             if t.shape != p.shape:
                 raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} does not fit {tuple(p.shape)}")
             return t.to(p.device, torch.float32)
 
-        safe_set_full_fp32_param(p, local(weights[name]))  # the fp32 master slice
-        p.data.copy_(local(weights[name]))  # and the working copy every DP rank holds under ZeRO 1/2
+        w = local(weights, name)
+        safe_set_full_fp32_param(p, w)  # the fp32 master slice
+        p.data.copy_(w)  # and the working copy every DP rank holds under ZeRO 1/2
         if moments is not None:
             for k in MOMENTS:
-                safe_set_full_optimizer_state(p, local(moments[f"{name}.{k}"]), k)
+                safe_set_full_optimizer_state(p, local(moments, f"{name}.{k}"), k)
     if step is not None:
         for group in optimizer.param_groups:
             group["step"] = step

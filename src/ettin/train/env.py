@@ -36,4 +36,6 @@ def setup_distributed_env(environ=os.environ) -> dict:
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
         environ.setdefault("MASTER_ADDR", first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+    if "RANK" not in environ:  # a lone process (no launcher): DeepSpeed still asks for LOCAL_RANK
+        environ.setdefault("LOCAL_RANK", "0")
     return {k: environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

@@ -46,11 +46,23 @@ class StopFlag:
 
 
 def pick_device(cfg) -> torch.device:
+    """This rank's device: its local GPU (LOCAL_RANK, wrapped for one-GPU-per-task binding), or the CPU."""
+    import os
+
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def order_key(cfg, schedule) -> dict:
+    """Everything besides the data manifest that decides which samples a step sees, and how masked."""
+    return {"seed": cfg.phase.seed, "mixture_block": cfg.data.mixture_block, "shuffle_block": cfg.data.shuffle_block,
+            "global_size": schedule.global_size, "warmup_samples": schedule.warmup_samples,
+            "warmup_start_size": schedule.start_size, "warmup_stages": schedule.stages,
+            "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate}
 
 
 class Trainer:
@@ -63,14 +75,10 @@ class Trainer:
 
         self.cfg = cfg
         setup_distributed_env()
-        use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            import os
-
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = pick_device(cfg)
+        use_cuda = self.device.type == "cuda"
         init_process_groups(cfg.parallel.tensor, "nccl" if use_cuda else "gloo", cfg.train.collective_timeout_s)
         validate(cfg, dist.get_world_size())
-        self.device = pick_device(cfg)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
@@ -103,8 +111,17 @@ class Trainer:
                 raise ConfigError(f"{resume}: the data manifest changed since this checkpoint (fingerprint "
                                   f"{meta['fingerprint'][:12]} -> {self.fingerprint[:12]}); restore the data, or set "
                                   "data.allow_fingerprint_change=true to continue on the new data (the order changes)")
-            load_full_state(self.model, self.optimizer, weights, moments, meta["optimizer_step"])
+            key = order_key(cfg, self.pipeline.schedule)
+            changed = {k: (meta["order"].get(k), v) for k, v in key.items() if meta["order"].get(k) != v}
+            if changed:
+                raise ConfigError(f"{resume}: these settings changed since the checkpoint and would change which "
+                                  f"samples each step sees: {changed}; resume with the checkpoint's values "
+                                  "(its config.yaml) or start a new run_dir")
             state = TrainState(**{f.name: meta[f.name] for f in fields(TrainState)})
+            if self.pipeline.schedule.bounds(state.step)[0] != state.samples:
+                raise ConfigError(f"{resume}: step {state.step} would start at sample "
+                                  f"{self.pipeline.schedule.bounds(state.step)[0]}, the checkpoint stopped at {state.samples}")
+            load_full_state(self.model, self.optimizer, weights, moments, meta["optimizer_step"])
             self._say(f"resumed from {resume} (step {state.step}, {state.tokens:,} tokens)")
             return state, resume.name
         if cfg.phase.init == "scratch":
@@ -140,6 +157,9 @@ class Trainer:
         loader = iter(build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch))
         while True:
             step = state.step
+            if cfg.train.max_steps and step >= cfg.train.max_steps:
+                self._say(f"train.max_steps={cfg.train.max_steps} already reached at step {step}")
+                return EXIT_OK
             t0 = time.perf_counter()
             batches = [next(loader)[2] for _ in range(dataset.micro_count(step))]
             data_wait = time.perf_counter() - t0
@@ -166,7 +186,8 @@ class Trainer:
             finished = state.tokens >= cfg.phase.tokens
             capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
             flags = torch.tensor([stop.signal is not None,
-                                  bool(cfg.train.max_runtime_s) and time.time() - started > cfg.train.max_runtime_s])
+                                  bool(cfg.train.max_runtime_s) and time.time() - started > cfg.train.max_runtime_s],
+                                 device=self.device, dtype=torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank leaves at the same step
             if finished or capped or flags.any() or state.tokens // every > before // every:
                 state.final = finished
@@ -181,7 +202,8 @@ class Trainer:
 
     def _step(self, step: int, batches: list[Batch]) -> tuple[float, int, int, list[bytes]]:
         cfg, engine = self.cfg, self.engine
-        counts = torch.tensor([sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)], dtype=torch.float64)
+        counts = torch.tensor([sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)],
+                              dtype=torch.float64, device=self.device)
         dist.all_reduce(counts, group=self.dp_group)
         labels, tokens = int(counts[0]), int(counts[1])
         # dropout masks: a function of (seed, step, DP rank), so a resumed run draws the same ones
@@ -208,13 +230,14 @@ class Trainer:
     def _save(self) -> None:
         from ettin.train.engine import full_state
 
-        weights, moments, _ = full_state(self.model, self.optimizer)  # collective: every rank takes part
+        weights, moments = full_state(self.model, keep=self.main)  # collective: every rank takes part
         if self.main:
             path = write_checkpoint(
                 self.run_dir, self.state, weights, moments,
                 {"config.yaml": to_yaml(self.cfg), "ledger.json": _json(self.ledger.body(self.last_checkpoint))},
                 asdict(self.cfg.model),
-                {"fingerprint": self.fingerprint, "seed": self.cfg.phase.seed, "phase": self.cfg.phase.name,
+                {"fingerprint": self.fingerprint, "order": order_key(self.cfg, self.pipeline.schedule),
+                 "seed": self.cfg.phase.seed, "phase": self.cfg.phase.name,
                  "objective": self.cfg.objective.name, "world_size": self.world, "tensor_parallel": self.cfg.parallel.tensor,
                  "rng": "dropout reseeded every step from (phase.seed, step, DP rank): no state to save"})
             prune(self.run_dir, self.cfg.phase.keep_checkpoints)
