@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 
+from data_tools import add_input_arguments
 from ettin.data.prepare import DEFAULT_SEQ_LEN, PrepareError, format_report, prepare
 from ettin.data.tokenizer import TokenizerError
 
@@ -17,20 +18,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         prog=prog, description="Tokenize documents, chunk them ([CLS] ... [SEP], at most "
         "--seq-len tokens, never across documents) and write zstd MDS shards + stats.json. "
         "A killed run resumes when rerun with the same arguments.")
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help=".jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt files, or directories "
-                        "holding them (walked recursively, in sorted order)")
+    add_input_arguments(p)
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output dataset directory")
     p.add_argument("--tokenizer", required=True, metavar="PATH",
                    help="a local tokenizer.json (or a directory holding one)")
-    p.add_argument("--plain-text", action="extend", nargs="+", default=[], metavar="PATH",
-                   help="files, or directories whose every file, are one document each "
-                        "(e.g. --plain-text Lib/*.py; give INPUTs before it)")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="only files whose name matches GLOB, when walking directories "
-                        "(repeatable; e.g. '*.py')")
-    p.add_argument("--text-field", default="text", metavar="NAME",
-                   help="the text field of JSONL records and parquet rows (default: text)")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
                    help=f"tokens per sample, [CLS] and [SEP] included (default: "
                         f"{DEFAULT_SEQ_LEN}; the recipe also uses 7999)")

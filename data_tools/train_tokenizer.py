@@ -10,6 +10,7 @@ import hashlib
 import sys
 from pathlib import Path
 
+from data_tools import add_input_arguments
 from ettin.data.prepare import PrepareError
 from ettin.data.tokenizer import SPECIAL_TOKENS, TokenizerError, train_tokenizer
 
@@ -18,19 +19,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description="Train a byte-level BPE tokenizer whose special tokens are "
         f"{' '.join(SPECIAL_TOKENS)} = ids 0..{len(SPECIAL_TOKENS) - 1}, and save tokenizer.json.")
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help=".jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt files, or directories")
+    add_input_arguments(p)
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="the tokenizer.json to write")
     p.add_argument("--vocab-size", type=int, required=True, metavar="N",
                    help="vocabulary size, special tokens included (at least 261)")
-    p.add_argument("--plain-text", action="extend", nargs="+", default=[], metavar="PATH",
-                   help="files, or directories whose every file, are one document each "
-                        "(e.g. --plain-text Lib/*.py; give INPUTs before it)")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="only files whose name matches GLOB, when walking directories "
-                        "(repeatable; e.g. '*.py')")
-    p.add_argument("--text-field", default="text", metavar="NAME",
-                   help="the text field of JSONL records and parquet rows (default: text)")
     p.add_argument("--min-frequency", type=int, default=2, metavar="N",
                    help="merge only pairs seen at least N times (default: 2)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
