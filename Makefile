@@ -7,7 +7,10 @@ STAMP  := $(VENV)/.installed
 # a multi-GB CUDA wheel from the registry.
 PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
+
+# make slurm-up / make slurm-down: a real Slurm cluster on this machine (slurm/local/)
+include slurm/local/Makefile.inc
 
 setup: $(STAMP)
 
@@ -22,6 +25,11 @@ test: setup
 
 demo: setup
 	$(BIN)/ettin demo --out demo_out
+
+bench: setup
+	$(BIN)/python benchmarks/bench_train_step.py
+	$(BIN)/python benchmarks/bench_loader.py
+	$(BIN)/python benchmarks/bench_prepare.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

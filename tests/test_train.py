@@ -123,7 +123,7 @@ def test_slurm_environment_becomes_torch_distributed():
     env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[1-2]",
            "SLURM_JOB_ID": "12345"}
     out = setup_distributed_env(env)
-    assert out == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": str(20000 + 12345)}
+    assert out == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": str(15000 + 12345)}
 
 
 # ----------------------------------------------------------------------------- resume

@@ -162,9 +162,12 @@ def cmd_replay(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from ettin.train.signals import StopFlag
+
+    stop = StopFlag()  # first: a USR2/TERM during the slow start-up must still lead to a clean stop
     from ettin.train.trainer import train
 
-    return train(load_config(args.experiment, args.overrides))
+    return train(load_config(args.experiment, args.overrides), stop)
 
 
 def cmd_plot(args) -> int:
@@ -189,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("run", help="run folder (with metrics.jsonl)")
     pl.add_argument("--out", help="output PNG (default: RUN/metrics.png)")
     pl.set_defaults(func=cmd_plot)
+
+    from ettin.launch.plan import add_plan_parser
+
+    add_plan_parser(sub)
 
     config = sub.add_parser("config", help="list and show configurations").add_subparsers(dest="action", required=True)
     config.add_parser("list", help="list experiments and group files").set_defaults(func=cmd_config_list)

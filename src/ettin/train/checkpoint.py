@@ -91,10 +91,14 @@ def write_checkpoint(run_dir: str | Path, state: TrainState, weights: dict, mome
     for f in tmp.iterdir():  # the data must be on disk before the rename makes the folder count
         _fsync(f, os.O_RDONLY)
     _fsync(tmp, os.O_RDONLY)
-    if final.exists():  # a checkpoint of the same step from an interrupted earlier attempt
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: move it aside first
+        old = root / f".{final.name}.replaced-{uuid.uuid4().hex[:8]}"
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync(root, os.O_RDONLY)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -34,8 +34,10 @@ def setup_distributed_env(environ=os.environ) -> dict:
         environ["RANK"] = environ["SLURM_PROCID"]
         environ["WORLD_SIZE"] = environ.get("SLURM_NTASKS", "1")
         environ["LOCAL_RANK"] = environ.get("SLURM_LOCALID", "0")
-        environ.setdefault("MASTER_ADDR", first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        environ.setdefault("MASTER_PORT", str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000))
+        # Slurm's values win over any exported by the submitting shell; the port stays below
+        # Linux's ephemeral range (32768+) so it does not collide with outgoing connections
+        environ["MASTER_ADDR"] = first_host(environ.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+        environ["MASTER_PORT"] = str(15000 + int(environ.get("SLURM_JOB_ID", "0")) % 15000)
     if "RANK" not in environ:  # a lone process (no launcher): DeepSpeed still asks for LOCAL_RANK
         environ.setdefault("LOCAL_RANK", "0")
     return {k: environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import resource
-import signal
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -29,20 +28,9 @@ from ettin.train.checkpoint import TrainState, latest_checkpoint, prune, read_ch
 from ettin.train.env import setup_distributed_env
 from ettin.train.metrics import MetricsLogger
 from ettin.train.optim import lr_factor
+from ettin.train.signals import StopFlag
 
 EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75  # 75 = EX_TEMPFAIL: "try again"
-
-
-class StopFlag:
-    """Set by SIGUSR2/SIGTERM; read only at step boundaries."""
-
-    def __init__(self):
-        self.signal: str | None = None
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._set)
-
-    def _set(self, signum, frame):
-        self.signal = signal.Signals(signum).name
 
 
 def pick_device(cfg) -> torch.device:
@@ -146,12 +134,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def run(self) -> int:
+    def run(self, stop: StopFlag | None = None) -> int:
         cfg, state = self.cfg, self.state
         if state.final:
             self._say(f"{self.run_dir}: phase already complete ({state.tokens:,} tokens)")
             return EXIT_OK
-        stop, started = StopFlag(), time.time()
+        stop, started = stop or StopFlag(), time.time()
         every = cfg.phase.checkpoint_every_tokens
         dataset = MicroBatches(self.pipeline, cfg.batch.micro_size, self.dp_rank, self.dp_size)
         loader = iter(build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch))
@@ -264,9 +252,10 @@ def _json(obj) -> str:
     return json.dumps(obj, indent=1) + "\n"
 
 
-def train(cfg: ExperimentConfig) -> int:
+def train(cfg: ExperimentConfig, stop: StopFlag | None = None) -> int:
+    stop = stop or StopFlag()
     trainer = Trainer(cfg)
     try:
-        return trainer.run()
+        return trainer.run(stop)
     finally:
         trainer.close()

@@ -1,0 +1,128 @@
+"""The planner (`ettin plan`) and the run graph of a submission: pure, no Slurm needed."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ettin.config import ConfigError, load_config
+from ettin.data.schedule import BatchSchedule
+from ettin.flops import flops_per_token
+from ettin.launch.plan import estimate, main as plan_main, published_tokens_per_gpu_s
+from ettin.launch.runs import CHAIN, known_sizes, parse_list, parse_phases, plan_runs
+from ettin.launch.slurm_job import JobSpec, parse_time, requeue_lines
+
+# ----------------------------------------------------------------------------- the planner
+
+
+def test_default_throughput_is_the_published_timings():
+    # RECIPE.md: about 985k, 655k, 463k, 296k, 146k, 64k tokens/s per GPU
+    expected = {"17m": 985e3, "32m": 655e3, "68m": 463e3, "150m": 296e3, "400m": 146e3, "1b": 64e3}
+    for size, rate in expected.items():
+        assert published_tokens_per_gpu_s(size) == pytest.approx(rate, rel=0.005), size
+
+
+def test_estimate_counts_steps_with_the_batch_size_ramp():
+    cfg = load_config("ettin", ["model=17m", "objective=mlm", "phase=pretrain"])
+    out = estimate(cfg, gpus=4, tokens_per_gpu_s_at_1024=1e6)
+    schedule = BatchSchedule.from_config(cfg)
+    samples = math.ceil(cfg.phase.tokens / cfg.phase.seq_len)
+    assert out["tokens"] == 1_700_000_000_000 and out["seq_len"] == 1024
+    assert out["steps"] == schedule.step_at(samples - 1) + 1
+    # the ramp: every step before it is smaller than the global batch, the one at its end is full
+    ramp = out["warmup_steps"]
+    assert schedule.size(ramp - 1) < 4608 == schedule.size(ramp)
+    # more steps than at the full batch alone, because the ramp's steps are small
+    assert out["steps"] > samples / 4608
+    assert out["checkpoints"] == 200  # 1.7T / 8.5B
+    assert out["gpu_hours"] == pytest.approx(1.7e12 / 1e6 / 3600)
+    assert out["days"] == pytest.approx(out["gpu_hours"] / 4 / 24)
+
+
+def test_estimate_scales_throughput_to_the_phase_sequence_length():
+    cfg = load_config("ettin", ["model=1b", "objective=clm", "phase=extension"])
+    out = estimate(cfg, gpus=8, tokens_per_gpu_s_at_1024=64e3)
+    ratio = flops_per_token(cfg.model, 1024)["total"] / flops_per_token(cfg.model, 7999)["total"]
+    assert out["tokens"] == 83_300_000_000 and out["seq_len"] == 7999 and out["warmup_steps"] == 0
+    assert out["tokens_per_gpu_s"] == pytest.approx(64e3 * ratio) and ratio < 1
+    assert out["checkpoints"] == math.ceil(83.3e9 / 8.5e9)
+    assert out["steps"] == math.ceil(math.ceil(83.3e9 / 7999) / 4608)
+
+
+def test_plan_cli_prints_every_run_and_says_what_a_sample_is(capsys):
+    assert plan_main(["--sizes", "17m,1b", "--objectives", "clm", "--gpus", "8", "--tokens-per-gpu-s", "17m=2e6"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("17m ", "1b "))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        ("17m", "clm", "pretrain"), ("17m", "clm", "extension"), ("17m", "clm", "decay"), ("17m", "clm", "cross"),
+        ("1b", "clm", "pretrain"), ("1b", "clm", "extension"), ("1b", "clm", "decay"), ("1b", "clm", "cross"),
+        ("17m", "all", "total"), ("1b", "all", "total")]
+    assert rows[0][9] == "2M" and rows[4][9] == "64k"  # the given rate; the published one for 1b
+    assert "days on 8 GPUs" in out and "a sample is about seq_len tokens" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "17m,99m"], "--sizes: unknown size '99m'"),
+    (["--phases", "pretrain,warmup"], "--phases: unknown phase 'warmup'"),
+    (["--tokens-per-gpu-s", "fast"], "--tokens-per-gpu-s 'fast' must be a number"),
+])
+def test_plan_bad_input_is_one_line(capsys, argv, message):
+    assert plan_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+# ----------------------------------------------------------------------------- the run graph
+
+
+def test_all_sizes_both_objectives_three_phases_and_cross_make_48_runs(tmp_path):
+    sizes = parse_list("all", known_sizes(), "size", "--sizes")
+    assert sizes == ["17m", "32m", "68m", "150m", "400m", "1b"]
+    runs = plan_runs(sizes, ["mlm", "clm"], list(CHAIN), True, tmp_path)
+    assert len(runs) == 48 and len({r.key for r in runs}) == 48
+    seen = set()
+    for run in runs:
+        if run.phase == "pretrain":
+            assert run.starts_from is None
+        elif run.phase == "cross":  # from the OTHER objective's final (decay) run
+            other = "clm" if run.objective == "mlm" else "mlm"
+            assert run.starts_from == f"{run.size}-{other}-decay"
+        else:
+            assert run.starts_from == f"{run.size}-{run.objective}-{CHAIN[CHAIN.index(run.phase) - 1]}"
+        assert run.starts_from is None or run.starts_from in seen  # listed after what it starts from
+        assert run.run_dir == tmp_path / run.key
+        seen.add(run.key)
+    cross = next(r for r in runs if r.key == "150m-clm-cross")
+    assert cross.overrides(tmp_path) == ["model=150m", "objective=clm", "phase=cross", f"run_dir={tmp_path / '150m-clm-cross'}",
+                                         f"phase.init_checkpoint={tmp_path / '150m-mlm-decay'}"]
+
+
+def test_bad_names_and_resources_are_one_line():
+    with pytest.raises(ConfigError, match=r"^--sizes: unknown size '2b'; known: 17m, 32m, 68m, 150m, 400m, 1b \(or all\)$"):
+        parse_list("17m,2b", known_sizes(), "size", "--sizes")
+    with pytest.raises(ConfigError, match="added with --cross"):
+        parse_phases("pretrain,cross")
+    with pytest.raises(ConfigError, match=r"^--nodes 1 x --gpus-per-node 3 = 3 ranks is not divisible by --tp 2"):
+        JobSpec(nodes=1, gpus_per_node=3, tp=2).check()
+    with pytest.raises(ConfigError, match=r"^--time 00:02:00 leaves under 60 s to train .* at least 00:03:30$"):
+        JobSpec(time="00:02:00", signal_s=120).check()
+    with pytest.raises(ConfigError, match="needs >= 90 s"):
+        JobSpec(signal_s=30).check()
+    JobSpec(nodes=2, gpus_per_node=4, tp=8, time="00:03:00", signal_s=90).check()
+
+
+def test_slurm_time_formats():
+    assert parse_time("00:03:00") == 180 and parse_time("1-00:00:00") == 86400 and parse_time("90") == 5400
+    assert parse_time("2-12") == 2 * 86400 + 12 * 3600 and parse_time("10:30") == 630
+    with pytest.raises(ConfigError, match="not a Slurm time"):
+        parse_time("3h")
+
+
+def test_requeue_rule_is_the_same_in_the_template(request):
+    """slurm/ettin-train.sbatch (for users without submitit) ends with the rule launch.submit writes."""
+    from pathlib import Path
+
+    template = (Path(request.config.rootpath) / "slurm" / "ettin-train.sbatch").read_text()
+    assert "\n".join(requeue_lines("$MAX_REQUEUES")) in template
+    for line in ("#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --dependency=singleton"):
+        assert line in template
