@@ -22,8 +22,8 @@ IGNORE = -100
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [tokens] int64, documents end to end
-    labels: torch.Tensor  # [tokens] int64, IGNORE where there is no loss
+    input_ids: torch.Tensor  # [tokens] int32 (half the bytes between loader processes), documents end to end
+    labels: torch.Tensor  # [tokens] int32, IGNORE where there is no loss
     cu_seqlens: torch.Tensor  # [docs + 1] int32
     max_seqlen: int
     positions: torch.Tensor  # [docs] global sample positions
@@ -70,11 +70,11 @@ class Collator:
         bits = _mix(key, derive_key(self.seed, "mlm"))  # one 64-bit draw per token, cut in three
         choose = (bits & np.uint64(0xFFFFF)).astype(np.float64) / (1 << 20)
         action = ((bits >> np.uint64(20)) & np.uint64(0xFFFFF)).astype(np.float64) / (1 << 20)
-        random_tokens = ((bits >> np.uint64(40)) * np.uint64(self.vocab_size) >> np.uint64(24)).astype(np.int64)
+        random_tokens = ((bits >> np.uint64(40)) * np.uint64(self.vocab_size) >> np.uint64(24)).astype(np.int32)
         candidates = (ids != self.cls_id) & (ids != self.sep_id) & (ids != self.pad_id)
         chosen = (choose < self.mask_rate) & candidates
-        labels = np.where(chosen, ids, IGNORE)
-        inputs = np.where(chosen & (action < self.mask_token_prob), self.mask_id, ids)
+        labels = np.where(chosen, ids, np.int32(IGNORE))
+        inputs = np.where(chosen & (action < self.mask_token_prob), np.int32(self.mask_id), ids)
         swap = chosen & (action >= self.mask_token_prob) & (action < self.mask_token_prob + self.random_token_prob)
         return np.where(swap, random_tokens, inputs), labels
 
@@ -83,7 +83,7 @@ class Collator:
             samples = [ids[:-1] if len(ids) > 1 and ids[-1] == self.sep_id else ids for ids in samples]
         lengths = np.array([len(x) for x in samples], dtype=np.int64)
         cu = np.concatenate([[0], np.cumsum(lengths)])
-        ids = np.concatenate(samples).astype(np.int64) if samples else np.zeros(0, np.int64)
+        ids = np.concatenate(samples).astype(np.int32) if samples else np.zeros(0, np.int32)
         if self.objective == "mlm":
             starts = np.repeat(cu[:-1], lengths)
             inputs, labels = self._mlm(ids, np.repeat(np.asarray(positions, np.int64), lengths),
@@ -91,8 +91,8 @@ class Collator:
         else:  # next token of the same sample: the last token of each sample has no label
             inputs, labels = ids, np.roll(ids, -1)
             labels[cu[1:] - 1] = IGNORE
-        digests = [hashlib.sha256(int(p).to_bytes(8, "little") + inputs[a:b].astype("<i4").tobytes()
-                                  + labels[a:b].astype("<i4").tobytes()).digest()
+        digests = [hashlib.sha256(int(p).to_bytes(8, "little") + inputs[a:b].astype("<i4", copy=False).tobytes()
+                                  + labels[a:b].astype("<i4", copy=False).tobytes()).digest()
                    for p, a, b in zip(positions, cu[:-1], cu[1:])]
         return Batch(
             input_ids=torch.from_numpy(inputs), labels=torch.from_numpy(labels),

@@ -205,8 +205,8 @@ class Trainer:
             if b.num_tokens == 0:  # this rank's share ran out: a no-loss token keeps the collectives in step
                 b = Batch(torch.tensor([cfg.model.cls_token_id]), torch.tensor([IGNORE]),
                           torch.tensor([0, 1], dtype=torch.int32), 1, torch.zeros(0, dtype=torch.int64), [])
-            loss = engine(b.input_ids.to(self.device), b.cu_seqlens.to(self.device), b.max_seqlen,
-                          labels=b.labels.to(self.device), reduction="sum")
+            loss = engine(b.input_ids.to(self.device, torch.long), b.cu_seqlens.to(self.device), b.max_seqlen,
+                          labels=b.labels.to(self.device, torch.long), reduction="sum")
             engine.backward(loss * self.dp_size / max(labels, 1), scale_wrt_gas=False)
             total += loss.detach().double()
         engine.step()
