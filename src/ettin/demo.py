@@ -78,7 +78,7 @@ def experiment(out: Path, steps: int) -> Path:
         schedule: {{warmup_tokens: {tokens // 10}}}
         batch: {{global_size: 12, micro_size: 6, warmup_tokens: {tokens // 8 // 200 * SEQ_LEN}, warmup_start_size: 4,
                  warmup_stages: 3}}
-        train: {{log_every: 50, peak_flops_per_device: 1e11}}
+        train: {{log_every: 50, peak_flops_per_device: 1e11}}  # ~2 CPU cores' fp32 peak: MFU here is rough
         data:
           root: {out / "data"}
           tokenizer: {out / "tokenizer.json"}
