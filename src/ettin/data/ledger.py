@@ -37,13 +37,9 @@ class Ledger:
     def for_pipeline(cls, pipeline, cfg) -> "Ledger":
         from ettin.data.order import ORDER_VERSION
 
-        s = pipeline.schedule
         return cls({"fingerprint": pipeline.manifest.fingerprint(), "order_version": ORDER_VERSION,
-                    "seed": cfg.phase.seed, "phase": cfg.phase.name, "objective": cfg.objective.name,
-                    "mask_rate": cfg.objective.mask_rate, "schedule": {
-                        "global_size": s.global_size, "warmup_samples": s.warmup_samples,
-                        "start_size": s.start_size, "stages": s.stages},
-                    "sources": [x.name for x in pipeline.manifest.sources]})
+                    "phase": cfg.phase.name, "sources": [x.name for x in pipeline.manifest.sources],
+                    "order": order_key(cfg, pipeline.schedule)})
 
     def record(self, step: int, start: int, end: int, tokens: int, digest: str) -> None:
         if self.entries and step != self.entries[-1].step + 1:
@@ -54,10 +50,23 @@ class Ledger:
         """This window as the content of ``ledger.json``."""
         return {"header": self.header | {"previous_checkpoint": previous}, "steps": [asdict(e) for e in self.entries]}
 
+    def take_window(self, previous: str | None = None) -> dict:
+        """This window's ``ledger.json`` content; the next window starts empty."""
+        body = self.body(previous)
+        self.entries = []
+        return body
+
     def flush(self, checkpoint_dir: str | Path, previous: str | None = None) -> None:
         """Write this window into ``checkpoint_dir/ledger.json`` (atomically) and start a new window."""
-        write_json_atomic(Path(checkpoint_dir) / LEDGER_FILE, self.body(previous))
-        self.entries = []
+        write_json_atomic(Path(checkpoint_dir) / LEDGER_FILE, self.take_window(previous))
+
+
+def order_key(cfg, schedule) -> dict:
+    """Everything besides the data manifest that decides which samples a step sees, and how masked."""
+    return {"seed": cfg.phase.seed, "mixture_block": cfg.data.mixture_block, "shuffle_block": cfg.data.shuffle_block,
+            "global_size": schedule.global_size, "warmup_samples": schedule.warmup_samples,
+            "warmup_start_size": schedule.start_size, "warmup_stages": schedule.stages,
+            "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate}
 
 
 def write_json_atomic(path: Path, obj) -> None:

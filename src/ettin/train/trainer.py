@@ -10,6 +10,7 @@ with EXIT_REQUEUE. A dead rank makes the others' collectives fail after
 """
 from __future__ import annotations
 
+import json
 import math
 import resource
 import time
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
 from ettin.data.collate import IGNORE, Batch, step_hash
-from ettin.data.ledger import Ledger
+from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, MicroBatches, build_loader
 from ettin.data.order import derive_key
 from ettin.train.checkpoint import TrainState, latest_checkpoint, prune, read_checkpoint, write_checkpoint
@@ -30,7 +31,7 @@ from ettin.train.metrics import MetricsLogger
 from ettin.train.optim import lr_factor
 from ettin.train.signals import StopFlag
 
-EXIT_OK, EXIT_USAGE, EXIT_NONFINITE, EXIT_REQUEUE = 0, 2, 3, 75  # 75 = EX_TEMPFAIL: "try again"
+EXIT_OK, EXIT_NONFINITE, EXIT_REQUEUE = 0, 3, 75  # 75 = EX_TEMPFAIL: "try again"
 
 
 def pick_device(cfg) -> torch.device:
@@ -43,14 +44,6 @@ def pick_device(cfg) -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def order_key(cfg, schedule) -> dict:
-    """Everything besides the data manifest that decides which samples a step sees, and how masked."""
-    return {"seed": cfg.phase.seed, "mixture_block": cfg.data.mixture_block, "shuffle_block": cfg.data.shuffle_block,
-            "global_size": schedule.global_size, "warmup_samples": schedule.warmup_samples,
-            "warmup_start_size": schedule.start_size, "warmup_stages": schedule.stages,
-            "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate}
 
 
 class Trainer:
@@ -219,10 +212,11 @@ class Trainer:
         from ettin.train.engine import full_state
 
         weights, moments = full_state(self.model, keep=self.main)  # collective: every rank takes part
+        window = self.ledger.take_window(self.last_checkpoint)  # every rank recorded it; rank 0 writes it
         if self.main:
             path = write_checkpoint(
                 self.run_dir, self.state, weights, moments,
-                {"config.yaml": to_yaml(self.cfg), "ledger.json": _json(self.ledger.body(self.last_checkpoint))},
+                {"config.yaml": to_yaml(self.cfg), "ledger.json": json.dumps(window, indent=1) + "\n"},
                 asdict(self.cfg.model),
                 {"fingerprint": self.fingerprint, "order": order_key(self.cfg, self.pipeline.schedule),
                  "seed": self.cfg.phase.seed, "phase": self.cfg.phase.name,
@@ -235,7 +229,6 @@ class Trainer:
         names = [name]
         dist.broadcast_object_list(names, src=0)
         self.last_checkpoint = names[0]
-        self.ledger.entries = []
 
     def _memory_gb(self) -> float:
         if self.device.type == "cuda":
@@ -244,12 +237,6 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=1) + "\n"
 
 
 def train(cfg: ExperimentConfig, stop: StopFlag | None = None) -> int:
