@@ -12,10 +12,10 @@ import torch
 from ettin.config import load_config, to_yaml
 from ettin.data.collate import IGNORE, Collator, step_hash
 from ettin.data.ledger import CONFIG_FILE, Ledger, read_ledger, replay
-from ettin.data.loader import DataPipeline, MicroBatches, build_loader
+from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.manifest import build_manifest
 from ettin.data.mds import DataError, MDSSource
-from ettin.data.order import GlobalOrder, permute
+from ettin.data.order import GlobalOrder, derive_key, permute
 from ettin.data.schedule import BatchSchedule
 from ettin.testing import synthetic_corpus, write_mds_source
 
@@ -62,6 +62,11 @@ def test_reads_back_what_streaming_wrote(corpus):
             assert row["input_ids"].dtype == np.uint32 and row["input_ids"].tolist() == corpus[name][i]
             assert src.input_ids(i).tolist() == corpus[name][i]  # the loader's decoder-free path
             assert row["id"] == f"doc{i}#0"
+        picks = np.random.default_rng(3).permutation(len(src))  # across shards, in any order, repeats
+        picks = np.concatenate([picks, picks[:5]])
+        assert [x.tolist() for x in src.input_ids_many(picks)] == [corpus[name][i] for i in picks]
+        with pytest.raises(IndexError, match=f"sample {len(src)} out of range"):
+            src.input_ids_many(np.array([0, len(src)]))
 
 
 def test_missing_and_corrupt_shards_are_named(tmp_path):
@@ -201,6 +206,37 @@ def test_mlm_masks_are_keyed_by_position_and_follow_80_10_10():
     assert np.array_equal(x1[~chosen], ids[~chosen].astype(np.int64))
 
 
+def reference_mlm(ids, positions, cu, seed, rate, vocab, specials=(1, 2, 0), mask_id=3):
+    """The masking rule written the slow, obvious way: splitmix64 of (p << 24 | j) + key per token."""
+    key, m64 = derive_key(seed, "mlm"), (1 << 64) - 1
+    inputs, labels = ids.astype(np.int64), np.full(len(ids), IGNORE)
+    for d, p in enumerate(positions):
+        for t in range(cu[d], cu[d + 1]):
+            z = (((p << 24) | (t - cu[d])) + key) & m64
+            z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m64
+            z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+            z ^= z >> 31
+            choose, action = (z & 0xFFFFF) / 2**20, ((z >> 20) & 0xFFFFF) / 2**20
+            if choose < rate and ids[t] not in specials:
+                labels[t] = ids[t]
+                if action < 0.8:
+                    inputs[t] = mask_id
+                elif action < 0.8 + 0.1:
+                    inputs[t] = ((z >> 40) * vocab) >> 24
+    return inputs, labels
+
+
+@pytest.mark.parametrize("seed,rate", [(21, 0.3), (7, 0.15), (2**40 + 3, 0.05)])
+def test_mlm_kernel_matches_the_written_rule(seed, rate):
+    rng = np.random.default_rng(seed % 1000)
+    docs = [np.array([1, *rng.integers(0, VOCAB, n), 2], dtype=np.uint32) for n in (0, 1, 300, 1500)]
+    positions = [0, 5, 2**35 + 1, 2**36 - 1]
+    batch = Collator("mlm", seed, VOCAB, 1, 2, 0, 3, rate)(docs, positions)
+    inputs, labels = reference_mlm(np.concatenate(docs), positions, batch.cu_seqlens.tolist(), seed, rate, VOCAB)
+    assert batch.input_ids.tolist() == inputs.tolist() and batch.labels.tolist() == labels.tolist()
+    assert (batch.labels != IGNORE).any()
+
+
 def test_clm_labels_stay_inside_each_document():
     c = Collator("clm", seed=21, vocab_size=VOCAB, cls_id=1, sep_id=2, pad_id=0, mask_id=3)
     docs = [np.array([1, 10, 11, 12, 2]), np.array([1, 20, 21, 2])]
@@ -218,9 +254,11 @@ def global_batches(cfg, dp_size, workers, steps=range(0, 5)):
     pipeline = DataPipeline.from_config(cfg)
     out = {}
     for rank in range(dp_size):
-        ds = MicroBatches(pipeline, cfg.batch.micro_size, rank, dp_size)
-        for step, m, batch in build_loader(ds, steps.start, steps.stop, workers=workers, prefetch=2):
-            out.setdefault(step, {}).setdefault(rank, []).append(batch)
+        ds = RankSteps(pipeline, cfg.batch.micro_size, rank, dp_size)
+        for step, batches in build_loader(ds, steps.start, steps.stop, workers=workers, prefetch=2):
+            assert len(batches) == ds.micro_count(step)
+            assert all(len(b.positions) <= cfg.batch.micro_size for b in batches)
+            out.setdefault(step, {})[rank] = batches
     result = {}
     for step, ranks in out.items():
         batches = [b for r in sorted(ranks) for b in ranks[r]]
@@ -294,6 +332,12 @@ def test_replay_reproduces_the_ledger_and_catches_a_tampered_shard(corpus, tmp_p
     shard.write_bytes(bytes(data))
     try:
         assert not replay(ckpt, 2)["match"]
+        ledger = json.loads((ckpt / "ledger.json").read_text())  # a ledger from another digest is named, not "mismatch"
+        ledger["header"]["sample_digest"] = "sha256"
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "ledger.json").write_text(json.dumps(ledger))
+        with pytest.raises(ValueError, match="digests samples with sha256"):
+            replay(tmp_path / "other", 2)
         assert replay(ckpt, 0)["match"] == all(r["source"] != "beta" or r["sample_index"] != rows[0]["sample_index"]
                                                  for r in pipeline.samples(*pipeline.schedule.bounds(0)))
     finally:

@@ -130,7 +130,7 @@ class DataConfig:
     mixture_block: int = 8192  # positions per mixture block: each source's share holds in every block
     shuffle_block: int = 65536  # samples shuffled together (a few shards): bounds what a rank reads at once
     workers: int = 2  # DataLoader workers per rank (the output does not depend on it)
-    prefetch: int = 4  # micro-batches prefetched per worker
+    prefetch: int = 2  # steps (this rank's share of each) prefetched per worker
     allow_fingerprint_change: bool = False  # resume even if the data manifest changed (breaks the ledger)
 
 

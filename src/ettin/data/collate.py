@@ -3,44 +3,118 @@
 MLM: tokens other than [CLS]/[SEP]/[PAD] are chosen at the phase's mask rate; of those, 80%
 become [MASK], 10% a random token and 10% stay, and only they carry labels. CLM: [CLS] is the
 BOS, the stored trailing [SEP] is dropped (no forced EOS), and each token predicts the next one
-of its own sample, so no label crosses a document boundary. The MLM draw for sample ``p`` comes
-from a Philox generator keyed by (seed, p), so a batch is the same whichever rank, worker or
-replay builds it. Each sample also gets a digest for the ledger.
+of its own sample, so no label crosses a document boundary. Token ``j`` of the sample at
+position ``p`` draws from a counter-based hash of (seed, p, j), never from generator state, so a
+batch is the same whichever rank, worker or replay builds it. Each sample also gets a digest
+(XXH3-128 of its position, input ids and labels) for the ledger.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
+import xxhash
 
-from ettin.data.order import _mix, derive_key
+from ettin.data.order import derive_key
 
 IGNORE = -100
 
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor  # [tokens] int32 (half the bytes between loader processes), documents end to end
-    labels: torch.Tensor  # [tokens] int32, IGNORE where there is no loss
+    tokens: torch.Tensor  # [2, tokens] int32: input ids, then labels (IGNORE: no loss); documents end to end
     cu_seqlens: torch.Tensor  # [docs + 1] int32
     max_seqlen: int
     positions: torch.Tensor  # [docs] global sample positions
-    digests: list[bytes]  # per-sample sha256, in position order
+    digests: list[bytes]  # per-sample XXH3-128 digests, in position order
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.tokens[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.tokens[1]
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.numel())
+        return int(self.tokens.shape[1])
 
     @property
     def num_labels(self) -> int:
         return int((self.labels != IGNORE).sum())
 
+    def split(self, size: int, count: int) -> list["Batch"]:
+        """``count`` micro-batches of ``size`` samples each (views; empty ones once the samples run out)."""
+        docs, cu = len(self.positions), self.cu_seqlens
+        out = []
+        for m in range(count):
+            a = min(docs, m * size)
+            b = min(docs, a + size)
+            lo, hi = int(cu[a]), int(cu[b])
+            lengths = cu[a + 1:b + 1] - cu[a:b]
+            out.append(Batch(self.tokens[:, lo:hi], cu[a:b + 1] - lo, int(lengths.max()) if b > a else 0,
+                             self.positions[a:b], self.digests[a:b]))
+        return out
+
+    def __getstate__(self):  # between loader processes: the tokens in shared memory, the small parts by value
+        return {"tokens": self.tokens, "cu_seqlens": self.cu_seqlens.numpy(), "max_seqlen": self.max_seqlen,
+                "positions": self.positions.numpy(), "digests": self.digests}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.cu_seqlens, self.positions = torch.from_numpy(state["cu_seqlens"]), torch.from_numpy(state["positions"])
+
+
+def _token_buffer(n: int) -> torch.Tensor:
+    """An empty [2, n] int32 tensor; in a loader worker it is born in shared memory, as torch's own
+    ``default_collate`` does, so handing it to the trainer process copies nothing."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.empty((2, n), dtype=torch.int32)
+    return torch.empty(0, dtype=torch.int32).set_(torch.UntypedStorage._new_shared(8 * n), 0, (2, n))
+
 
 def step_hash(digests: list[bytes]) -> str:
     """The ledger's hash of a global batch: its samples' digests in position order."""
     return hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+SAMPLE_DIGEST = "xxh3_128"  # the per-sample digest; the ledger header records it
+
+
+def _below(p: float) -> int:
+    """The integer threshold t with ``v < t`` exactly when ``v / 2^20 < p``, for 20-bit integers v."""
+    return math.ceil(p * (1 << 20))
+
+
+@numba.njit(cache=True, nogil=True)
+def _mlm_kernel(ids, labels, cu, positions, key, choose_below, mask_below, random_below, vocab, specials, mask_id):
+    """MLM-mask ``ids`` in place and fill ``labels``, one pass. Token ``j`` of the sample at
+    position ``p`` draws 64 bits: splitmix64 of ``(p << 24 | j) + key``, cut in three fields (20
+    bits choose, 20 bits pick the action, 24 bits the random token). Integer thresholds
+    ``ceil(prob · 2^20)`` decide exactly as ``field / 2^20 < prob`` would."""
+    low20 = np.uint64(0xFFFFF)
+    for d in range(len(positions)):
+        base = np.uint64(positions[d]) << np.uint64(24)
+        for t in range(cu[d], cu[d + 1]):
+            z = (base | np.uint64(t - cu[d])) + key
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+            token = ids[t]
+            if (z & low20) >= choose_below or token == specials[0] or token == specials[1] or token == specials[2]:
+                labels[t] = IGNORE
+                continue
+            labels[t] = token
+            action = (z >> np.uint64(20)) & low20
+            if action < mask_below:
+                ids[t] = mask_id
+            elif action < random_below:
+                ids[t] = np.int32(((z >> np.uint64(40)) * vocab) >> np.uint64(24))
 
 
 class Collator:
@@ -63,39 +137,31 @@ class Collator:
         batch = self([ids], [position])
         return batch.input_ids.numpy(), batch.labels.numpy()
 
-    def _mlm(self, ids: np.ndarray, positions: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mask a whole batch at once; token ``index`` of the sample at ``position`` draws from
-        counter-based hashes of (seed, position, index), never from shared generator state."""
-        key = (positions.astype(np.uint64) << np.uint64(24)) | index.astype(np.uint64)
-        bits = _mix(key, derive_key(self.seed, "mlm"))  # one 64-bit draw per token, cut in three
-        choose = (bits & np.uint64(0xFFFFF)).astype(np.float64) / (1 << 20)
-        action = ((bits >> np.uint64(20)) & np.uint64(0xFFFFF)).astype(np.float64) / (1 << 20)
-        random_tokens = ((bits >> np.uint64(40)) * np.uint64(self.vocab_size) >> np.uint64(24)).astype(np.int32)
-        candidates = (ids != self.cls_id) & (ids != self.sep_id) & (ids != self.pad_id)
-        chosen = (choose < self.mask_rate) & candidates
-        labels = np.where(chosen, ids, np.int32(IGNORE))
-        inputs = np.where(chosen & (action < self.mask_token_prob), np.int32(self.mask_id), ids)
-        swap = chosen & (action >= self.mask_token_prob) & (action < self.mask_token_prob + self.random_token_prob)
-        return np.where(swap, random_tokens, inputs), labels
-
     def __call__(self, samples: list[np.ndarray], positions: list[int]) -> Batch:
         if self.objective == "clm":  # [CLS] is the BOS; the stored trailing [SEP] is not a target
             samples = [ids[:-1] if len(ids) > 1 and ids[-1] == self.sep_id else ids for ids in samples]
         lengths = np.array([len(x) for x in samples], dtype=np.int64)
         cu = np.concatenate([[0], np.cumsum(lengths)])
-        ids = np.concatenate(samples).astype(np.int32) if samples else np.zeros(0, np.int32)
+        tokens = _token_buffer(int(cu[-1]))
+        inputs, labels = tokens.numpy()
+        if samples:
+            np.concatenate(samples, out=inputs, casting="unsafe")
         if self.objective == "mlm":
-            starts = np.repeat(cu[:-1], lengths)
-            inputs, labels = self._mlm(ids, np.repeat(np.asarray(positions, np.int64), lengths),
-                                       np.arange(len(ids)) - starts)
-        else:  # next token of the same sample: the last token of each sample has no label
-            inputs, labels = ids, np.roll(ids, -1)
+            _mlm_kernel(inputs, labels, cu, np.asarray(positions, np.int64), np.uint64(derive_key(self.seed, "mlm")),
+                        np.uint64(_below(self.mask_rate)), np.uint64(_below(self.mask_token_prob)),
+                        np.uint64(_below(self.mask_token_prob + self.random_token_prob)), np.uint64(self.vocab_size),
+                        np.array([self.cls_id, self.sep_id, self.pad_id], np.int32), np.int32(self.mask_id))
+        elif len(inputs):  # next token of the same sample: the last token of each sample has no label
+            labels[:-1] = inputs[1:]
             labels[cu[1:] - 1] = IGNORE
-        digests = [hashlib.sha256(int(p).to_bytes(8, "little") + inputs[a:b].astype("<i4", copy=False).tobytes()
-                                  + labels[a:b].astype("<i4", copy=False).tobytes()).digest()
-                   for p, a, b in zip(positions, cu[:-1], cu[1:])]
+        inputs_le, labels_le = inputs.astype("<i4", copy=False), labels.astype("<i4", copy=False)
+        digests = []
+        for p, a, b in zip(positions, cu[:-1].tolist(), cu[1:].tolist()):
+            h = xxhash.xxh3_128(int(p).to_bytes(8, "little"))
+            h.update(inputs_le[a:b])
+            h.update(labels_le[a:b])
+            digests.append(h.digest())
         return Batch(
-            input_ids=torch.from_numpy(inputs), labels=torch.from_numpy(labels),
-            cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max(initial=0)),
+            tokens=tokens, cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max(initial=0)),
             positions=torch.tensor(list(positions), dtype=torch.int64), digests=digests,
         )

@@ -35,9 +35,11 @@ class Ledger:
 
     @classmethod
     def for_pipeline(cls, pipeline, cfg) -> "Ledger":
+        from ettin.data.collate import SAMPLE_DIGEST
         from ettin.data.order import ORDER_VERSION
 
         return cls({"fingerprint": pipeline.manifest.fingerprint(), "order_version": ORDER_VERSION,
+                    "sample_digest": SAMPLE_DIGEST,
                     "phase": cfg.phase.name, "sources": [x.name for x in pipeline.manifest.sources],
                     "order": order_key(cfg, pipeline.schedule)})
 
@@ -97,10 +99,13 @@ def checkpoint_config(checkpoint_dir: str | Path, overrides: list[str] | None = 
 
 def replay(checkpoint_dir: str | Path, step: int, overrides: list[str] | None = None) -> dict:
     """Rebuild ``step``'s global batch from the data alone and compare it with the ledger."""
-    from ettin.data.collate import step_hash
+    from ettin.data.collate import SAMPLE_DIGEST, step_hash
     from ettin.data.loader import DataPipeline
 
     header, entries = read_ledger(checkpoint_dir)
+    if header.get("sample_digest") != SAMPLE_DIGEST:
+        raise ValueError(f"{checkpoint_dir}: its ledger digests samples with {header.get('sample_digest', 'sha256')}, "
+                         f"this ettin with {SAMPLE_DIGEST}; replay it with the ettin version that trained it")
     by_step = {e.step: e for e in entries}
     if step not in by_step:
         steps = f"{entries[0].step}..{entries[-1].step}" if entries else "none"

@@ -1,17 +1,19 @@
 """The per-rank input pipeline: (step, micro-batch) -> a collated Batch, through a torch DataLoader.
 
-Items are addressed, not streamed: micro-batch ``m`` of step ``s`` on data-parallel rank ``r`` is
-a fixed slice of positions, so workers can build them in any order (the DataLoader hands them back
-in order), the output never depends on the worker count, and resuming at step ``s`` just starts
-the index there. Every rank of a step runs the same number of micro-batches (the largest rank
-slice decides); a rank with fewer samples gets empty trailing micro-batches.
+Items are addressed, not streamed: step ``s`` on data-parallel rank ``r`` is a fixed slice of
+positions, so workers can build them in any order (the DataLoader hands them back in order), the
+output never depends on the worker count, and resuming at step ``s`` just starts the index there.
+Every rank of a step runs the same number of micro-batches (the largest rank slice decides); a
+rank with fewer samples gets empty trailing micro-batches.
 """
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ettin.data.collate import Batch, Collator
@@ -50,54 +52,56 @@ class DataPipeline:
 
     def batch(self, start: int, end: int) -> Batch:
         sources, indices = self.order(start, end)
-        ids = [self.readers[s].input_ids(i) for s, i in zip(sources.tolist(), indices.tolist())]
+        ids: list = [None] * len(sources)
+        for s in np.unique(sources).tolist():
+            which = np.flatnonzero(sources == s)
+            for w, sample in zip(which.tolist(), self.readers[s].input_ids_many(indices[which])):
+                ids[w] = sample
         return self.collator(ids, list(range(start, end)))
 
 
-class MicroBatches(Dataset):
-    """Item ``(step, m)``: micro-batch ``m`` of this data-parallel rank's slice of ``step``."""
+class RankSteps(Dataset):
+    """Item ``step``: this data-parallel rank's slice of the step, collated in one go.
+
+    A whole step per item keeps the per-call costs (order lookups, numpy dispatch, the hand-over
+    between processes) to one per step instead of one per micro-batch; the receiving process cuts
+    it into micro-batches, which are views."""
 
     def __init__(self, pipeline: DataPipeline, micro_size: int, dp_rank: int = 0, dp_size: int = 1):
         self.pipeline, self.micro_size, self.dp_rank, self.dp_size = pipeline, micro_size, dp_rank, dp_size
 
     def micro_count(self, step: int) -> int:
+        """Micro-batches per rank at ``step``: the same on every rank (the largest slice decides)."""
         largest = math.ceil(self.pipeline.schedule.size(step) / self.dp_size)
         return math.ceil(largest / self.micro_size)
 
-    def bounds(self, step: int, m: int) -> tuple[int, int]:
-        start, end = self.pipeline.schedule.rank_bounds(step, self.dp_rank, self.dp_size)
-        lo = min(end, start + m * self.micro_size)
-        return lo, min(end, lo + self.micro_size)
+    def __getitem__(self, step: int) -> tuple[int, Batch]:
+        return step, self.pipeline.batch(*self.pipeline.schedule.rank_bounds(step, self.dp_rank, self.dp_size))
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[int, int, Batch]:
-        step, m = key
-        return step, m, self.pipeline.batch(*self.bounds(step, m))
+    def micro_batches(self, step: int, batch: Batch) -> list[Batch]:
+        return batch.split(self.micro_size, self.micro_count(step))
 
-    def __len__(self):  # addressed by (step, m); the sampler decides the range
-        raise TypeError("MicroBatches is indexed by (step, micro) keys")
+    def __len__(self):  # addressed by step; the sampler decides the range
+        raise TypeError("RankSteps is indexed by step")
 
 
 class StepSampler(Sampler):
-    """Keys (step, m) for steps ``first .. last-1`` (forever when ``last`` is None)."""
+    """Steps ``first .. last-1`` (forever when ``last`` is None)."""
 
-    def __init__(self, dataset: MicroBatches, first: int, last: int | None = None):
-        self.dataset, self.first, self.last = dataset, first, last
+    def __init__(self, first: int, last: int | None = None):
+        self.first, self.last = first, last
 
     def __iter__(self):
-        step = self.first
-        while self.last is None or step < self.last:
-            for m in range(self.dataset.micro_count(step)):
-                yield step, m
-            step += 1
+        return iter(range(self.first, self.last)) if self.last is not None else itertools.count(self.first)
 
 
 def _identity(x):
     return x
 
 
-def build_loader(dataset: MicroBatches, first_step: int, last_step: int | None = None, workers: int = 2,
-                 prefetch: int = 4) -> DataLoader:
-    """A DataLoader yielding (step, m, Batch) from ``first_step``: the resume point is just an index."""
-    return DataLoader(dataset, sampler=StepSampler(dataset, first_step, last_step), batch_size=None,
-                      collate_fn=_identity, num_workers=workers, prefetch_factor=prefetch if workers else None,
-                      persistent_workers=False)
+def build_loader(dataset: RankSteps, first_step: int, last_step: int | None = None, workers: int = 2,
+                 prefetch: int = 2) -> Iterator[tuple[int, list[Batch]]]:
+    """(step, this rank's micro-batches) from ``first_step`` on: the resume point is just an index."""
+    loader = DataLoader(dataset, sampler=StepSampler(first_step, last_step), batch_size=None, collate_fn=_identity,
+                        num_workers=workers, prefetch_factor=prefetch if workers else None, persistent_workers=False)
+    return ((step, dataset.micro_batches(step, batch)) for step, batch in loader)

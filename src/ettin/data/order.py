@@ -26,18 +26,21 @@ ORDER_VERSION = 1
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
+@lru_cache(maxsize=1 << 16)  # the order and the masking ask for the same few keys over and over
 def derive_key(*parts) -> int:
     """A 64-bit key from any printable parts (stable across processes and machines)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
 def _mix(x: np.ndarray, key: int) -> np.ndarray:
-    """splitmix64-style mixing of uint64 values with a key."""
-    with np.errstate(over="ignore"):
-        z = x + np.uint64(key)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """splitmix64-style mixing of a uint64 array with a key (array arithmetic wraps silently; in place
+    on one fresh copy, so no temporaries)."""
+    z = np.asarray(x, dtype=np.uint64) + np.uint64(key)
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        z ^= z >> np.uint64(shift)
+        z *= np.uint64(multiplier)
+    z ^= z >> np.uint64(31)
+    return z
 
 
 def permute(x: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:

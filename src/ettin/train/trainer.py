@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
 from ettin.data.collate import IGNORE, Batch, step_hash
 from ettin.data.ledger import Ledger, order_key
-from ettin.data.loader import DataPipeline, MicroBatches, build_loader
+from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
 from ettin.train.checkpoint import TrainState, latest_checkpoint, prune, read_checkpoint, write_checkpoint
 from ettin.train.env import setup_distributed_env
@@ -134,15 +134,16 @@ class Trainer:
             return EXIT_OK
         stop, started = stop or StopFlag(), time.time()
         every = cfg.phase.checkpoint_every_tokens
-        dataset = MicroBatches(self.pipeline, cfg.batch.micro_size, self.dp_rank, self.dp_size)
-        loader = iter(build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch))
+        dataset = RankSteps(self.pipeline, cfg.batch.micro_size, self.dp_rank, self.dp_size)
+        loader = build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch)
         while True:
             step = state.step
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 self._say(f"train.max_steps={cfg.train.max_steps} already reached at step {step}")
                 return EXIT_OK
             t0 = time.perf_counter()
-            batches = [next(loader)[2] for _ in range(dataset.micro_count(step))]
+            loaded, batches = next(loader)
+            assert loaded == step, (loaded, step)
             data_wait = time.perf_counter() - t0
             loss, labels, tokens, digests = self._step(step, batches)
             if not math.isfinite(loss):
@@ -196,7 +197,7 @@ class Trainer:
         for i, b in enumerate(batches):
             engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
             if b.num_tokens == 0:  # this rank's share ran out: a no-loss token keeps the collectives in step
-                b = Batch(torch.tensor([cfg.model.cls_token_id]), torch.tensor([IGNORE]),
+                b = Batch(torch.tensor([[cfg.model.cls_token_id], [IGNORE]], dtype=torch.int32),
                           torch.tensor([0, 1], dtype=torch.int32), 1, torch.zeros(0, dtype=torch.int64), [])
             loss = engine(b.input_ids.to(self.device, torch.long), b.cu_seqlens.to(self.device), b.max_seqlen,
                           labels=b.labels.to(self.device, torch.long), reduction="sum")
