@@ -54,18 +54,23 @@ def bench_ours(root: Path, workers: int, steps: int) -> tuple[float, float, floa
             r.shard_file(k)
     dataset = RankSteps(pipeline, cfg.batch.micro_size)
     return steady_rate(((sum(len(b.positions) for b in bs), sum(b.num_tokens for b in bs))
-                        for _, bs in build_loader(dataset, 0, steps, workers=workers)))
+                        for _, bs in build_loader(dataset, 0, steps, workers=workers)), workers)
 
 
-def steady_rate(batches) -> tuple[float, float, float]:
-    """(samples/s, tokens/s) after the first batch, and the seconds to that first batch (worker start-up)."""
+def steady_rate(batches, workers: int) -> tuple[float, float, float]:
+    """(samples/s, tokens/s) from the ``workers``-th item on (the first ones were built during the
+    start-up), and the seconds to the first item (worker start-up)."""
     start = time.perf_counter()
-    samples = tokens = 0
+    samples = tokens = items = 0
     for i, (n, t) in enumerate(batches):
         if i == 0:
-            first, steady = time.perf_counter() - start, time.perf_counter()
-        else:
-            samples, tokens = samples + n, tokens + t
+            first = time.perf_counter() - start
+        if i == max(0, workers - 1):
+            steady = time.perf_counter()
+        elif i >= workers:
+            samples, tokens, items = samples + n, tokens + t, items + 1
+    if items < 2:
+        raise SystemExit(f"bench_loader: only {items} timed items; pass a larger --samples")
     seconds = time.perf_counter() - steady
     return samples / seconds, tokens / seconds, first
 
@@ -84,7 +89,8 @@ def bench_streaming(root: Path, workers: int, limit: int) -> tuple[float, float,
         for _ in torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers, collate_fn=list):
             pass  # first pass downloads and decompresses (not timed)
         loader = torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers, collate_fn=list)
-        return steady_rate((len(b), sum(len(x["input_ids"]) for x in b)) for b in itertools.islice(loader, limit // 512))
+        return steady_rate(((len(b), sum(len(x["input_ids"]) for x in b)) for b in itertools.islice(loader, limit // 512)),
+                           workers)
     finally:
         shutil.rmtree(local, ignore_errors=True)
         clean_stale_shared_memory()
@@ -110,7 +116,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--smoke", action="store_true", help="tiny sizes, to check the script runs")
     args = p.parse_args()
-    n = 600 if args.smoke else args.samples
+    n = 3072 if args.smoke else args.samples
     root = Path(tempfile.mkdtemp(prefix="bench-loader-"))
     try:
         write_corpus(root, n)

@@ -74,6 +74,13 @@ def test_missing_and_corrupt_shards_are_named(tmp_path):
     src = MDSSource(tmp_path / "s")
     victim = tmp_path / "s" / src.shards[1].raw_name
     data = victim.read_bytes()
+    first = int.from_bytes(data[4:8], "little")  # where sample 0 begins: its column sizes (id, input_ids)
+    for offset, value in ((4, 1 << 30), (first + 4, 1 << 20)):  # a sample offset; a column size
+        bent = bytearray(data)  # same size, so only the reader's own checks can notice
+        bent[offset:offset + 4] = int(value).to_bytes(4, "little")
+        victim.write_bytes(bytes(bent))
+        with pytest.raises(DataError, match=f"{victim.name}: sample 0 of this shard is corrupt"):
+            MDSSource(tmp_path / "s").input_ids(int(src.offsets[1]))
     victim.write_bytes(data[:-3])
     with pytest.raises(DataError, match=f"{victim.name}: .* bytes, index.json says"):
         MDSSource(tmp_path / "s")[src.offsets[1]]
@@ -206,7 +213,7 @@ def test_mlm_masks_are_keyed_by_position_and_follow_80_10_10():
     assert np.array_equal(x1[~chosen], ids[~chosen].astype(np.int64))
 
 
-def reference_mlm(ids, positions, cu, seed, rate, vocab, specials=(1, 2, 0), mask_id=3):
+def reference_mlm(ids, positions, cu, seed, rate, vocab, p_mask, p_random, specials=(1, 2, 0), mask_id=3):
     """The masking rule written the slow, obvious way: splitmix64 of (p << 24 | j) + key per token."""
     key, m64 = derive_key(seed, "mlm"), (1 << 64) - 1
     inputs, labels = ids.astype(np.int64), np.full(len(ids), IGNORE)
@@ -219,20 +226,22 @@ def reference_mlm(ids, positions, cu, seed, rate, vocab, specials=(1, 2, 0), mas
             choose, action = (z & 0xFFFFF) / 2**20, ((z >> 20) & 0xFFFFF) / 2**20
             if choose < rate and ids[t] not in specials:
                 labels[t] = ids[t]
-                if action < 0.8:
+                if action < p_mask:
                     inputs[t] = mask_id
-                elif action < 0.8 + 0.1:
+                elif action < p_mask + p_random:
                     inputs[t] = ((z >> 40) * vocab) >> 24
     return inputs, labels
 
 
-@pytest.mark.parametrize("seed,rate", [(21, 0.3), (7, 0.15), (2**40 + 3, 0.05)])
-def test_mlm_kernel_matches_the_written_rule(seed, rate):
+@pytest.mark.parametrize("seed,rate,p_mask,p_random", [(21, 0.3, 0.8, 0.1), (7, 0.15, 1 / 3, 0.1 + 0.2),
+                                                       (2**40 + 3, 0.05, 0.5, 0.5)])
+def test_mlm_kernel_matches_the_written_rule(seed, rate, p_mask, p_random):
     rng = np.random.default_rng(seed % 1000)
     docs = [np.array([1, *rng.integers(0, VOCAB, n), 2], dtype=np.uint32) for n in (0, 1, 300, 1500)]
     positions = [0, 5, 2**35 + 1, 2**36 - 1]
-    batch = Collator("mlm", seed, VOCAB, 1, 2, 0, 3, rate)(docs, positions)
-    inputs, labels = reference_mlm(np.concatenate(docs), positions, batch.cu_seqlens.tolist(), seed, rate, VOCAB)
+    batch = Collator("mlm", seed, VOCAB, 1, 2, 0, 3, rate, p_mask, p_random)(docs, positions)
+    inputs, labels = reference_mlm(np.concatenate(docs), positions, batch.cu_seqlens.tolist(), seed, rate, VOCAB,
+                                   p_mask, p_random)
     assert batch.input_ids.tolist() == inputs.tolist() and batch.labels.tolist() == labels.tolist()
     assert (batch.labels != IGNORE).any()
 
@@ -276,6 +285,11 @@ def test_same_global_batches_at_any_dp_size_and_worker_count(corpus):
         for step in ref:
             assert torch.equal(got[step][0], ref[step][0]) and torch.equal(got[step][1], ref[step][1])
             assert got[step][2] == ref[step][2]
+    # more ranks than samples: empty ranks and empty trailing micro-batches, also through workers
+    tiny = cfg_of(corpus, "batch.global_size=3", "batch.micro_size=1")
+    ref = global_batches(tiny, dp_size=1, workers=0, steps=range(0, 3))
+    got = global_batches(tiny, dp_size=4, workers=2, steps=range(0, 3))
+    assert all(torch.equal(got[s][0], ref[s][0]) and got[s][2] == ref[s][2] for s in ref)
 
 
 def test_resume_seeks_directly_to_a_step(corpus):

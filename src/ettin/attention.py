@@ -37,31 +37,58 @@ def allowed(q_idx: torch.Tensor, k_idx: torch.Tensor, spec: MaskSpec) -> torch.T
 
 
 class SdpaAttention:
-    """Per-document ``scaled_dot_product_attention`` with an explicit window mask."""
+    """``scaled_dot_product_attention``: per document for global layers (causal via ``is_causal``);
+    for local layers, every document is cut into blocks of ``max(left, right)`` queries that see
+    only their neighbouring blocks, and all blocks of the batch go through one call. That costs
+    O(tokens · window) instead of O(length²) per document."""
 
     name = "sdpa"
 
     def prepare(self, cu_seqlens: torch.Tensor, max_seqlen: int, spec: MaskSpec):
-        bounds = cu_seqlens.tolist()
-        masks = {}
-        for length in {e - s for s, e in zip(bounds[:-1], bounds[1:])}:
-            if spec.window is None:
-                masks[length] = None  # global: no mask (causal handled by is_causal)
-            else:
-                pos = torch.arange(length, device=cu_seqlens.device)
-                masks[length] = allowed(pos[:, None], pos[None, :], spec)
-        return bounds, masks, spec
+        if spec.window is None:
+            return "documents", cu_seqlens.tolist(), spec
+        return ("blocks", *local_blocks(cu_seqlens, spec))
 
     def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
-        bounds, masks, spec = plan
-        out = torch.empty_like(q)
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            mask = masks[e - s]
-            qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [heads, len, dim]
-            out[s:e] = F.scaled_dot_product_attention(
-                qd, kd, vd, attn_mask=mask, is_causal=spec.causal and mask is None, dropout_p=dropout_p
-            ).transpose(0, 1)
-        return out
+        if plan[0] == "documents":
+            _, bounds, spec = plan
+            out = torch.empty_like(q)
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [heads, len, dim]
+                out[s:e] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=spec.causal,
+                                                          dropout_p=dropout_p).transpose(0, 1)
+            return out
+        _, queries, keys, mask, valid = plan
+        pad = lambda t: torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # row -1: the zero row padding points at
+        qb, kb, vb = (pad(t)[idx].transpose(1, 2) for t, idx in ((q, queries), (k, keys), (v, keys)))
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)  # [blocks, heads, B, dim]
+        return out.transpose(1, 2).flatten(0, 1)[valid]
+
+
+def local_blocks(cu_seqlens: torch.Tensor, spec: MaskSpec):
+    """Gather indices for blocked local attention: query block ``i`` of a document holds tokens
+    ``[i·B, (i+1)·B)`` and sees the key blocks ``i - 1 .. i + 1`` (only the sides the window
+    reaches). Returns query and key indices into the token stream (-1: padding), the
+    [blocks, 1, B, keys] mask and which query slots are real tokens."""
+    left, right = spec.window
+    size = max(left, right, 1)
+    before, after = (1 if left else 0), (1 if right else 0)
+    device = cu_seqlens.device
+    bounds = cu_seqlens.tolist()
+    lengths = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
+    blocks = (lengths + size - 1) // size
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), blocks)
+    first = torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)
+    block = torch.arange(len(doc), device=device) - first  # block number inside its document
+    q_pos = block[:, None] * size + torch.arange(size, device=device)  # position inside the document
+    k_pos = (block[:, None] - before) * size + torch.arange((before + 1 + after) * size, device=device)
+    start, length = cu_seqlens[:-1][doc][:, None], lengths[doc][:, None]
+    q_ok, k_ok = q_pos < length, (k_pos >= 0) & (k_pos < length)
+    queries = torch.where(q_ok, start + q_pos, -1)
+    keys = torch.where(k_ok, start + k_pos, -1)
+    mask = k_ok[:, None, :] & allowed(q_pos[:, :, None], k_pos[:, None, :], spec)
+    mask |= ~q_ok[:, :, None]  # padding queries see everything (never an all-masked row); they are dropped
+    return queries, keys, mask[:, None], q_ok.flatten()
 
 
 class FlexAttention:

@@ -14,7 +14,6 @@ import hashlib
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 import torch
 import xxhash
@@ -50,19 +49,22 @@ class Batch:
 
     def split(self, size: int, count: int) -> list["Batch"]:
         """``count`` micro-batches of ``size`` samples each (views; empty ones once the samples run out)."""
-        docs, cu = len(self.positions), self.cu_seqlens
+        docs, cu = len(self.positions), self.cu_seqlens.tolist()
         out = []
         for m in range(count):
             a = min(docs, m * size)
             b = min(docs, a + size)
-            lo, hi = int(cu[a]), int(cu[b])
-            lengths = cu[a + 1:b + 1] - cu[a:b]
-            out.append(Batch(self.tokens[:, lo:hi], cu[a:b + 1] - lo, int(lengths.max()) if b > a else 0,
-                             self.positions[a:b], self.digests[a:b]))
+            lo, hi = cu[a], cu[b]
+            longest = max((cu[i + 1] - cu[i] for i in range(a, b)), default=0)
+            out.append(Batch(self.tokens[:, lo:hi], self.cu_seqlens[a:b + 1] - lo, longest, self.positions[a:b],
+                             self.digests[a:b]))
         return out
 
-    def __getstate__(self):  # between loader processes: the tokens in shared memory, the small parts by value
-        return {"tokens": self.tokens, "cu_seqlens": self.cu_seqlens.numpy(), "max_seqlen": self.max_seqlen,
+    def __getstate__(self):
+        # between loader processes the tokens go as shared memory and the small parts by value;
+        # anywhere else (torch.save, all_gather_object) a micro-batch view sends only its own part
+        tokens = self.tokens if self.tokens.is_shared() else self.tokens.clone()
+        return {"tokens": tokens, "cu_seqlens": self.cu_seqlens.numpy(), "max_seqlen": self.max_seqlen,
                 "positions": self.positions.numpy(), "digests": self.digests}
 
     def __setstate__(self, state):
@@ -91,30 +93,49 @@ def _below(p: float) -> int:
     return math.ceil(p * (1 << 20))
 
 
-@numba.njit(cache=True, nogil=True)
-def _mlm_kernel(ids, labels, cu, positions, key, choose_below, mask_below, random_below, vocab, specials, mask_id):
+def _mlm_rule(ids, labels, cu, positions, key, choose_below, mask_below, random_below, vocab, cls, sep, pad, mask_id):
     """MLM-mask ``ids`` in place and fill ``labels``, one pass. Token ``j`` of the sample at
     position ``p`` draws 64 bits: splitmix64 of ``(p << 24 | j) + key``, cut in three fields (20
     bits choose, 20 bits pick the action, 24 bits the random token). Integer thresholds
     ``ceil(prob · 2^20)`` decide exactly as ``field / 2^20 < prob`` would."""
     low20 = np.uint64(0xFFFFF)
     for d in range(len(positions)):
-        base = np.uint64(positions[d]) << np.uint64(24)
-        for t in range(cu[d], cu[d + 1]):
-            z = (base | np.uint64(t - cu[d])) + key
+        base = (np.uint64(positions[d]) << np.uint64(24)) + key
+        doc_ids, doc_labels = ids[cu[d]:cu[d + 1]], labels[cu[d]:cu[d + 1]]
+        for j in range(len(doc_ids)):  # branch-free, non-negative indices: the compiler vectorizes it
+            z = base + np.uint64(j)  # (p << 24 | j) + key, as j < 2^24
             z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             z = z ^ (z >> np.uint64(31))
-            token = ids[t]
-            if (z & low20) >= choose_below or token == specials[0] or token == specials[1] or token == specials[2]:
-                labels[t] = IGNORE
-                continue
-            labels[t] = token
+            token = doc_ids[j]
+            chosen = ((z & low20) < choose_below) & (token != cls) & (token != sep) & (token != pad)
             action = (z >> np.uint64(20)) & low20
-            if action < mask_below:
-                ids[t] = mask_id
-            elif action < random_below:
-                ids[t] = np.int32(((z >> np.uint64(40)) * vocab) >> np.uint64(24))
+            swapped = np.int32(((z >> np.uint64(40)) * vocab) >> np.uint64(24))
+            replaced = mask_id if action < mask_below else (swapped if action < random_below else token)
+            doc_ids[j] = replaced if chosen else token
+            doc_labels[j] = token if chosen else np.int32(IGNORE)
+
+
+_KERNEL = None
+
+
+def mlm_kernel():
+    """``_mlm_rule`` compiled by numba, once per process (and inherited by forked loader workers,
+    which is why ``RankSteps`` asks for it up front). Compiled code is cached on disk when numba
+    finds a writable cache folder (``NUMBA_CACHE_DIR``); otherwise it compiles (~0.5 s) each time."""
+    global _KERNEL
+    if _KERNEL is None:
+        import numba
+
+        try:
+            kernel = numba.njit(cache=True, nogil=True)(_mlm_rule)
+        except RuntimeError:  # no writable cache location: "cannot cache function ..."
+            kernel = numba.njit(nogil=True)(_mlm_rule)
+        ids = np.zeros(1, np.int32)  # compile now, for exactly the argument types Collator passes
+        one, zero = np.uint64(1), np.int32(0)
+        kernel(ids, ids.copy(), np.array([0, 1]), np.zeros(1, np.int64), one, one, one, one, one, zero, zero, zero, zero)
+        _KERNEL = kernel
+    return _KERNEL
 
 
 class Collator:
@@ -147,10 +168,10 @@ class Collator:
         if samples:
             np.concatenate(samples, out=inputs, casting="unsafe")
         if self.objective == "mlm":
-            _mlm_kernel(inputs, labels, cu, np.asarray(positions, np.int64), np.uint64(derive_key(self.seed, "mlm")),
+            mlm_kernel()(inputs, labels, cu, np.asarray(positions, np.int64), np.uint64(derive_key(self.seed, "mlm")),
                         np.uint64(_below(self.mask_rate)), np.uint64(_below(self.mask_token_prob)),
                         np.uint64(_below(self.mask_token_prob + self.random_token_prob)), np.uint64(self.vocab_size),
-                        np.array([self.cls_id, self.sep_id, self.pad_id], np.int32), np.int32(self.mask_id))
+                        *(np.int32(t) for t in (self.cls_id, self.sep_id, self.pad_id, self.mask_id)))
         elif len(inputs):  # next token of the same sample: the last token of each sample has no label
             labels[:-1] = inputs[1:]
             labels[cu[1:] - 1] = IGNORE

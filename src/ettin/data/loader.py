@@ -1,4 +1,5 @@
-"""The per-rank input pipeline: (step, micro-batch) -> a collated Batch, through a torch DataLoader.
+"""The per-rank input pipeline: step -> this rank's collated Batch, through a torch DataLoader, cut
+into micro-batches in the receiving process.
 
 Items are addressed, not streamed: step ``s`` on data-parallel rank ``r`` is a fixed slice of
 positions, so workers can build them in any order (the DataLoader hands them back in order), the
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ettin.data.collate import Batch, Collator
+from ettin.data.collate import Batch, Collator, mlm_kernel
 from ettin.data.manifest import Manifest, build_manifest
 from ettin.data.mds import MDSSource
 from ettin.data.order import GlobalOrder
@@ -69,6 +70,8 @@ class RankSteps(Dataset):
 
     def __init__(self, pipeline: DataPipeline, micro_size: int, dp_rank: int = 0, dp_size: int = 1):
         self.pipeline, self.micro_size, self.dp_rank, self.dp_size = pipeline, micro_size, dp_rank, dp_size
+        if pipeline.collator.objective == "mlm":
+            mlm_kernel()  # compile (or load) here, before the workers fork, not once in every worker
 
     def micro_count(self, step: int) -> int:
         """Micro-batches per rank at ``step``: the same on every rank (the largest slice decides)."""

@@ -186,18 +186,27 @@ class MDSSource:
         columns = len(self.columns)
         for k in np.unique(shard).tolist():
             which = np.flatnonzero(shard == k)
-            mm = self._mapped(k)
+            mm, samples = self._mapped(k), self.shards[k].samples
             j = indices[which] - self.offsets[k]
-            begin = mm[4:8 + 4 * self.shards[k].samples].view(np.uint32)[j].astype(np.int64)
+            table = mm[4:8 + 4 * samples].view("<u4")  # where each sample's bytes begin (and the last one ends)
+            begin, stop = table[j].astype(np.int64), table[j + 1].astype(np.int64)
+            self._check(k, j, (begin < 8 + 4 * samples) | (stop > len(mm)) | (begin + 4 * columns > stop))
             # each sample starts with the byte sizes of its variable-size columns (all of them, here)
             sizes = mm[begin[:, None] + np.arange(4 * columns)].view("<u4").astype(np.int64)
             start = begin + 4 * columns + sizes[:, :self._ids_column].sum(axis=1)
+            end = start + sizes[:, self._ids_column]
+            self._check(k, j, (start >= stop) | (end > stop))
             header = mm[start].astype(np.int64)  # ndarray with a dynamic shape: (ndim << 2 | shape dtype), then the shape
             values = start + 1 + (header >> 2) * (1 << (header & 3))
-            end = start + sizes[:, self._ids_column]
+            self._check(k, j, (values > end) | ((end - values) % 4 != 0))
             for w, a, b in zip(which.tolist(), values.tolist(), end.tolist()):
                 out[w] = mm[a:b].view(np.uint32)
         return out
+
+    def _check(self, k: int, samples: np.ndarray, bad: np.ndarray) -> None:
+        if bad.any():
+            raise DataError(f"{self.shard_file(k)}: sample {int(samples[bad][0])} of this shard is corrupt (its offsets "
+                            "or sizes point outside it); restore the shard from its source")
 
     def __getitem__(self, i: int) -> dict:
         from streaming.base.format.mds.encodings import mds_decode

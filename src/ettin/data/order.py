@@ -26,15 +26,15 @@ ORDER_VERSION = 1
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-@lru_cache(maxsize=1 << 16)  # the order and the masking ask for the same few keys over and over
+@lru_cache(maxsize=1 << 16, typed=True)  # the order asks for the same few keys over and over; typed: 1 and 1.0 repr apart
 def derive_key(*parts) -> int:
     """A 64-bit key from any printable parts (stable across processes and machines)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
 
 
 def _mix(x: np.ndarray, key: int) -> np.ndarray:
-    """splitmix64-style mixing of a uint64 array with a key (array arithmetic wraps silently; in place
-    on one fresh copy, so no temporaries)."""
+    """splitmix64-style mixing of a uint64 array with a key (array arithmetic wraps silently; updated
+    in place on one fresh copy)."""
     z = np.asarray(x, dtype=np.uint64) + np.uint64(key)
     for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
         z ^= z >> np.uint64(shift)
