@@ -63,3 +63,31 @@ def test_tp_matches_tp1(runs, objective, world, tp):
     assert set(got["grads"]) == set(ref["grads"])
     for name, g in ref["grads"].items():
         close(got["grads"][name], g)
+
+
+def _check_linear_cross_entropy(tp: int):
+    """The chunked head + loss against plain autograd through F.cross_entropy, several chunks."""
+    import torch.nn.functional as F
+
+    from ettin.parallel import linear_cross_entropy, tp_rank
+
+    init_process_groups(tp)
+    g = torch.Generator().manual_seed(0)
+    x0, w0, b0 = torch.randn(50, 16, generator=g), torch.randn(64, 16, generator=g) * 0.3, torch.randn(64, generator=g)
+    labels = torch.randint(0, 64, (50,), generator=g)
+    rows = slice(tp_rank() * 64 // tp, (tp_rank() + 1) * 64 // tp)
+    x, w, b = x0.clone().requires_grad_(), w0[rows].clone().requires_grad_(), b0[rows].clone().requires_grad_()
+    loss = linear_cross_entropy(x, w, b, labels, chunk=7)
+    (loss * 0.5).backward()
+    xr, wr, br = (t.clone().requires_grad_() for t in (x0, w0, b0))
+    ref = F.cross_entropy(F.linear(xr, wr, br), labels, reduction="sum")
+    (ref * 0.5).backward()
+    close(loss.detach(), ref.detach())
+    close(x.grad, xr.grad)
+    close(w.grad, wr.grad[rows])
+    close(b.grad, br.grad[rows])
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_linear_cross_entropy_matches_autograd(tp):
+    run_distributed_test(_check_linear_cross_entropy, world_size=tp, args=(tp,))

@@ -21,7 +21,7 @@ from torch import nn
 from ettin.attention import MaskSpec, build_attention
 from ettin.config import ModelConfig
 from ettin.data.collate import IGNORE  # label of positions without a loss
-from ettin.parallel import column_linear, copy_to_tp, row_linear, vocab_bias, vocab_embedding, vocab_parallel_cross_entropy
+from ettin.parallel import column_linear, copy_to_tp, linear_cross_entropy, row_linear, vocab_bias, vocab_embedding
 
 def trunc_normal(std: float, cutoff: float):
     return lambda w: nn.init.trunc_normal_(w, 0.0, std, -cutoff * std, cutoff * std)
@@ -120,12 +120,15 @@ class Transformer(nn.Module):
         if labels is None:
             return self.logits(x)
         keep = labels != IGNORE  # the head runs only where there is a loss (MLM: masked tokens)
-        losses = vocab_parallel_cross_entropy(self.logits(x[keep]), labels[keep])
-        return losses.sum() if reduction == "sum" else losses.mean()
+        total = linear_cross_entropy(self.head(x[keep]), self.embed.weight, self.head_bias, labels[keep])
+        return total if reduction == "sum" else total / keep.sum().clamp(min=1)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The prediction head up to the (tied) vocab projection."""
+        return self.head_norm(F.gelu(self.head_dense(x)))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.head_norm(F.gelu(self.head_dense(x)))
-        return F.linear(copy_to_tp(x), self.embed.weight, self.head_bias)
+        return F.linear(copy_to_tp(self.head(x)), self.embed.weight, self.head_bias)
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels=None):
         """The same model on a padded [batch, length] batch: unpad, run, pad the logits back."""
