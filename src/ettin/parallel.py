@@ -158,15 +158,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total += (peak + sumexp.log() - target).sum()
             inv = sumexp.reciprocal()
             probs = logits.to(x.dtype)  # d loss / d logits = probs * inv - onehot
-            gx = torch.mm(probs, weight).float() * inv[:, None]
-            gx[hc] -= weight[lc[hc]].float()
+            off = -hc.float()[:, None]  # the one-hot part, as masked index updates (no host sync)
+            gx = torch.mm(probs, weight).float() * inv[:, None] + off * weight[lc].float()
             if tp > 1:
                 dist.all_reduce(gx, group=tp_group())
             grad_x[s:s + len(xc)] = gx
             grad_w += torch.mm(probs.t(), (xc.float() * inv[:, None]).to(x.dtype)).float()
-            grad_w.index_add_(0, lc[hc], xc[hc].float(), alpha=-1)
+            grad_w.index_add_(0, lc, off * xc.float())
             grad_b += torch.mv(logits.t(), inv)
-            grad_b.index_add_(0, lc[hc], torch.ones_like(inv[hc]), alpha=-1)
+            grad_b.index_add_(0, lc, off[:, 0])
         ctx.save_for_backward(grad_x, grad_w, grad_b)
         ctx.dtypes = x.dtype, weight.dtype, bias.dtype
         return total
