@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
@@ -89,13 +90,19 @@ class MDSSource:
             raise DataError(f"{local}: unreadable index.json ({e})") from None
 
     def _download(self, name: str, local: Path) -> None:
+        """Fetch remote ``name`` into a private folder, then rename it to ``local``: ranks and workers
+        fetching the same file at once never share or see a half-written one."""
         from streaming.base.storage import CloudDownloader
 
         local.parent.mkdir(parents=True, exist_ok=True)
+        private = Path(tempfile.mkdtemp(dir=local.parent, prefix=".fetch-"))
         try:
-            CloudDownloader.direct_download(f"{self.path.rstrip('/')}/{name}", str(local))
+            CloudDownloader.direct_download(f"{self.path.rstrip('/')}/{name}", str(private / name))
+            os.replace(private / name, local)
         except Exception as e:  # noqa: BLE001 - any transport failure is the same user-facing problem
             raise DataError(f"{self.path}/{name}: download failed ({e})") from None
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
 
     def shard_file(self, k: int) -> Path:
         """The raw (decompressed) file of shard ``k``, fetched and decompressed on first use."""
@@ -112,10 +119,12 @@ class MDSSource:
                 self._download(shard.raw_name, raw)
                 return self._checked(raw, shard)
             raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
-        if is_remote(self.path):
-            zipped = self.cache / shard.zip_name
-            if not zipped.is_file():
-                self._download(shard.zip_name, zipped)
+        if is_remote(self.path):  # fetched under a name of its own, removed once decompressed
+            self.cache.mkdir(parents=True, exist_ok=True)
+            fd, fetched = tempfile.mkstemp(dir=self.cache, prefix=f".{shard.zip_name}.")
+            os.close(fd)
+            zipped = Path(fetched)
+            self._download(shard.zip_name, zipped)
         else:
             zipped = Path(self.path) / shard.zip_name
             if not zipped.is_file():
@@ -125,7 +134,11 @@ class MDSSource:
         try:
             data = decompress(shard.compression, zipped.read_bytes())
         except Exception as e:  # noqa: BLE001 - zstd raises its own error types
-            raise DataError(f"{zipped}: cannot decompress ({e}); the shard is corrupt, restore it") from None
+            where = f"{self.path}/{shard.zip_name}" if is_remote(self.path) else zipped
+            raise DataError(f"{where}: cannot decompress ({e}); the shard is corrupt, restore it") from None
+        finally:
+            if is_remote(self.path):
+                zipped.unlink(missing_ok=True)
         raw.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=raw.parent, prefix=f".{shard.raw_name}.")
         with os.fdopen(fd, "wb") as f:
