@@ -4,7 +4,8 @@ Inputs are ``q, k, v`` of shape ``[tokens, heads, head_dim]`` for documents laid
 ``cu_seqlens`` (int32, ``[docs + 1]``) marking where each starts. A token at position ``i`` may see
 key ``j`` of the same document when ``j <= i`` (if causal) and, for local layers,
 ``i - left <= j <= i + right``. Backends: flash-attn varlen (CUDA), FlexAttention (any device,
-compiled on CUDA), and SDPA with explicit per-document masks (any device; the CPU default).
+compiled on CUDA), and SDPA (any device; the CPU default): per document for global layers, in
+blocks of the window for local ones.
 
 A backend first ``prepare``s a plan for one batch and one mask kind (masks, doc ids), once per
 forward; every layer of that kind then reuses it.
@@ -58,37 +59,37 @@ class SdpaAttention:
                 out[s:e] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=spec.causal,
                                                           dropout_p=dropout_p).transpose(0, 1)
             return out
-        _, queries, keys, mask, valid = plan
-        pad = lambda t: torch.cat([t, t.new_zeros(1, *t.shape[1:])])  # row -1: the zero row padding points at
-        qb, kb, vb = (pad(t)[idx].transpose(1, 2) for t, idx in ((q, queries), (k, keys), (v, keys)))
+        _, queries, keys, mask, slots = plan
+        qb, kb, vb = (t[idx].transpose(1, 2) for t, idx in ((q, queries), (k, keys), (v, keys)))
         out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout_p)  # [blocks, heads, B, dim]
-        return out.transpose(1, 2).flatten(0, 1)[valid]
+        return out.transpose(1, 2).flatten(0, 1)[slots]
 
 
 def local_blocks(cu_seqlens: torch.Tensor, spec: MaskSpec):
     """Gather indices for blocked local attention: query block ``i`` of a document holds tokens
     ``[i·B, (i+1)·B)`` and sees the key blocks ``i - 1 .. i + 1`` (only the sides the window
-    reaches). Returns query and key indices into the token stream (-1: padding), the
-    [blocks, 1, B, keys] mask and which query slots are real tokens."""
+    reaches). Returns query and key indices into the token stream (slots past a document's end
+    point at token 0 and are masked or dropped), the [blocks, 1, B, keys] mask, and each token's
+    slot in the blocked output. Built on the device, without host syncs beyond the bounds."""
     left, right = spec.window
     size = max(left, right, 1)
-    before, after = (1 if left else 0), (1 if right else 0)
-    device = cu_seqlens.device
-    bounds = cu_seqlens.tolist()
-    lengths = torch.tensor([e - s for s, e in zip(bounds[:-1], bounds[1:])], device=device)
+    before, after = int(left > 0), int(right > 0)
+    device, bounds = cu_seqlens.device, cu_seqlens.tolist()
+    total = sum(-(-(e - s) // size) for s, e in zip(bounds[:-1], bounds[1:]))
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     blocks = (lengths + size - 1) // size
-    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), blocks)
-    first = torch.repeat_interleave(torch.cumsum(blocks, 0) - blocks, blocks)
-    block = torch.arange(len(doc), device=device) - first  # block number inside its document
+    first = torch.cumsum(blocks, 0) - blocks  # each document's first block
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), blocks, output_size=total)
+    block = torch.arange(total, device=device) - first[doc]  # block number inside its document
     q_pos = block[:, None] * size + torch.arange(size, device=device)  # position inside the document
     k_pos = (block[:, None] - before) * size + torch.arange((before + 1 + after) * size, device=device)
-    start, length = cu_seqlens[:-1][doc][:, None], lengths[doc][:, None]
+    start, length = cu_seqlens[:-1][doc][:, None].long(), lengths[doc][:, None]
     q_ok, k_ok = q_pos < length, (k_pos >= 0) & (k_pos < length)
-    queries = torch.where(q_ok, start + q_pos, -1)
-    keys = torch.where(k_ok, start + k_pos, -1)
+    queries, keys = torch.where(q_ok, start + q_pos, 0), torch.where(k_ok, start + k_pos, 0)
     mask = k_ok[:, None, :] & allowed(q_pos[:, :, None], k_pos[:, None, :], spec)
     mask |= ~q_ok[:, :, None]  # padding queries see everything (never an all-masked row); they are dropped
-    return queries, keys, mask[:, None], q_ok.flatten()
+    slots = torch.repeat_interleave(first * size - cu_seqlens[:-1].long(), lengths, output_size=bounds[-1])
+    return queries, keys, mask[:, None], slots + torch.arange(bounds[-1], device=device)
 
 
 class FlexAttention:

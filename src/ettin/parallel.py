@@ -1,4 +1,5 @@
-"""Process groups and tensor-parallel building blocks, all from megatron-core, in one place.
+"""Process groups and tensor-parallel building blocks (megatron-core's layers) in one place, and
+the fused vocab head + cross-entropy.
 
 The model asks this module for its linear layers and embedding; at TP=1 they are the same
 megatron-core layers over a group of one, so there is a single code path. Weights are created
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 with warnings.catch_warnings():  # megatron-core announces, per module, that it falls back to torch
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -118,64 +120,69 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """``sum_i CE(x_i W^T + b, labels_i)`` for the vocab-split head ``W [V/tp, h]``, ``b [V/tp]``.
 
     The logits never exist whole: chunk by chunk of tokens they are computed into one reused
-    fp32 buffer, exponentiated in place, and the gradients of x, W and b are taken right away
-    (the softmax normalization scales the small [tokens, h] factors, never the [tokens, V]
-    block; the one-hot part is an index update). Backward only scales them. Against autograd
-    through megatron's cross-entropy this saves the big intermediates and most passes over them
-    (see docs/PERFORMANCE.md). ``x`` is replicated over TP; the softmax statistics and grad x are
-    all-reduced over the TP group."""
-    return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk)
+    fp32 buffer, turned in place into ``sumexp · (softmax - onehot)`` (in fp32, so a confident
+    prediction does not cancel in bf16), and the gradients of x, W and b are taken right away; the
+    ``1 / sumexp`` scales the small [tokens, h] factors, never the [tokens, V] block. Backward only
+    scales them. Against autograd through materialized logits this saves the big intermediates
+    and most passes over them (docs/PERFORMANCE.md). ``x`` is replicated over TP; the softmax
+    statistics and grad x are all-reduced over the TP group. Without autograd only the loss is
+    computed."""
+    if not weight.dtype == bias.dtype == x.dtype:
+        raise TypeError(f"linear_cross_entropy: x {x.dtype}, weight {weight.dtype} and bias {bias.dtype} differ")
+    grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
+    return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk, grads)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, chunk):
+    def forward(ctx, x, weight, bias, labels, chunk, grads):
         tp, rows = tp_size(), weight.shape[0]
         local = labels - tp_rank() * rows
         here = (local >= 0) & (local < rows)  # labels in this rank's vocab shard
         local = torch.where(here, local, 0)
-        grad_x = torch.empty_like(x, dtype=torch.float32)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        grad_b = torch.zeros_like(bias, dtype=torch.float32)
+        if grads:
+            grad_x = torch.empty_like(x, dtype=torch.float32)
+            grad_w = torch.zeros_like(weight, dtype=torch.float32)
+            grad_b = torch.zeros_like(bias, dtype=torch.float32)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         buffer = torch.empty(min(chunk, x.shape[0]), rows, dtype=torch.float32, device=x.device)
         for s in range(0, x.shape[0], chunk):
-            xc, lc, hc = x[s:s + chunk], local[s:s + chunk], here[s:s + chunk]
+            xc, lc, hc = x[s:s + chunk], local[s:s + chunk, None], here[s:s + chunk, None]
             logits = buffer[:len(xc)]
             if x.dtype == torch.float32:
                 torch.addmm(bias, xc, weight.t(), out=logits)
             else:  # bf16 matmul, fp32 softmax
                 logits.copy_(F.linear(xc, weight, bias))
-            peak = logits.amax(1)
-            target = logits.gather(1, lc[:, None]).squeeze(1) * hc
+            peak = logits.amax(1, keepdim=True)
+            target = torch.where(hc, logits.gather(1, lc), 0.0)
             if tp > 1:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=tp_group())
                 dist.all_reduce(target, group=tp_group())
-            logits.sub_(peak[:, None]).exp_()  # unnormalized softmax
-            sumexp = logits.sum(1)
+            logits.sub_(peak).exp_()  # unnormalized softmax
+            sumexp = logits.sum(1, keepdim=True)
             if tp > 1:
                 dist.all_reduce(sumexp, group=tp_group())
             total += (peak + sumexp.log() - target).sum()
-            inv = sumexp.reciprocal()
-            probs = logits.to(x.dtype)  # d loss / d logits = probs * inv - onehot
-            off = -hc.float()[:, None]  # the one-hot part, as masked index updates (no host sync)
-            gx = torch.mm(probs, weight).float() * inv[:, None] + off * weight[lc].float()
+            if not grads:
+                continue
+            logits.scatter_add_(1, lc, torch.where(hc, -sumexp, 0.0))  # sumexp · (softmax - onehot)
+            inv, delta = sumexp.reciprocal(), logits.to(x.dtype)
+            gx = torch.mm(delta, weight).float() * inv
             if tp > 1:
                 dist.all_reduce(gx, group=tp_group())
             grad_x[s:s + len(xc)] = gx
-            grad_w += torch.mm(probs.t(), (xc.float() * inv[:, None]).to(x.dtype)).float()
-            grad_w.index_add_(0, lc, off * xc.float())
-            grad_b += torch.mv(logits.t(), inv)
-            grad_b.index_add_(0, lc, off[:, 0])
-        ctx.save_for_backward(grad_x, grad_w, grad_b)
-        ctx.dtypes = x.dtype, weight.dtype, bias.dtype
+            grad_w += torch.mm(delta.t(), (xc.float() * inv).to(x.dtype)).float()
+            grad_b += torch.mv(logits.t(), inv[:, 0])
+        if grads:
+            ctx.save_for_backward(grad_x, grad_w, grad_b)
+            ctx.dtype = x.dtype
         return total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total):
-        grad_x, grad_w, grad_b = ctx.saved_tensors
-        dx, dw, db = ctx.dtypes
-        return (grad_x * grad_total).to(dx), (grad_w * grad_total).to(dw), (grad_b * grad_total).to(db), None, None
+        grad_x, grad_w, grad_b = ((g * grad_total).to(ctx.dtype) for g in ctx.saved_tensors)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def gather_tp(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -119,26 +119,23 @@ class MDSSource:
                 self._download(shard.raw_name, raw)
                 return self._checked(raw, shard)
             raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
-        if is_remote(self.path):  # fetched under a name of its own, removed once decompressed
+        if is_remote(self.path):  # the compressed copy is fetched into a private folder, gone once read
             self.cache.mkdir(parents=True, exist_ok=True)
-            fd, fetched = tempfile.mkstemp(dir=self.cache, prefix=f".{shard.zip_name}.")
-            os.close(fd)
-            zipped = Path(fetched)
-            self._download(shard.zip_name, zipped)
+            with tempfile.TemporaryDirectory(dir=self.cache, prefix=".fetch-") as private:
+                zipped = Path(private) / shard.zip_name
+                self._download(shard.zip_name, zipped)
+                compressed, where = zipped.read_bytes(), f"{self.path}/{shard.zip_name}"
         else:
-            zipped = Path(self.path) / shard.zip_name
-            if not zipped.is_file():
-                raise DataError(f"{zipped}: missing shard listed in index.json; re-run prepare or restore it")
+            where = Path(self.path) / shard.zip_name
+            if not where.is_file():
+                raise DataError(f"{where}: missing shard listed in index.json; re-run prepare or restore it")
+            compressed = where.read_bytes()
         from streaming.base.compression import decompress
 
         try:
-            data = decompress(shard.compression, zipped.read_bytes())
+            data = decompress(shard.compression, compressed)
         except Exception as e:  # noqa: BLE001 - zstd raises its own error types
-            where = f"{self.path}/{shard.zip_name}" if is_remote(self.path) else zipped
             raise DataError(f"{where}: cannot decompress ({e}); the shard is corrupt, restore it") from None
-        finally:
-            if is_remote(self.path):
-                zipped.unlink(missing_ok=True)
         raw.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=raw.parent, prefix=f".{shard.raw_name}.")
         with os.fdopen(fd, "wb") as f:
