@@ -1,5 +1,7 @@
 """Data pipeline on real MDS shards: reading, the global order, schedules, collation, loader, ledger."""
 import json
+import logging
+import multiprocessing
 import subprocess
 import sys
 import textwrap
@@ -407,6 +409,11 @@ def s3_bucket(monkeypatch):
     server.stop()
 
 
+def read_source(path, cache):
+    src = MDSSource(path, cache)
+    return [x.tolist() for x in src.input_ids_many(np.arange(len(src)))]
+
+
 def test_remote_sources_read_through_the_cache(corpus, s3_bucket, tmp_path):
     for name in ("alpha", "beta"):  # zstd and raw shards
         for f in (corpus["root"] / name).iterdir():
@@ -421,8 +428,21 @@ def test_remote_sources_read_through_the_cache(corpus, s3_bucket, tmp_path):
     src = far.readers[0]
     assert [x.tolist() for x in src.input_ids_many(np.arange(len(src)))] == corpus["alpha"]
     assert src[7]["id"] == "doc7#0"
-    assert sorted(p.name for p in src.cache.iterdir()) == sorted([*(s.raw_name for s in src.shards), "index.json",
-                                                                  "stats.json"])  # raw shards only, fetched once
+    kept = sorted(p.name for p in src.cache.iterdir() if not p.name.endswith(".lock"))
+    assert kept == sorted([*(s.raw_name for s in src.shards), "index.json", "stats.json"])  # raw shards only
+    # processes sharing a cold cache (ranks, loader workers): each shard is fetched once, all read it
+    gets = []
+    handler = logging.Handler()
+    handler.emit = lambda record: gets.append(record.getMessage())
+    logging.getLogger("werkzeug").addHandler(handler)
+    try:
+        with multiprocessing.get_context("fork").Pool(4) as pool:
+            read = pool.starmap(read_source, [("s3://corpus/mds/alpha", tmp_path / "shared")] * 4)
+    finally:
+        logging.getLogger("werkzeug").removeHandler(handler)
+    assert all(r == corpus["alpha"] for r in read)
+    for shard in src.shards:
+        assert sum(f"GET /corpus/mds/alpha/{shard.zip_name} " in line for line in gets) == 1, shard.zip_name
     # a shard gone from the bucket: one error naming the remote file (a fresh cache must fetch it)
     s3_bucket.delete_object(Bucket="corpus", Key=f"mds/alpha/{src.shards[1].zip_name}")
     fresh = MDSSource("s3://corpus/mds/alpha", tmp_path / "fresh")

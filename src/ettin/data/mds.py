@@ -8,6 +8,8 @@ read straight from the memory-mapped raw shard. Decoding uses streaming's own MD
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -40,6 +42,19 @@ class Shard:
     zip_bytes: int | None
     compression: str | None
     samples: int
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path):
+    """An advisory lock between processes (one fetches or decompresses a shard, the rest wait). Where
+    the filesystem has no locks, each process does it itself: still correct, as writes are renames."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield  # closing the file releases the lock
 
 
 class MDSSource:
@@ -112,12 +127,17 @@ class MDSSource:
             if raw.is_file():
                 return self._checked(raw, shard)
         raw = self.cache / shard.raw_name
-        if raw.is_file():
-            return self._checked(raw, shard)
+        if not raw.is_file():
+            with _exclusive(self.cache / f".{shard.raw_name}.lock"):  # the ranks and workers sharing a cache
+                if not raw.is_file():  # wait for the one that fetches, then find the file
+                    self._materialize(shard, raw)
+        return self._checked(raw, shard)
+
+    def _materialize(self, shard: Shard, raw: Path) -> None:
+        """Fetch and/or decompress ``shard`` into the cache file ``raw`` (written aside, then renamed)."""
         if shard.zip_name is None:
             if is_remote(self.path):
-                self._download(shard.raw_name, raw)
-                return self._checked(raw, shard)
+                return self._download(shard.raw_name, raw)
             raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
         if is_remote(self.path):  # the compressed copy is fetched into a private folder, gone once read
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -141,7 +161,6 @@ class MDSSource:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, raw)  # atomic: other ranks see the whole file or none
-        return self._checked(raw, shard)
 
     def _checked(self, raw: Path, shard: Shard) -> Path:
         size = raw.stat().st_size
