@@ -136,9 +136,10 @@ class MDSSource:
     def _materialize(self, shard: Shard, raw: Path) -> None:
         """Fetch and/or decompress ``shard`` into the cache file ``raw`` (written aside, then renamed)."""
         if shard.zip_name is None:
-            if is_remote(self.path):
-                return self._download(shard.raw_name, raw)
-            raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
+            if not is_remote(self.path):
+                raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
+            self._download(shard.raw_name, raw)
+            return
         if is_remote(self.path):  # the compressed copy is fetched into a private folder, gone once read
             self.cache.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=self.cache, prefix=".fetch-") as private:
