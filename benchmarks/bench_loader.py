@@ -43,7 +43,7 @@ def bench_ours(root: Path, workers: int, steps: int) -> tuple[float, float, floa
     exp.write_text(textwrap.dedent(f"""\
         defaults: {{model: 17m, objective: mlm, phase: pretrain}}
         phase: {{tokens: 1e12, seq_len: 1024}}
-        batch: {{global_size: 512, micro_size: 64, warmup_tokens: 0}}
+        batch: {{global_size: 512, warmup_tokens: 0}}
         data: {{root: {root}, cache_dir: {root / "cache"}, sources: [{{name: a, path: a, weight: 1}}, {{name: b, path: b, weight: 1}}]}}
         """))
     cfg = load_config(str(exp))
@@ -52,9 +52,9 @@ def bench_ours(root: Path, workers: int, steps: int) -> tuple[float, float, floa
     for r in pipeline.readers:
         for k in range(len(r.shards)):
             r.shard_file(k)
-    dataset = RankSteps(pipeline, cfg.batch.micro_size)
-    return steady_rate(((sum(len(b.positions) for b in bs), sum(b.num_tokens for b in bs))
-                        for _, bs in build_loader(dataset, 0, steps, workers=workers)), workers)
+    dataset = RankSteps(pipeline)
+    return steady_rate(((len(b.positions), b.num_tokens) for _, b in build_loader(dataset, 0, steps, workers=workers)),
+                       workers)
 
 
 def steady_rate(batches, workers: int) -> tuple[float, float, float]:

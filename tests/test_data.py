@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ettin.config import load_config, to_yaml
-from ettin.data.collate import IGNORE, Collator, step_hash
+from ettin.data.collate import IGNORE, Collator, step_hash, token_budget_cut
 from ettin.data.ledger import CONFIG_FILE, Ledger, read_ledger, replay
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.manifest import build_manifest
@@ -38,7 +38,7 @@ def corpus(tmp_path_factory):
                  pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
         phase: {{tokens: 1e6, seq_len: 128}}
         schedule: {{warmup_tokens: 1000}}
-        batch: {{global_size: 12, micro_size: 4, warmup_tokens: 0}}
+        batch: {{global_size: 12, micro_tokens: 200, warmup_tokens: 0}}
         data:
           root: {root}
           cache_dir: {root / "cache"}
@@ -260,15 +260,15 @@ def test_clm_labels_stay_inside_each_document():
 # ----------------------------------------------------------------------------- loader
 
 
-def global_batches(cfg, dp_size, workers, steps=range(0, 5)):
-    """Concatenate every rank's micro-batches per step, in rank order."""
+def global_batches(cfg, dp_size, workers, steps=range(0, 5), budget=100):
+    """Concatenate every rank's micro-batches per step, in rank order (padded with empty ones)."""
     pipeline = DataPipeline.from_config(cfg)
     out = {}
     for rank in range(dp_size):
-        ds = RankSteps(pipeline, cfg.batch.micro_size, rank, dp_size)
-        for step, batches in build_loader(ds, steps.start, steps.stop, workers=workers, prefetch=2):
-            assert len(batches) == ds.micro_count(step)
-            assert all(len(b.positions) <= cfg.batch.micro_size for b in batches)
+        ds = RankSteps(pipeline, rank, dp_size)
+        for step, batch in build_loader(ds, steps.start, steps.stop, workers=workers, prefetch=2):
+            batches = batch.micro_batches(budget, count=3 * len(batch.positions) + 1)
+            assert all(b.num_tokens <= budget or len(b.positions) == 1 for b in batches)
             out.setdefault(step, {})[rank] = batches
     result = {}
     for step, ranks in out.items():
@@ -278,17 +278,43 @@ def global_batches(cfg, dp_size, workers, steps=range(0, 5)):
     return result
 
 
+def test_token_budget_cut_by_hand():
+    #            lengths: 3  4  10 2  2  1
+    bounds = [0, 3, 7, 17, 19, 21, 22]
+    assert token_budget_cut(bounds, 7) == [(0, 2), (2, 3), (3, 6)]  # the 10-token document gets its own
+    assert token_budget_cut(bounds, 6) == [(0, 1), (1, 2), (2, 3), (3, 6)]
+    assert token_budget_cut(bounds, 100) == [(0, 6)]
+    assert token_budget_cut(bounds, 1) == [(d, d + 1) for d in range(6)]
+    assert token_budget_cut([0], 5) == []
+    with pytest.raises(ValueError, match="positive"):
+        token_budget_cut(bounds, 0)
+
+
+def test_micro_batches_are_views_that_keep_every_token_and_label(corpus):
+    batch = DataPipeline.from_config(cfg_of(corpus)).batch(0, 12)
+    for budget in (1, 37, 120, 10**6):
+        micro = batch.micro_batches(budget, count=20)
+        assert len(micro) == 20 and all(m.num_tokens == 0 for m in micro[len(token_budget_cut(batch.bounds, budget)):])
+        assert torch.equal(torch.cat([m.tokens for m in micro], 1), batch.tokens)
+        assert [d for m in micro for d in m.digests] == batch.digests
+        assert sum(m.num_labels for m in micro) == batch.num_labels
+        for m in micro:
+            assert m.cu_seqlens[0] == 0 and m.cu_seqlens[-1] == m.num_tokens
+            assert torch.equal(m.label_index(), torch.nonzero(m.labels != IGNORE).squeeze(1))
+            assert m.num_tokens <= budget or len(m.positions) == 1
+
+
 def test_same_global_batches_at_any_dp_size_and_worker_count(corpus):
-    cfg = cfg_of(corpus, "batch.global_size=10", "batch.micro_size=3")
+    cfg = cfg_of(corpus, "batch.global_size=10")
     ref = global_batches(cfg, dp_size=1, workers=0)
-    for dp, workers in [(2, 0), (4, 1), (2, 2), (1, 2)]:
-        got = global_batches(cfg, dp, workers)
+    for dp, workers, budget in [(2, 0, 100), (4, 1, 7), (2, 2, 10_000), (1, 2, 64)]:
+        got = global_batches(cfg, dp, workers, budget=budget)
         assert got.keys() == ref.keys()
         for step in ref:
             assert torch.equal(got[step][0], ref[step][0]) and torch.equal(got[step][1], ref[step][1])
             assert got[step][2] == ref[step][2]
     # more ranks than samples: empty ranks and empty trailing micro-batches, also through workers
-    tiny = cfg_of(corpus, "batch.global_size=3", "batch.micro_size=1")
+    tiny = cfg_of(corpus, "batch.global_size=3")
     ref = global_batches(tiny, dp_size=1, workers=0, steps=range(0, 3))
     got = global_batches(tiny, dp_size=4, workers=2, steps=range(0, 3))
     assert all(torch.equal(got[s][0], ref[s][0]) and got[s][2] == ref[s][2] for s in ref)

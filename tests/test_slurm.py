@@ -97,7 +97,7 @@ def corpus(tmp_path_factory):
         phase: {{tokens: 6000, seq_len: 128, checkpoint_every_tokens: 2000}}
         schedule: {{warmup_tokens: 1000, decay_tokens: 1000}}
         optim: {{lr: 3e-3, weight_decay: 0.01}}
-        batch: {{global_size: 8, micro_size: 2, warmup_tokens: 0}}
+        batch: {{global_size: 8, micro_tokens: 200, warmup_tokens: 0}}
         train: {{log_every: 1000, collective_timeout_s: 60}}
         data:
           root: {root}

@@ -36,7 +36,7 @@ def corpus(tmp_path_factory):
         phase: {{tokens: 12000, seq_len: 128, checkpoint_every_tokens: 3000}}
         schedule: {{warmup_tokens: 2000}}
         optim: {{lr: 3e-3, weight_decay: 0.01}}
-        batch: {{global_size: 10, micro_size: 3, warmup_tokens: 2560, warmup_start_size: 4, warmup_stages: 2}}
+        batch: {{global_size: 10, micro_tokens: 300, warmup_tokens: 2560, warmup_start_size: 4, warmup_stages: 2}}
         train: {{log_every: 1000, collective_timeout_s: 60}}
         data:
           root: {root}

@@ -106,7 +106,10 @@ class OptimConfig:
 @dataclass
 class BatchConfig:
     global_size: int = 4608  # sequences per optimizer step, every phase and size
-    micro_size: int = 12  # sequences per rank per forward/backward
+    # Tokens per forward/backward on one rank: each rank's share of a step is cut, in order, into
+    # micro-batches of at most this many tokens (a longer sample gets one of its own). 0: the
+    # largest budget the memory model (ettin.memory) fits into train.device_memory_gb.
+    micro_tokens: int = 0
     warmup_tokens: int = 0  # ramp the global batch up to global_size over these tokens (pretrain)
     # Ettin began at one micro-batch per GPU; a fixed start keeps the order independent of the GPU count.
     warmup_start_size: int = 256
@@ -146,8 +149,11 @@ class TrainConfig:
     collective_timeout_s: float = 600.0  # a dead rank makes the others fail after this long, not hang
     max_steps: int = 0  # 0: run until phase.tokens; else stop (and checkpoint) after this many steps
     log_every: int = 10  # progress line every N steps (metrics are written every step)
-    peak_flops_per_device: float = 989e12  # for MFU: H100 dense bf16; set it to your accelerator's peak
+    # for MFU: the accelerator's dense bf16 datasheet peak; 0 looks it up by device name (ettin.flops)
+    peak_flops_per_device: float = 0.0
     device: str = "auto"  # auto | cuda | cpu
+    device_memory_gb: float = 80.0  # the memory each rank may plan for (micro budgets, the fit check)
+    grad_accum_dtype: str = "fp32"  # fp32 | bf16: gradient accumulation and DP reduction under bf16
 
 
 @dataclass
@@ -412,7 +418,12 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
          "schedule.warmup_tokens + schedule.decay_tokens exceed phase.tokens")
     need(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
-    need(cfg.batch.global_size > 0 and cfg.batch.micro_size > 0, "batch.global_size and batch.micro_size must be positive")
+    need(cfg.batch.global_size > 0, f"batch.global_size must be positive, got {cfg.batch.global_size}")
+    need(cfg.batch.micro_tokens >= 0, f"batch.micro_tokens must be >= 0 (0: from the memory model), got {cfg.batch.micro_tokens}")
+    need(cfg.train.device_memory_gb > 0, f"train.device_memory_gb must be positive, got {cfg.train.device_memory_gb}")
+    need(cfg.train.grad_accum_dtype in ("fp32", "bf16"),
+         f"train.grad_accum_dtype must be fp32 or bf16, got '{cfg.train.grad_accum_dtype}'")
+    need(cfg.train.peak_flops_per_device >= 0, "train.peak_flops_per_device must be >= 0 (0: by device name)")
     need(cfg.batch.warmup_tokens >= 0, f"batch.warmup_tokens must be >= 0, got {cfg.batch.warmup_tokens}")
     need(cfg.batch.warmup_start_size > 0 and cfg.batch.warmup_stages > 0,
          "batch.warmup_start_size and batch.warmup_stages must be positive")

@@ -76,7 +76,7 @@ def experiment(out: Path, steps: int) -> Path:
                  max_position_embeddings: {SEQ_LEN}}}
         phase: {{tokens: {tokens}, seq_len: {SEQ_LEN}, checkpoint_every_tokens: {tokens // 4}}}
         schedule: {{warmup_tokens: {tokens // 10}}}
-        batch: {{global_size: 12, micro_size: 6, warmup_tokens: {tokens // 8 // 200 * SEQ_LEN}, warmup_start_size: 4,
+        batch: {{global_size: 12, micro_tokens: {6 * SEQ_LEN}, warmup_tokens: {tokens // 8 // 200 * SEQ_LEN}, warmup_start_size: 4,
                  warmup_stages: 3}}
         train: {{log_every: 50, peak_flops_per_device: 1e11}}  # ~2 CPU cores' fp32 peak: MFU here is rough
         data:

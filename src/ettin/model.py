@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ettin.attention import MaskSpec, build_attention
+from ettin.attention import Documents, MaskSpec, build_attention
 from ettin.config import ModelConfig
 from ettin.data.collate import IGNORE  # label of positions without a loss
 from ettin.parallel import column_linear, copy_to_tp, linear_cross_entropy, row_linear, vocab_bias, vocab_embedding
@@ -100,17 +100,22 @@ class Transformer(nn.Module):
         }
         self.attend = build_attention(attn_backend or cfg.attn_backend)
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None,
-                labels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | Documents, max_seqlen: int | None = None,
+                labels: torch.Tensor | None = None, reduction: str = "mean",
+                label_index: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [tokens, vocab / TP] (this rank's vocab shard), or the loss over labelled tokens
-        (``reduction``: mean, or sum for callers that normalize over a whole global batch)."""
-        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-        if max_seqlen is None:
-            max_seqlen = int(lengths.max())
-        doc_start = torch.repeat_interleave(cu_seqlens[:-1], lengths, output_size=input_ids.shape[0])
-        positions = torch.arange(input_ids.shape[0], device=input_ids.device) - doc_start
+        (``reduction``: mean, or sum for callers that normalize over a whole global batch).
+
+        ``cu_seqlens`` may come as ``Documents`` (offsets on the device and on the host) and
+        ``label_index`` as the positions that carry a label, found on the host: that is how the
+        trainer calls it, so a forward never waits on the GPU. Without them they are read back
+        from the device (one sync each), which is fine for tools and tests."""
+        docs = cu_seqlens if isinstance(cu_seqlens, Documents) else Documents.from_cu_seqlens(cu_seqlens, max_seqlen)
+        cu, n = docs.cu_seqlens, input_ids.shape[0]
+        doc_start = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n)
+        positions = torch.arange(n, device=input_ids.device) - doc_start
         rope = {kind: r(positions) for kind, r in self.rope.items()}
-        plans = {kind: self.attend.prepare(cu_seqlens, max_seqlen, spec) for kind, spec in self.masks.items()}
+        plans = {kind: self.attend.prepare(docs, spec) for kind, spec in self.masks.items()}
 
         x = self.embed_norm(self.embed(input_ids))
         for layer in self.layers:
@@ -119,9 +124,12 @@ class Transformer(nn.Module):
         x = self.final_norm(x)
         if labels is None:
             return self.logits(x)
-        keep = labels != IGNORE  # the head runs only where there is a loss (MLM: masked tokens)
-        total = linear_cross_entropy(self.head(x[keep]), self.embed.weight, self.head_bias, labels[keep])
-        return total if reduction == "sum" else total / keep.sum().clamp(min=1)
+        if label_index is None:
+            label_index = torch.nonzero(labels != IGNORE).squeeze(1)
+        # the head runs only where there is a loss (MLM: the masked tokens)
+        total = linear_cross_entropy(self.head(x.index_select(0, label_index)), self.embed.weight, self.head_bias,
+                                     labels.index_select(0, label_index))
+        return total if reduction == "sum" else total / max(label_index.numel(), 1)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The prediction head up to the (tied) vocab projection."""

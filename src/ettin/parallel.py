@@ -43,9 +43,37 @@ def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: f
         raise ValueError(
             f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tp}"
         )
-    # the TP and DP groups carry most collectives: give them the same bounded timeout
+    # the TP and DP groups carry most collectives: give them the same bounded timeout. megatron's
+    # own gloo groups go unused (ours are made by host_group, only where needed): not created.
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)))
+                                             distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+                                             create_gloo_process_groups=False)
+    _HOST_GROUPS.clear()
+
+
+_HOST_GROUPS: dict = {}
+
+
+def host_group(group=None):
+    """A gloo group over the same ranks as ``group`` (default: all ranks), for the small exchanges
+    that live on the host: label counts, sample digests, stop flags. Over NCCL they would travel
+    through the GPU and make the host wait for it. Where the default backend is gloo already, the
+    group itself. Collective on first use: every rank makes every group of the same kind, in
+    the same order (made once, then cached)."""
+    if dist.get_backend() == "gloo":
+        return group or dist.group.WORLD
+    key = "world" if group is None else tuple(dist.get_process_group_ranks(group))
+    if key not in _HOST_GROUPS:
+        if group is None:
+            _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+        else:  # e.g. the DP groups: one per TP rank; every rank learns them all, then makes them in order
+            mine, every = list(key), [None] * dist.get_world_size()
+            dist.all_gather_object(every, mine)
+            for ranks in sorted({tuple(r) for r in every}):
+                made = dist.new_group(list(ranks), backend="gloo")
+                if ranks == key:
+                    _HOST_GROUPS[key] = made
+    return _HOST_GROUPS[key]
 
 
 def free_port() -> int:

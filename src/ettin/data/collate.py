@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ class Batch:
     max_seqlen: int
     positions: torch.Tensor  # [docs] global sample positions
     digests: list[bytes]  # per-sample XXH3-128 digests, in position order
+    _label_index: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -47,18 +49,35 @@ class Batch:
     def num_labels(self) -> int:
         return int((self.labels != IGNORE).sum())
 
-    def split(self, size: int, count: int) -> list["Batch"]:
-        """``count`` micro-batches of ``size`` samples each (views; empty ones once the samples run out)."""
-        docs, cu = len(self.positions), self.cu_seqlens.tolist()
+    @property
+    def bounds(self) -> list[int]:
+        """``cu_seqlens`` on the host (it lives on the CPU: no device sync)."""
+        return self.cu_seqlens.tolist()
+
+    def label_index(self) -> torch.Tensor:
+        """Positions of the tokens that carry a label (int64), found on the host once per batch,
+        so the model never needs a device-side boolean index (a host sync on a GPU)."""
+        if self._label_index is None:
+            self._label_index = torch.nonzero(self.labels != IGNORE).squeeze(1)
+        return self._label_index
+
+    def micro_batches(self, budget: int, count: int | None = None) -> list["Batch"]:
+        """This batch cut by ``token_budget_cut`` into views, padded with empty micro-batches up to ``count``."""
+        cu = self.bounds
         out = []
-        for m in range(count):
-            a = min(docs, m * size)
-            b = min(docs, a + size)
-            lo, hi = cu[a], cu[b]
-            longest = max((cu[i + 1] - cu[i] for i in range(a, b)), default=0)
-            out.append(Batch(self.tokens[:, lo:hi], self.cu_seqlens[a:b + 1] - lo, longest, self.positions[a:b],
+        for a, b in token_budget_cut(cu, budget):
+            longest = max(cu[i + 1] - cu[i] for i in range(a, b))
+            out.append(Batch(self.tokens[:, cu[a]:cu[b]], self.cu_seqlens[a:b + 1] - cu[a], longest, self.positions[a:b],
                              self.digests[a:b]))
-        return out
+        empty = Batch(self.tokens[:, :0], self.cu_seqlens[:1] * 0, 0, self.positions[:0], [])
+        return out + [empty] * ((count or 0) - len(out))
+
+    def pin_memory(self) -> "Batch":
+        """Page-locked copies (DataLoader's pin thread calls this), so host-to-device copies are
+        asynchronous; the label index is found here too, off the training loop's critical path."""
+        pinned = Batch(self.tokens.pin_memory(), self.cu_seqlens.pin_memory(), self.max_seqlen, self.positions, self.digests)
+        pinned._label_index = self.label_index().pin_memory()
+        return pinned
 
     def __getstate__(self):
         # between loader processes the tokens go as shared memory and the small parts by value;
@@ -68,8 +87,26 @@ class Batch:
                 "positions": self.positions.numpy(), "digests": self.digests}
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        self.__dict__.update(state, _label_index=None)
         self.cu_seqlens, self.positions = torch.from_numpy(state["cu_seqlens"]), torch.from_numpy(state["positions"])
+
+
+def token_budget_cut(bounds: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Cut documents laid end to end (``bounds``: cu_seqlens on the host) into runs ``[first, last)``
+    of consecutive documents holding at most ``budget`` tokens; a document longer than the budget
+    gets a run of its own. Greedy and in order: a pure function of the lengths, so the cut of a
+    rank's share of a step never depends on the worker count, and the global batch, the ledger and
+    the step hash are the same whatever the budget."""
+    if budget <= 0:
+        raise ValueError(f"token budget must be positive, got {budget}")
+    runs, first = [], 0
+    for d in range(1, len(bounds)):
+        if d - 1 > first and bounds[d] - bounds[first] > budget:
+            runs.append((first, d - 1))
+            first = d - 1
+    if len(bounds) > 1:
+        runs.append((first, len(bounds) - 1))
+    return runs
 
 
 def _token_buffer(n: int) -> torch.Tensor:

@@ -1,16 +1,13 @@
-"""The per-rank input pipeline: step -> this rank's collated Batch, through a torch DataLoader, cut
-into micro-batches in the receiving process.
+"""The per-rank input pipeline: step -> this rank's collated Batch, through a torch DataLoader.
 
 Items are addressed, not streamed: step ``s`` on data-parallel rank ``r`` is a fixed slice of
 positions, so workers can build them in any order (the DataLoader hands them back in order), the
 output never depends on the worker count, and resuming at step ``s`` just starts the index there.
-Every rank of a step runs the same number of micro-batches (the largest rank slice decides); a
-rank with fewer samples gets empty trailing micro-batches.
+The trainer cuts each item into micro-batches by a token budget (``Batch.micro_batches``).
 """
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -68,21 +65,13 @@ class RankSteps(Dataset):
     between processes) to one per step instead of one per micro-batch; the receiving process cuts
     it into micro-batches, which are views."""
 
-    def __init__(self, pipeline: DataPipeline, micro_size: int, dp_rank: int = 0, dp_size: int = 1):
-        self.pipeline, self.micro_size, self.dp_rank, self.dp_size = pipeline, micro_size, dp_rank, dp_size
+    def __init__(self, pipeline: DataPipeline, dp_rank: int = 0, dp_size: int = 1):
+        self.pipeline, self.dp_rank, self.dp_size = pipeline, dp_rank, dp_size
         if pipeline.collator.objective == "mlm":
             mlm_kernel()  # compile (or load) here, before the workers fork, not once in every worker
 
-    def micro_count(self, step: int) -> int:
-        """Micro-batches per rank at ``step``: the same on every rank (the largest slice decides)."""
-        largest = math.ceil(self.pipeline.schedule.size(step) / self.dp_size)
-        return math.ceil(largest / self.micro_size)
-
     def __getitem__(self, step: int) -> tuple[int, Batch]:
         return step, self.pipeline.batch(*self.pipeline.schedule.rank_bounds(step, self.dp_rank, self.dp_size))
-
-    def micro_batches(self, step: int, batch: Batch) -> list[Batch]:
-        return batch.split(self.micro_size, self.micro_count(step))
 
     def __len__(self):  # addressed by step; the sampler decides the range
         raise TypeError("RankSteps is indexed by step")
@@ -103,8 +92,10 @@ def _identity(x):
 
 
 def build_loader(dataset: RankSteps, first_step: int, last_step: int | None = None, workers: int = 2,
-                 prefetch: int = 2) -> Iterator[tuple[int, list[Batch]]]:
-    """(step, this rank's micro-batches) from ``first_step`` on: the resume point is just an index."""
+                 prefetch: int = 2, pin_memory: bool = False) -> Iterator[tuple[int, Batch]]:
+    """(step, this rank's batch) from ``first_step`` on: the resume point is just an index.
+    ``pin_memory`` (for a GPU) page-locks each batch in the loader's pin thread."""
     loader = DataLoader(dataset, sampler=StepSampler(first_step, last_step), batch_size=None, collate_fn=_identity,
-                        num_workers=workers, prefetch_factor=prefetch if workers else None, persistent_workers=False)
-    return ((step, dataset.micro_batches(step, batch)) for step, batch in loader)
+                        num_workers=workers, prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                        pin_memory=pin_memory)
+    return iter(loader)

@@ -43,7 +43,7 @@ class MegatronMPU:
 
 def deepspeed_config(cfg, bf16: bool) -> dict:
     return {
-        "train_micro_batch_size_per_gpu": cfg.batch.micro_size,
+        "train_micro_batch_size_per_gpu": 1,  # informational: we cut micro-batches by tokens ourselves
         "gradient_accumulation_steps": 1,  # we mark accumulation boundaries ourselves (batch sizes vary)
         "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False,
                               "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},

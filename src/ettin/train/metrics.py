@@ -28,7 +28,8 @@ class MetricsLogger:
         if metrics["step"] % self.log_every == 0:
             print(f"step {metrics['step']:>6} | tokens {metrics['tokens']:>11,} | loss {metrics['loss']:.4f} | "
                   f"lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f} | {metrics['tokens_per_s']:>8,.0f} tok/s | "
-                  f"mfu {metrics['mfu']:.1%} | data wait {metrics['data_wait_s']:.3f}s", flush=True)
+                  + (f"mfu {metrics['mfu']:.1%} | " if metrics.get("mfu") is not None else "")
+                  + f"data wait {metrics['data_wait_s']:.3f}s", flush=True)
 
     def close(self) -> None:
         if self.enabled:

@@ -1,8 +1,12 @@
 """``ettin train``: one phase of one model, on TP x DP ranks, resumable on any topology.
 
-Per step: fetch this rank's micro-batches, agree on the global label count, run forward/backward
-per micro-batch (loss summed and normalized by the global count, so the gradient is the same at
-any DP size), take one optimizer step, record the step in the ledger. Checkpoint every
+Per step: fetch this rank's share of the global batch, cut it into micro-batches by a token budget
+(``batch.micro_tokens``, sized by ``ettin.memory`` when 0), agree with the other DP ranks on the
+label count and on the number of micro-batches (over a gloo group, on the host), copy the share
+to the device once, run forward/backward per micro-batch (loss summed and normalized by the
+global count, so the gradient is the same at any DP size and budget), take one optimizer step,
+record the step in the ledger. On a GPU the step waits for the device once: for the loss and
+gradient norm at its end. Checkpoint every
 ``phase.checkpoint_every_tokens`` and at the end. Signals (Slurm's USR2, TERM) and
 ``train.max_runtime_s`` only raise a flag; ranks agree on it at the step boundary, save, and exit
 with EXIT_REQUEUE. A dead rank makes the others' collectives fail after
@@ -12,21 +16,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
-from ettin.data.collate import IGNORE, Batch, step_hash
+from ettin.attention import Documents
+from ettin.data.collate import IGNORE, Batch, step_hash, token_budget_cut
 from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
 from ettin.train.checkpoint import TrainState, latest_checkpoint, prune, read_checkpoint, write_checkpoint
-from ettin.train.env import setup_distributed_env
+from ettin.train.env import cuda_environment, setup_distributed_env
 from ettin.train.metrics import MetricsLogger
 from ettin.train.optim import lr_factor
 from ettin.train.signals import StopFlag
@@ -34,15 +41,20 @@ from ettin.train.signals import StopFlag
 EXIT_OK, EXIT_NONFINITE, EXIT_REQUEUE = 0, 3, 75  # 75 = EX_TEMPFAIL: "try again"
 
 
-def pick_device(cfg) -> torch.device:
-    """This rank's device: its local GPU (LOCAL_RANK, wrapped for one-GPU-per-task binding), or the CPU."""
-    import os
+def pick_device(cfg, environ=os.environ) -> torch.device:
+    """This rank's device: its local GPU, or the CPU.
 
+    The GPU is ``LOCAL_RANK`` modulo the visible devices: with one GPU per node-local rank that is
+    the rank's own; with per-task binding (``--gpus-per-task``, ``--gpu-bind``) each task sees one
+    device, number 0. DeepSpeed picks its device from ``LOCAL_RANK`` by itself, so the variable is
+    rewritten to the index chosen here: otherwise every rank with LOCAL_RANK >= 1 fails there."""
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
+        index = int(environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
+        environ["LOCAL_RANK"] = str(index)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
@@ -50,12 +62,14 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         from megatron.core import parallel_state as ps
 
-        from ettin.flops import flops_per_token
-        from ettin.parallel import init_process_groups
+        from ettin.flops import resolve_peak_flops
+        from ettin.memory import check_fits, resolve_micro_tokens
+        from ettin.parallel import host_group, init_process_groups
         from ettin.train.engine import build_engine
 
         self.cfg = cfg
         setup_distributed_env()
+        cuda_environment(cfg.parallel.tensor)
         self.device = pick_device(cfg)
         use_cuda = self.device.type == "cuda"
         init_process_groups(cfg.parallel.tensor, "nccl" if use_cuda else "gloo", cfg.train.collective_timeout_s)
@@ -63,8 +77,12 @@ class Trainer:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.dp_group = ps.get_data_parallel_group()
+        self.host_dp, self.host_world = host_group(self.dp_group), host_group()
         self.main = self.rank == 0
         self.run_dir = Path(cfg.run_dir)
+        self.micro_tokens = resolve_micro_tokens(cfg, self.dp_size)
+        check_fits(cfg, self.dp_size, micro_tokens=self.micro_tokens)  # before any weights exist
+        self.peak_flops = resolve_peak_flops(cfg, torch.cuda.get_device_name(self.device) if use_cuda else "cpu")
 
         torch.manual_seed(cfg.phase.seed)  # the same initial weights on every rank and TP size
         self.model = cfg.model.build().to(self.device)
@@ -74,7 +92,6 @@ class Trainer:
         vocab = self.pipeline.manifest.tokenizer.get("vocab_size")
         if vocab and vocab > cfg.model.vocab_size:
             raise ConfigError(f"the data's tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}")
-        self.flops_per_token = flops_per_token(cfg.model, cfg.phase.seq_len)["total"]
         self.state, self.last_checkpoint = self._restore()
         self.ledger = Ledger.for_pipeline(self.pipeline, cfg)
         self.metrics = MetricsLogger(self.run_dir, self.main, cfg.train.log_every)
@@ -128,24 +145,29 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self, stop: StopFlag | None = None) -> int:
+        from ettin.train.engine import skipped_steps
+
         cfg, state = self.cfg, self.state
         if state.final:
             self._say(f"{self.run_dir}: phase already complete ({state.tokens:,} tokens)")
             return EXIT_OK
         stop, started = stop or StopFlag(), time.time()
         every = cfg.phase.checkpoint_every_tokens
-        dataset = RankSteps(self.pipeline, cfg.batch.micro_size, self.dp_rank, self.dp_size)
-        loader = build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch)
+        dataset = RankSteps(self.pipeline, self.dp_rank, self.dp_size)
+        loader = build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch,
+                              pin_memory=self.device.type == "cuda")
+        self._say(f"micro-batches of at most {self.micro_tokens:,} tokens per rank"
+                  + ("" if cfg.batch.micro_tokens else " (batch.micro_tokens=0: from the memory model)"))
         while True:
             step = state.step
             if cfg.train.max_steps and step >= cfg.train.max_steps:
                 self._say(f"train.max_steps={cfg.train.max_steps} already reached at step {step}")
                 return EXIT_OK
             t0 = time.perf_counter()
-            loaded, batches = next(loader)
+            loaded, batch = next(loader)
             assert loaded == step, (loaded, step)
             data_wait = time.perf_counter() - t0
-            loss, labels, tokens, digests = self._step(step, batches)
+            loss, grad_norm, labels, tokens, flops, digests = self._step(step, batch)
             if not math.isfinite(loss):
                 self._say(f"error: non-finite loss ({loss}) at step {step}; the last good checkpoint is "
                           f"{self.last_checkpoint or 'none'}; lower optim.lr or inspect the batch with "
@@ -159,18 +181,19 @@ class Trainer:
             seconds = time.perf_counter() - t0
             self.metrics.log({
                 "step": state.step, "tokens": state.tokens, "samples": state.samples, "loss": loss,
-                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": self.optimizer.last_grad_norm,
+                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                 "labels": labels, "step_tokens": tokens, "tokens_per_s": tokens / seconds,
-                "samples_per_s": (end - start) / seconds, "mfu": self.flops_per_token * tokens / seconds
-                / (cfg.train.peak_flops_per_device * self.world), "data_wait_s": data_wait, "step_s": seconds,
+                "samples_per_s": (end - start) / seconds, "flops": flops,
+                "mfu": None if math.isnan(self.peak_flops) else flops / seconds / (self.peak_flops * self.world),
+                "skipped_steps": skipped_steps(self.engine), "data_wait_s": data_wait, "step_s": seconds,
                 "memory_gb": self._memory_gb(), "time": time.time()})
 
             finished = state.tokens >= cfg.phase.tokens
             capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
             flags = torch.tensor([stop.signal is not None,
                                   bool(cfg.train.max_runtime_s) and time.time() - started > cfg.train.max_runtime_s],
-                                 device=self.device, dtype=torch.int32)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # every rank leaves at the same step
+                                 dtype=torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.host_world)  # every rank leaves at the same step
             if finished or capped or flags.any() or state.tokens // every > before // every:
                 state.final = finished
                 self._save()
@@ -182,32 +205,62 @@ class Trainer:
                 self._say(f"stopping for {why} at step {state.step}; saved {self.last_checkpoint}; exit {EXIT_REQUEUE} (requeue me)")
                 return EXIT_REQUEUE
 
-    def _step(self, step: int, batches: list[Batch]) -> tuple[float, int, int, list[bytes]]:
-        cfg, engine = self.cfg, self.engine
-        counts = torch.tensor([sum(b.num_labels for b in batches), sum(b.num_tokens for b in batches)],
-                              dtype=torch.float64, device=self.device)
-        dist.all_reduce(counts, group=self.dp_group)
-        labels, tokens = int(counts[0]), int(counts[1])
+    def _step(self, step: int, batch: Batch) -> tuple[float, float, int, int, float, list[bytes]]:
+        """One optimizer step over this rank's share: (loss, grad norm, labels, tokens and FLOPs of the
+        global batch, the global batch's sample digests in position order)."""
+        from ettin.flops import step_flops
+
+        cfg, engine, bounds = self.cfg, self.engine, batch.bounds
+        runs = token_budget_cut(bounds, self.micro_tokens)
+        label_index = batch.label_index()
+        flops = step_flops(cfg.model, np.diff(bounds), len(label_index))
+        # one host-side exchange: counts for the normalization, the micro-batch count every rank
+        # must run (ZeRO reduces per micro-batch), FLOPs for MFU and the digests for the ledger
+        shares = [None] * self.dp_size
+        dist.all_gather_object(shares, (len(label_index), batch.num_tokens, len(runs), flops, batch.digests),
+                               group=self.host_dp)
+        labels, tokens = sum(s[0] for s in shares), sum(s[1] for s in shares)
+        micro_count, flops = max(s[2] for s in shares), sum(s[3] for s in shares)
         # dropout masks: a function of (seed, step, DP rank), so a resumed run draws the same ones
         torch.manual_seed(derive_key(cfg.phase.seed, "dropout", step, self.dp_rank) % 2**63)
         lr = cfg.optim.lr * lr_factor(self.state.tokens, cfg.schedule, cfg.phase.tokens)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # the share goes to the device once (pinned memory, asynchronous), widened to int64 there;
+        # micro-batches are views, cut with offsets the host already knows
+        tokens_d = batch.tokens.to(self.device, non_blocking=True).long()
+        cu_d = batch.cu_seqlens.to(self.device, non_blocking=True)
+        label_d = label_index.to(self.device, non_blocking=True)
+        label_cuts = np.searchsorted(label_index.numpy(), bounds).tolist()
+        scale = self.dp_size / max(labels, 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, b in enumerate(batches):
-            engine.set_gradient_accumulation_boundary(i == len(batches) - 1)
-            if b.num_tokens == 0:  # this rank's share ran out: a no-loss token keeps the collectives in step
-                b = Batch(torch.tensor([[cfg.model.cls_token_id], [IGNORE]], dtype=torch.int32),
-                          torch.tensor([0, 1], dtype=torch.int32), 1, torch.zeros(0, dtype=torch.int64), [])
-            loss = engine(b.input_ids.to(self.device, torch.long), b.cu_seqlens.to(self.device), b.max_seqlen,
-                          labels=b.labels.to(self.device, torch.long), reduction="sum")
-            engine.backward(loss * self.dp_size / max(labels, 1), scale_wrt_gas=False)
+        for i in range(micro_count):
+            engine.set_gradient_accumulation_boundary(i == micro_count - 1)
+            if i < len(runs):
+                a, b = runs[i]
+                lo = bounds[a]
+                docs = Documents(cu_d[a:b + 1] - lo, tuple(x - lo for x in bounds[a:b + 1]),
+                                 max(bounds[d + 1] - bounds[d] for d in range(a, b)))
+                ids, targets = tokens_d[0, lo:bounds[b]], tokens_d[1, lo:bounds[b]]
+                where = label_d[label_cuts[a]:label_cuts[b]] - lo
+            else:  # this rank's share ran out: a no-loss token keeps the collectives in step
+                ids, targets, where, docs = self._filler()
+            loss = engine(ids, docs, labels=targets, label_index=where, reduction="sum")
+            engine.backward(loss * scale, scale_wrt_gas=False)
             total += loss.detach().double()
         engine.step()
         dist.all_reduce(total, group=self.dp_group)
-        gathered = [None] * self.dp_size
-        dist.all_gather_object(gathered, [d for b in batches for d in b.digests], group=self.dp_group)
-        return float(total) / max(labels, 1), labels, tokens, [d for part in gathered for d in part]
+        grad_norm = torch.as_tensor(self.optimizer.last_grad_norm, dtype=torch.float64, device=self.device)
+        loss, grad_norm = torch.stack([total, grad_norm]).tolist()  # the step's one wait for the device
+        return loss / max(labels, 1), grad_norm, labels, tokens, flops, [d for s in shares for d in s[4]]
+
+    def _filler(self):
+        """A one-token micro-batch without a label, on the device (made once)."""
+        if not hasattr(self, "_filler_batch"):
+            ids = torch.tensor([self.cfg.model.cls_token_id], device=self.device)
+            docs = Documents(torch.tensor([0, 1], dtype=torch.int32, device=self.device), (0, 1), 1)
+            self._filler_batch = (ids, torch.full_like(ids, IGNORE), torch.zeros(0, dtype=torch.long, device=self.device), docs)
+        return self._filler_batch
 
     def _save(self) -> None:
         from ettin.train.engine import full_state
