@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # a multi-GB CUDA wheel from the registry.
 PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench gpu-check clean
 
 # make slurm-up / make slurm-down: a real Slurm cluster on this machine (slurm/local/)
 include slurm/local/Makefile.inc
@@ -30,6 +30,14 @@ bench: setup
 	$(BIN)/python benchmarks/bench_train_step.py
 	$(BIN)/python benchmarks/bench_loader.py
 	$(BIN)/python benchmarks/bench_prepare.py
+
+# The GPU acceptance run (benchmarks/gpu_check.py): one markdown table in $(OUT). GPU machines
+# may have no registry, so it uses .venv when there is one and the machine's python3 otherwise.
+# SMOKE=1 runs it on tiny shapes on the CPU (CI does, through tests/test_benchmarks.py).
+OUT ?= gpu_check_out
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+gpu-check:
+	PYTHONPATH=src $(GPU_PYTHON) benchmarks/gpu_check.py --out $(OUT) $(if $(SMOKE),--smoke)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -154,6 +154,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | cpu
     device_memory_gb: float = 80.0  # the memory each rank may plan for (micro budgets, the fit check)
     grad_accum_dtype: str = "fp32"  # fp32 | bf16: gradient accumulation and DP reduction under bf16
+    sync_debug: bool = False  # CUDA: count the host<->device syncs of every step (metrics: host_syncs)
 
 
 @dataclass

@@ -14,11 +14,13 @@ with EXIT_REQUEUE. A dead rank makes the others' collectives fail after
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import time
+import warnings
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -26,8 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
 from ettin.attention import Documents
+from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
 from ettin.data.collate import IGNORE, Batch, step_hash, token_budget_cut
 from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
@@ -41,6 +43,13 @@ from ettin.train.signals import StopFlag
 EXIT_OK, EXIT_NONFINITE, EXIT_REQUEUE = 0, 3, 75  # 75 = EX_TEMPFAIL: "try again"
 
 
+def local_device_index(environ, device_count: int) -> int:
+    """``LOCAL_RANK`` modulo the visible devices; ``LOCAL_RANK`` is rewritten to match (see pick_device)."""
+    index = int(environ.get("LOCAL_RANK", 0)) % device_count
+    environ["LOCAL_RANK"] = str(index)
+    return index
+
+
 def pick_device(cfg, environ=os.environ) -> torch.device:
     """This rank's device: its local GPU, or the CPU.
 
@@ -51,11 +60,27 @@ def pick_device(cfg, environ=os.environ) -> torch.device:
     if cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu")
-        index = int(environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()
-        environ["LOCAL_RANK"] = str(index)
+        index = local_device_index(environ, torch.cuda.device_count())
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def count_host_syncs(enabled: bool, sites: list):
+    """Collect, into ``sites``, one "file:line" per synchronizing CUDA call made inside (torch's
+    sync debug mode, as warnings). Off the hot path: a debugging and acceptance aid."""
+    if not enabled:
+        yield
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites += [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
 
 
 class Trainer:
@@ -167,7 +192,9 @@ class Trainer:
             loaded, batch = next(loader)
             assert loaded == step, (loaded, step)
             data_wait = time.perf_counter() - t0
-            loss, grad_norm, labels, tokens, flops, digests = self._step(step, batch)
+            syncs = []
+            with count_host_syncs(cfg.train.sync_debug and self.device.type == "cuda", syncs):
+                loss, grad_norm, labels, tokens, flops, digests = self._step(step, batch)
             if not math.isfinite(loss):
                 self._say(f"error: non-finite loss ({loss}) at step {step}; the last good checkpoint is "
                           f"{self.last_checkpoint or 'none'}; lower optim.lr or inspect the batch with "
@@ -186,7 +213,8 @@ class Trainer:
                 "samples_per_s": (end - start) / seconds, "flops": flops,
                 "mfu": None if math.isnan(self.peak_flops) else flops / seconds / (self.peak_flops * self.world),
                 "skipped_steps": skipped_steps(self.engine), "data_wait_s": data_wait, "step_s": seconds,
-                "memory_gb": self._memory_gb(), "time": time.time()})
+                "memory_gb": self._memory_gb(), "time": time.time(),
+                **({"host_syncs": len(syncs), "host_sync_sites": sorted(set(syncs))} if cfg.train.sync_debug else {})})
 
             finished = state.tokens >= cfg.phase.tokens
             capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
