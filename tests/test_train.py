@@ -126,6 +126,23 @@ def test_slurm_environment_becomes_torch_distributed():
     assert out == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": str(15000 + 12345)}
 
 
+def test_gpu_binding_and_cuda_settings():
+    from ettin.train.env import cuda_environment
+    from ettin.train.trainer import local_device_index
+
+    # --gpus-per-task=1: every task sees one device, 0; DeepSpeed must be told 0, not the task's LOCAL_RANK
+    env = {"LOCAL_RANK": "3"}
+    assert local_device_index(env, 1) == 0 and env["LOCAL_RANK"] == "0"
+    env = {"LOCAL_RANK": "3"}
+    assert local_device_index(env, 4) == 3 and env["LOCAL_RANK"] == "3"
+    assert local_device_index({}, 8) == 0
+    env = {}
+    assert cuda_environment(1, env) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_DEVICE_MAX_CONNECTIONS": None}
+    assert cuda_environment(2, env)["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}  # the user's own setting wins
+    assert cuda_environment(2, env)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -44,7 +44,7 @@ class ModelConfig:
     attn_out_dropout: float = 0.1
     init_std: float = 0.02
     init_cutoff: float = 2.0  # truncate the normal at this many std
-    attn_backend: str = "auto"  # auto | flash | flex | sdpa
+    attn_backend: str = "auto"  # auto | varlen | flash | flex | sdpa (ettin.attention)
     cls_token_id: int = 50281  # also BOS for the decoder
     sep_token_id: int = 50282  # also EOS
     pad_token_id: int = 50283
@@ -396,8 +396,9 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     need(cfg.phase.seq_len > 2, f"phase.seq_len must be > 2, got {cfg.phase.seq_len}")
     need(m.window_left >= 0 and m.window_right >= 0, "model.window_left/window_right must be >= 0")
     need(not m.causal or m.window_right == 0, "a causal model must have model.window_right = 0")
-    need(m.attn_backend in ("auto", "flash", "flex", "sdpa"),
-         f"model.attn_backend '{m.attn_backend}' unknown{_did_you_mean(m.attn_backend, ['auto', 'flash', 'flex', 'sdpa'])}")
+    backends = ["auto", "varlen", "flash", "flex", "sdpa"]
+    need(m.attn_backend in backends, f"model.attn_backend '{m.attn_backend}' unknown{_did_you_mean(m.attn_backend, backends)}; "
+         f"use one of {', '.join(backends)}")
     need(cfg.objective.name in ("mlm", "clm"), f"objective.name must be mlm or clm, got '{cfg.objective.name}'")
     need(cfg.objective.name != "mlm" or not m.causal, "objective mlm needs model.causal=false")
     need(cfg.objective.name != "clm" or m.causal, "objective clm needs model.causal=true")
