@@ -145,7 +145,7 @@ def test_flex_pads_to_at_least_two_blocks():
 def test_prepare_never_reads_the_device(backend):
     """Plans are built from the host offsets: with the device offsets on the meta device, where
     nothing can be read back, every prepare still succeeds."""
-    attend = SdpaAttention() if backend == "sdpa" else FlexAttention() if backend == "flex" else VarlenAttention.__new__(VarlenAttention)
+    attend = {"sdpa": SdpaAttention, "flex": FlexAttention, "varlen": VarlenAttention}[backend]()
     docs = documents([1, 128, 129, 7, 300, 0, 2], device="meta")
     for spec in [*CHECK_MASKS.values(), *SMALL_WINDOWS]:
         attend.prepare(docs, spec)
@@ -161,16 +161,15 @@ def test_compiled_flex_keeps_one_graph_per_mask_kind():
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    kernel = torch.compile(flex_attention, backend=counter, dynamic=True)
-    attend = FlexAttention()
-    batches = [[130, 5], [1], [300, 1, 40], [128], [7] * 20, [1]]
+    attend = FlexAttention(kernel=torch.compile(flex_attention, backend=counter, dynamic=True))
+    # first a batch whose sizes coincide (2 heads, 2 block rows, lists 2 wide), then others
+    batches = [[130, 5], [1], [300, 1, 40], [128], [7] * 20, [1], [1000, 3], [2, 2]]
     for spec in (ENCODER_GLOBAL, ENCODER_LOCAL):
         for lengths in batches:
             docs = documents(lengths)
-            plan = attend.prepare(docs, spec)
-            q, k, v = (torch.randn(1, 2, plan.seq_lengths[0], 16) for _ in range(3))
+            q, k, v = (torch.randn(docs.total, 2, 16) for _ in range(3))
             with torch.no_grad():
-                kernel(q, k, v, block_mask=plan)
+                attend(q, k, v, attend.prepare(docs, spec))
     assert counter.frame_count == 2, f"{counter.frame_count} compilations for 2 mask kinds"
     torch._dynamo.reset()
 
@@ -189,15 +188,14 @@ def test_backends_without_dropout_say_so():
     with pytest.raises(ValueError, match="no attention-probability dropout"):
         FlexAttention()(x, x, x, None, dropout_p=0.1)
     with pytest.raises(ValueError, match="no attention-probability dropout"):
-        VarlenAttention.__new__(VarlenAttention)(x, x, x, None, dropout_p=0.1)
+        VarlenAttention()(x, x, x, None, dropout_p=0.1)
 
 
 def test_auto_is_sdpa_on_cpu_and_gpu_backends_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         build_attention("nope")
     if torch.cuda.is_available():
-        assert build_attention("auto").name == available_backends()[-1] or build_attention("auto").name in ("varlen", "flash", "flex")
-        return
+        return  # test_auto_prefers_varlen_on_cuda
     assert build_attention("auto").name == "sdpa"
     assert "varlen" not in available_backends() and "flash" not in available_backends()
     with pytest.raises(ValueError, match=r"attention backend 'varlen' is not available here \(it needs CUDA"):

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ettin.attention import MaskSpec, allowed, available_backends, build_attention
+from ettin.attention import Documents, MaskSpec, allowed, available_backends, build_attention
 from ettin.config import load_config
 from ettin.flops import flops_per_token, num_parameters
 from ettin.model import IGNORE
@@ -155,7 +155,7 @@ def test_every_backend_matches_the_reference(backend, spec):
     torch.manual_seed(0)
     cu = torch.tensor([0, 1, 130, 200, 460], dtype=torch.int32)
     q, k, v = (torch.randn(460, 2, 16) for _ in range(3))
-    plan = attend.prepare(cu, 260, spec)
+    plan = attend.prepare(Documents.from_cu_seqlens(cu), spec)
     with torch.no_grad():  # FlexAttention has no CPU backward
         out = attend(q, k, v, plan)
     torch.testing.assert_close(out, reference_attention(q, k, v, cu, spec), rtol=1e-5, atol=1e-5)
@@ -170,7 +170,7 @@ def test_blocked_local_sdpa_matches_the_reference_with_gradients(spec):
     cu = torch.tensor([0, 0, 1, 9, 17, 81, 145, 145], dtype=torch.int32)
     q, k, v = (torch.randn(145, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     attend = build_attention("sdpa")
-    out, ref = attend(q, k, v, attend.prepare(cu, 64, spec)), reference_attention(q, k, v, cu, spec)
+    out, ref = attend(q, k, v, attend.prepare(Documents.from_cu_seqlens(cu), spec)), reference_attention(q, k, v, cu, spec)
     torch.testing.assert_close(out, ref)
     for got, want in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
                          torch.autograd.grad(ref.square().sum(), (q, k, v))):

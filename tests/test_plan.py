@@ -42,7 +42,8 @@ def test_estimate_counts_steps_with_the_batch_size_ramp():
 def test_estimate_scales_throughput_to_the_phase_sequence_length():
     cfg = load_config("ettin", ["model=1b", "objective=clm", "phase=extension"])
     out = estimate(cfg, gpus=8, tokens_per_gpu_s_at_1024=64e3)
-    ratio = flops_per_token(cfg.model, 1024)["total"] / flops_per_token(cfg.model, 7999)["total"]
+    # the published rate is for pretraining (seq 1024, CLM: every token labelled); this run labels every token too
+    ratio = flops_per_token(cfg.model, 1024)["total"] / flops_per_token(cfg.model, 7999, label_fraction=1.0)["total"]
     assert out["tokens"] == 83_300_000_000 and out["seq_len"] == 7999 and out["warmup_steps"] == 0
     assert out["tokens_per_gpu_s"] == pytest.approx(64e3 * ratio) and ratio < 1
     assert out["checkpoints"] == math.ceil(83.3e9 / 8.5e9)
@@ -59,6 +60,57 @@ def test_plan_cli_prints_every_run_and_says_what_a_sample_is(capsys):
         ("17m", "all", "total"), ("1b", "all", "total")]
     assert rows[0][9] == "2M" and rows[4][9] == "64k"  # the given rate; the published one for 1b
     assert "days on 8 GPUs" in out and "a sample is about seq_len tokens" in out
+
+
+def test_estimate_scales_mlm_by_its_labelled_tokens():
+    """The head runs only on labelled tokens: decay's 15% masking costs less per token than 30%."""
+    pretrain = load_config("ettin", ["model=150m", "phase=pretrain"])
+    decay, extension = (load_config("ettin", ["model=150m", f"phase={p}"]) for p in ("decay", "extension"))
+    assert estimate(pretrain, 4, 1e6)["tokens_per_gpu_s"] == pytest.approx(1e6)  # the reference itself
+    rate = {cfg.phase.name: estimate(cfg, 4, 1e6)["tokens_per_gpu_s"] for cfg in (decay, extension)}
+    assert rate["extension"] < rate["decay"] < 1e6  # same length, fewer labels: faster; long: slower
+    ratio = (flops_per_token(pretrain.model, 1024, label_fraction=0.30)["total"]
+             / flops_per_token(decay.model, 7999, label_fraction=0.15)["total"])
+    assert rate["decay"] == pytest.approx(1e6 * ratio)
+
+
+def test_plan_memory_every_size_and_phase_fits_80gb_on_four_gpus(capsys):
+    """``ettin plan --memory --sizes all``: the published setup (4 GPUs, TP 1, ZeRO-1) with the default
+    micro budgets fits every size, objective and phase into 80 GB."""
+    assert plan_main(["--memory", "--sizes", "all"]) == 0
+    out = capsys.readouterr().out
+    header, *lines = out.splitlines()
+    assert header.split()[:3] == ["size", "objective", "phase"] and header.endswith("fits")
+    sizes = known_sizes()
+    rows = [line.split() for line in lines if line.split() and line.split()[0] in sizes]
+    assert [(r[0], r[1], r[2]) for r in rows] == [(s, o, p) for s in sizes for o in ("mlm", "clm")
+                                                  for p in ("pretrain", "extension", "decay", "cross")]
+    for r in rows:
+        assert r[4:7] == ["1", "1", "4"]  # TP, ZeRO, DP
+        assert r[-1] == "yes" and float(r[-3]) <= 80 * 0.9 and r[-2] == "80", r
+        assert int(r[7].replace(",", "")) >= int(r[3])  # the budget holds at least one full sample
+    assert "predicted peak GB" in out
+
+
+def test_plan_memory_given_budget_and_layout(capsys):
+    assert plan_main(["--memory", "--sizes", "1b", "--objectives", "clm", "--phases", "decay",
+                      "--micro-tokens", "2000000"]) == 0
+    (row,) = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("1b ")]
+    assert row[7] == "2,000,000" and row[-1] == "NO" and float(row[-3]) > 80
+    assert plan_main(["--memory", "--sizes", "150m", "--phases", "pretrain", "--gpus", "8",
+                      "parallel.tensor=2", "parallel.zero_stage=2", "train.device_memory_gb=141"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("150m ")]
+    assert len(rows) == 2 and all(r[4:7] == ["2", "2", "4"] and r[-2] == "141" and r[-1] == "yes" for r in rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--memory", "--gpus", "3", "parallel.tensor=2"], "--gpus 3 is not divisible by parallel.tensor=2"),
+    (["--memory", "--micro-tokens", "-5"], "--micro-tokens must be >= 0"),
+])
+def test_plan_memory_bad_input_is_one_line(capsys, argv, message):
+    assert plan_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -212,7 +212,7 @@ def block_ranges(doc: torch.Tensor, cu: torch.Tensor, before: int, after: int, l
         d = doc[i]
         return torch.maximum(cu[d], i - before), torch.minimum(cu[d + 1] - 1, i + after)
 
-    first = torch.arange(rows, device=doc.device) * block
+    first = (torch.arange(rows, device=doc.device) * block).view(1, 1, rows)  # [1, 1, rows]: BlockMask's layout
     lo_first, hi_first = reach(first)
     lo_last, hi_last = reach(first + block - 1)
     lo, hi = lo_first // block, hi_last // block  # some pair allowed
@@ -221,11 +221,11 @@ def block_ranges(doc: torch.Tensor, cu: torch.Tensor, before: int, after: int, l
     full_lo, full_hi = torch.where(none_full, hi + 1, full_lo), torch.where(none_full, hi, full_hi)
     left, right = full_lo - lo, hi - full_hi  # partial blocks on each side of the full ones
     k = torch.arange(width, device=doc.device)
-    partial = torch.where(k < left[:, None], lo[:, None] + k, (full_hi - left)[:, None] + 1 + k)
-    full = full_lo[:, None] + k
+    partial = torch.where(k < left[..., None], lo[..., None] + k, (full_hi - left)[..., None] + 1 + k)
+    full = full_lo[..., None] + k
 
     def ordered(count, indices):  # entries past count are unused: keep them valid block numbers
-        return count.to(torch.int32)[None, None], indices.clamp(0, rows - 1).to(torch.int32)[None, None]
+        return count.to(torch.int32), indices.clamp(0, rows - 1).to(torch.int32)
 
     kv_num_blocks, kv_indices = ordered(left + right, partial)
     full_kv_num_blocks, full_kv_indices = ordered(full_hi - full_lo + 1, full)
@@ -246,19 +246,31 @@ def document_mask_mod(doc: torch.Tensor, spec: MaskSpec):
 
 class FlexAttention:
     """PyTorch FlexAttention with a block mask built from the documents' offsets (compiled on
-    CUDA). Inputs are padded to the mask's length and the padding's outputs dropped."""
+    CUDA). Inputs are padded to the mask's length and the padding's outputs dropped.
+
+    The kernel is called without duck sizing: by default ``torch.compile`` gives sizes that happen
+    to be equal when it first compiles one symbol (say 2 rows of blocks, 2 heads and lists 2 wide),
+    and the next batch, where they differ, compiles again. ``kernel`` replaces ``flex_kernel``
+    (tests count compilations with it)."""
 
     name = "flex"
+
+    def __init__(self, kernel=None):
+        self._kernel = kernel
 
     def prepare(self, docs: Documents, spec: MaskSpec):
         return flex_block_mask(docs, spec)
 
     def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
+        from torch.fx.experimental import _config as fx_config
+
         if dropout_p:
             raise ValueError("flex attention backend has no attention-probability dropout")
         n, pad = q.shape[0], plan.seq_lengths[0] - q.shape[0]
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, padded, dim]
-        out = flex_kernel(q.device)(q, k, v, block_mask=plan)
+        kernel = self._kernel or flex_kernel(q.device)
+        with fx_config.patch(use_duck_shape=False):
+            out = kernel(q, k, v, block_mask=plan)
         return out[0, :, :n].transpose(0, 1)
 
 

@@ -74,7 +74,7 @@ def _head(cfg: ModelConfig) -> int:
     return 2 * (h * h + h * cfg.vocab_size)
 
 
-def step_flops(model_cfg: ModelConfig, doc_lengths: Sequence[int] | np.ndarray, num_labels: int,
+def step_flops(model_cfg: ModelConfig, doc_lengths: Sequence[int] | np.ndarray, num_labels: float,
                training: bool = True) -> float:
     """The FLOPs of one forward(+backward) over these documents (all of a step's micro-batches
     together, or one) with ``num_labels`` labelled tokens. Vectorized: a few numpy passes over
@@ -86,7 +86,7 @@ def step_flops(model_cfg: ModelConfig, doc_lengths: Sequence[int] | np.ndarray, 
     pairs = (n_global * attention_pairs(lengths, *window(model_cfg, True))
              + (n_local * attention_pairs(lengths, *window(model_cfg, False)) if n_local else 0))
     forward = (model_cfg.num_layers * _layer_matmul(model_cfg) * tokens + attn_per_pair * pairs
-               + _head(model_cfg) * int(num_labels))
+               + _head(model_cfg) * float(num_labels))
     return float((3 if training else 1) * forward)
 
 

@@ -5,8 +5,10 @@ checkpoints, and GPU-hours / days from a per-GPU throughput. The default through
 RECIPE.md's published timings imply (4 x H100, wall-clock hours for 2T tokens); give your own
 with ``--tokens-per-gpu-s`` or measure it from a run with ``--from-run``. The figure is scaled to
 each phase's sequence length by the training FLOPs per token (long sequences cost more
-attention per token). Steps assume a sample holds about ``seq_len`` tokens: samples are
-document chunks and often shorter, so a real run takes more steps than this estimate.
+attention per token; the head runs on the labelled tokens). Steps assume a sample holds about
+``seq_len`` tokens: samples are document chunks and often shorter, so a real run takes more steps
+than this estimate. ``--memory`` prints the predicted peak GPU memory of each run instead
+(ettin.memory): the micro-batch budget, the breakdown, and whether it fits.
 """
 from __future__ import annotations
 
@@ -49,19 +51,27 @@ class PlanRow:
 def estimate(cfg, gpus: int, tokens_per_gpu_s_at_1024: float) -> dict:
     """Steps, checkpoints and time of one run's config."""
     from ettin.data.schedule import BatchSchedule
-    from ettin.flops import flops_per_token
+    from ettin.flops import flops_per_token, label_fraction
 
     tokens, seq_len = cfg.phase.tokens, cfg.phase.seq_len
     schedule = BatchSchedule.from_config(cfg)
     samples = math.ceil(tokens / seq_len)  # a sample is about seq_len tokens (an estimate; see the module doc)
     steps = schedule.step_at(samples - 1) + 1
     warmup_steps = _first_full_step(schedule)
-    scale = flops_per_token(cfg.model, PUBLISHED_SEQ_LEN)["total"] / flops_per_token(cfg.model, seq_len)["total"]
+    scale = _reference_flops(cfg) / flops_per_token(cfg.model, seq_len, label_fraction=label_fraction(cfg))["total"]
     rate = tokens_per_gpu_s_at_1024 * scale
     gpu_hours = tokens / rate / 3600
     return {"tokens": tokens, "seq_len": seq_len, "global_batch": schedule.global_size, "steps": steps,
             "warmup_steps": min(warmup_steps, steps), "checkpoints": math.ceil(tokens / cfg.phase.checkpoint_every_tokens),
             "tokens_per_gpu_s": rate, "gpu_hours": gpu_hours, "days": gpu_hours / gpus / 24}
+
+
+def _reference_flops(cfg) -> float:
+    """Training FLOPs per token of the published runs' throughput: this model at seq 1024, with the
+    head on pretraining's labelled tokens (CLM all, MLM 30%: ``flops_per_token``'s default)."""
+    from ettin.flops import flops_per_token
+
+    return flops_per_token(cfg.model, PUBLISHED_SEQ_LEN)["total"]
 
 
 def _first_full_step(schedule) -> int:
@@ -77,7 +87,7 @@ def _first_full_step(schedule) -> int:
 
 def measured_tokens_per_gpu_s(run_dir: str | Path) -> tuple[str, float, int]:
     """(size, tokens/s per GPU scaled to seq 1024, seq_len) from a run's metrics.jsonl and config."""
-    from ettin.flops import flops_per_token
+    from ettin.flops import flops_per_token, label_fraction
     from ettin.launch.runs import newest_checkpoint
     from ettin.train.metrics import read_metrics
 
@@ -90,7 +100,8 @@ def measured_tokens_per_gpu_s(run_dir: str | Path) -> tuple[str, float, int]:
     if not rows:
         raise ConfigError(f"--from-run {run_dir}: metrics.jsonl needs at least two steps")
     per_gpu = statistics.median(r["tokens_per_s"] for r in rows) / state.get("world_size", 1)
-    at_1024 = per_gpu * flops_per_token(cfg.model, cfg.phase.seq_len)["total"] / flops_per_token(cfg.model, PUBLISHED_SEQ_LEN)["total"]
+    run_flops = flops_per_token(cfg.model, cfg.phase.seq_len, label_fraction=label_fraction(cfg))["total"]
+    at_1024 = per_gpu * run_flops / _reference_flops(cfg)
     return cfg.groups.get("model", "?"), at_1024, cfg.phase.seq_len
 
 
@@ -157,6 +168,64 @@ FOOTNOTE = ("Notes: steps assume a sample is about seq_len tokens; samples are d
             "Days assume the runs of a size run one after another on the given GPUs.")
 
 
+# ----------------------------------------------------------------------------- memory (--memory)
+
+
+@dataclass
+class MemoryRow:
+    size: str
+    objective: str
+    phase: str
+    seq_len: int
+    micro_per_step: int  # micro-batches per rank in a full step: ceil(rank share / budget), about
+    memory: "MemoryEstimate"  # noqa: F821 - ettin.memory, imported lazily
+
+
+def memory_plan(experiment: str, sizes: list[str], objectives: list[str], phases: list[str], gpus: int,
+                overrides: list[str], micro_tokens: int = 0) -> list[MemoryRow]:
+    """The memory model (ettin.memory) for each run on ``gpus`` GPUs (DP = gpus / parallel.tensor),
+    at ``micro_tokens`` (0: ``batch.micro_tokens``, or the default budget when that is 0 too)."""
+    from ettin.memory import estimate, rank_share_tokens
+
+    rows = []
+    for size in sizes:
+        for objective in objectives:
+            for phase in phases:
+                cfg = load_config(experiment, [f"model={size}", f"objective={objective}", f"phase={phase}", *overrides])
+                tp = cfg.parallel.tensor
+                if gpus % tp:
+                    raise ConfigError(f"--gpus {gpus} is not divisible by parallel.tensor={tp}")
+                dp = gpus // tp
+                e = estimate(cfg, dp, tp, micro_tokens or None)
+                rows.append(MemoryRow(size, objective, phase, cfg.phase.seq_len,
+                                      math.ceil(rank_share_tokens(cfg, dp) / max(e.micro_tokens, cfg.phase.seq_len)), e))
+    return rows
+
+
+def format_memory(rows: list[MemoryRow]) -> str:
+    header = ("size", "objective", "phase", "seq", "TP", "ZeRO", "DP", "micro tok", "micro/step", "weights", "optim",
+              "grads", "activ", "head", "overhead", "total GB", "device GB", "fits")
+    table = [(r.size, r.objective, r.phase, str(r.seq_len), str(m.tp), str(m.zero_stage), str(m.dp), f"{m.micro_tokens:,}",
+              str(r.micro_per_step), f"{m.weights:.2f}", f"{m.master_and_moments:.2f}", f"{m.grads:.2f}",
+              f"{m.activations:.1f}", f"{m.head:.2f}", f"{m.overhead:.1f}", f"{m.total:.1f}", f"{m.device_memory_gb:g}",
+              "yes" if m.fits else "NO")
+             for r in rows for m in [r.memory]]
+    widths = [max(len(x) for x in col) for col in zip(header, *table)]
+    left = {0, 1, 2, 17}
+    lines = ["  ".join(x.ljust(w) if i in left else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))).rstrip()
+             for row in [header, *table]]
+    return "\n".join(lines) + "\n"
+
+
+MEMORY_FOOTNOTE = ("Notes: predicted peak GB (1e9 bytes) per GPU from ettin.memory: bf16 weights, fp32 master weights and "
+                   "two moments partitioned by ZeRO over DP (optim), gradients as DeepSpeed holds them (grads), what "
+                   "autograd keeps for max(micro tok, seq) tokens plus one layer of backward workspace (activ), the fused "
+                   "vocab head's fp32 buffers (head), CUDA/NCCL allowance and fragmentation (overhead). micro tok: "
+                   "batch.micro_tokens, or the default (the largest that leaves {:.0%} of the device free); micro/step: "
+                   "micro-batches per rank in a full step, about. Change the layout with overrides, e.g. "
+                   "parallel.tensor=2 parallel.zero_stage=2 train.device_memory_gb=141.")
+
+
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     """``ettin plan``: wire into ettin.cli's subparsers."""
     p = subparsers.add_parser("plan", help="tokens, steps, checkpoints and GPU-hours per size, objective and phase",
@@ -169,6 +238,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-gpu-s", help="tokens/s per GPU at seq 1024: one number, or SIZE=N,... (default: published)")
     p.add_argument("--from-run", action="append", default=[], metavar="RUN_DIR",
                    help="measure the throughput of that run's size from its metrics.jsonl (repeatable)")
+    p.add_argument("--memory", action="store_true",
+                   help="predicted peak GPU memory per run (ettin.memory) and whether it fits train.device_memory_gb")
+    p.add_argument("--micro-tokens", type=int, default=0,
+                   help="--memory: tokens per micro-batch per GPU (default: batch.micro_tokens, else the largest that fits)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(func=cmd_plan)
     return p
@@ -182,6 +255,15 @@ def cmd_plan(args) -> int:
     phases = parse_list(args.phases, (*CHAIN, CROSS), "phase", "--phases")
     if args.gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.memory:
+        if args.micro_tokens < 0:
+            raise ConfigError(f"--micro-tokens must be >= 0 (0: the default budget), got {args.micro_tokens}")
+        from ettin.memory import HEADROOM
+
+        print(format_memory(memory_plan(args.experiment, sizes, objectives, phases, args.gpus, args.overrides,
+                                        args.micro_tokens)), end="")
+        print(MEMORY_FOOTNOTE.format(HEADROOM))
+        return 0
     rates = parse_throughput(args.tokens_per_gpu_s, sizes)
     measured = []
     for run_dir in args.from_run:

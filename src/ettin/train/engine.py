@@ -5,6 +5,37 @@ DeepSpeed's per-rank files: every parameter's fp32 master weight and optimizer m
 gathered whole (DeepSpeed's ``safe_get_full_*`` across DP, our all-gather across TP) and written
 once, by name. Loading slices them for whatever TP x DP the new run has, so a checkpoint resumes
 on any topology (our own consolidation, in the spirit of DeepSpeed's universal checkpoint).
+
+Gradient precision under bf16 (``train.grad_accum_dtype``; DeepSpeed 0.19.8 as read):
+- ``fp32`` (default): ``data_types.grad_accum_dtype=fp32`` and ``communication_data_type=fp32``.
+  Each micro-batch's bf16 gradient is added into fp32 right after its backward, and the DP
+  reduction runs in fp32. At ZeRO-1 DeepSpeed then picks ``BF16_Optimizer``
+  (engine.py ``_do_optimizer_sanity_check``): a full fp32 gradient buffer per rank
+  (bf16_optimizer.py ``_update_hp_grad``), all-reduced once per step by the engine
+  (``buffered_allreduce_fallback`` -> ``allreduce_bucket``, which casts to
+  ``communication_data_type``: left at its bf16 default it would round the fp32 sums to bf16). At
+  ZeRO-2 it stays ``DeepSpeedZeroOptimizer`` with an fp32 partition buffer: every micro-batch's
+  bf16 gradients are bucketed, reduced in ``communication_data_type`` to their owner and added
+  into that buffer (stage_1_and_2.py ``_add_to_grad_partition_buffer``). Left in bf16: each
+  micro-batch's own gradient (the bf16 backward makes it), and at ZeRO-2 the bucket is divided by
+  the DP size in bf16 before the cast (exact for a power-of-two DP size).
+- ``bf16``: ZeRO's optimizer at both stages, gradients summed and reduced in bf16 (about 1%
+  relative error over ~100 micro-batches); kept for comparison only.
+
+Why ZeRO-1 is the default: ZeRO-1 reduces once per optimizer step; ZeRO-2 owns gradient
+partitions, so every micro-batch's backward must hand its gradients to their owners: with tens of
+micro-batches per step that is tens of times the traffic, to save a gradient buffer (4 bytes per
+parameter under fp32 accumulation) that ettin's model sizes do not need. ZeRO-2 is for when memory
+is short; it then runs with ``overlap_comm`` so the per-micro-batch reduction overlaps the backward
+on a side stream (on the CPU DeepSpeed has no streams and reduces inline; it runs and is tested).
+
+Skipped steps: DeepSpeed skips every optimizer step whose gradient norm is not finite, in each
+configuration here. BF16_Optimizer.step always does (``is_invalid_grad_norm``); ZeRO's step does
+when ``bf16.check_grad_overflow`` (default true, set explicitly) or the dtype is not bf16
+(stage_1_and_2.py ``step``). There is no loss scaling under bf16 (ZeRO asserts a scale of 1).
+A skip zeroes the gradients, leaves weights, moments and the step counter alone, and counts in
+``engine.skipped_steps`` (engine.py ``_take_model_step``); StableAdamW.step does not run, so read
+``skipped_steps`` / ``grad_norm`` below rather than the optimizer's stale norm.
 """
 from __future__ import annotations
 
@@ -42,17 +73,23 @@ class MegatronMPU:
 
 
 def deepspeed_config(cfg, bf16: bool) -> dict:
-    return {
+    stage = cfg.parallel.zero_stage
+    config = {
         "train_micro_batch_size_per_gpu": 1,  # informational: we cut micro-batches by tokens ourselves
         "gradient_accumulation_steps": 1,  # we mark accumulation boundaries ourselves (batch sizes vary)
-        "zero_optimization": {"stage": cfg.parallel.zero_stage, "overlap_comm": False,
+        # ZeRO-2 reduces every micro-batch: overlap that with the backward (see the module docstring)
+        "zero_optimization": {"stage": stage, "overlap_comm": stage == 2,
                               "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "gradient_clipping": 0.0,  # StableAdamW's update clipping replaces it
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
     }
+    if bf16:  # accumulation and the DP reduction in one precision (fp32 by default)
+        config["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}
+        config["communication_data_type"] = cfg.train.grad_accum_dtype
+    return config
 
 
 def build_engine(model: torch.nn.Module, cfg, bf16: bool):
@@ -65,10 +102,31 @@ def build_engine(model: torch.nn.Module, cfg, bf16: bool):
                             weight_decay=o.weight_decay, max_lr=o.lr)
     engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16),
                                               mpu=MegatronMPU())
-    optimizer.set_layout(_layout(model, zero.single_partition_of_fp32_groups))
+    optimizer.set_layout(_layout(model, master_partitions(zero)))
     optimizer.init_state()
     zero._lazy_init_hp_params_optimizer_state()  # link each parameter to its moments' fragments
     return engine, optimizer
+
+
+def master_partitions(zero) -> list[torch.Tensor]:
+    """This rank's flat fp32 master partition of each parameter group: the tensors StableAdamW
+    steps. ZeRO and BF16_Optimizer keep the same thing under different names."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+
+    return zero.fp32_groups_flat_partition if isinstance(zero, BF16_Optimizer) else zero.single_partition_of_fp32_groups
+
+
+def skipped_steps(engine) -> int:
+    """Optimizer steps DeepSpeed skipped for a non-finite gradient norm since the engine was built."""
+    return int(engine.skipped_steps)
+
+
+def grad_norm(engine, optimizer: StableAdamW) -> torch.Tensor:
+    """The last step's global gradient norm, a 0-dim tensor on the device (no host sync); inf when
+    DeepSpeed skipped that step (the optimizer did not run, its own norm is the step before's)."""
+    if engine.was_step_applied():
+        return optimizer.last_grad_norm
+    return torch.full((), float("inf"), dtype=torch.float64, device=optimizer.last_grad_norm.device)
 
 
 def _layout(model: torch.nn.Module, flat_partitions: list[torch.Tensor]) -> Layout:

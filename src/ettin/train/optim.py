@@ -8,11 +8,17 @@ plain per-tensor RMS would change with the topology. Here the optimizer is told 
 belong to which parameter (``set_layout``), sums its partial RMS terms, and all-reduces one small
 vector per step over the data-parallel group (and the TP group for TP-split parameters). Without
 a layout every tensor is its own parameter, which is optimi's behaviour exactly.
+
+``last_grad_norm`` is the global gradient norm of the last step, a 0-dim float64 tensor on the
+parameters' device: it comes from the same reduction, and reading it is left to the caller (one
+host sync per step, together with the loss). DeepSpeed calls ``step()`` in two patterns: ZeRO
+(stage_1_and_2.py ``_optimizer_step``) once per parameter group with the other groups hidden,
+BF16_Optimizer and plain torch once with every group; the norm counts each group once in both.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -39,6 +45,16 @@ class Layout:
     tp_split: list[bool]  # the parameter is split across TP ranks
     dp_group: object = None
     tp_group: object = None
+    _on_device: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def device_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(numel as float64, tp_split as bool) on ``device``, made once: building them every step
+        would be a host-to-device copy from pageable memory, which waits for the device."""
+        key = str(device)
+        if key not in self._on_device:
+            self._on_device[key] = (torch.tensor(self.numel, dtype=torch.float64, device=device),
+                                    torch.tensor(self.tp_split, dtype=torch.bool, device=device))
+        return self._on_device[key]
 
 
 class StableAdamW(torch.optim.Optimizer):
@@ -47,8 +63,9 @@ class StableAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                                       max_lr=max_lr or lr, step=0))
         self.layout: Layout | None = None
-        self.last_grad_norm = float("nan")
-        self._all_groups: list[dict] | None = None  # DeepSpeed hides all but one group during step()
+        self.last_grad_norm = torch.tensor(float("nan"), dtype=torch.float64)
+        self._all_groups: list[dict] | None = None  # ZeRO hides all but one group during step()
+        self._grad_sq: dict[int, torch.Tensor] = {}  # id(param group) -> its squared gradient norm
 
     def set_layout(self, layout: Layout) -> None:
         self.layout = layout
@@ -70,8 +87,9 @@ class StableAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         self.init_state()
-        # DeepSpeed's ZeRO calls step() once per parameter group (the others hidden); every logical
-        # parameter lives in exactly one group, so each call's reductions are complete for its group.
+        # ZeRO calls step() once per parameter group (the others hidden), BF16_Optimizer once with all;
+        # every logical parameter lives in exactly one group, so each call's reductions are complete
+        # for the groups it sees.
         tensors = []  # (group, param, grad, exp_avg, exp_avg_sq, segments)
         for group in self.param_groups:
             group["step"] += 1
@@ -99,16 +117,17 @@ class StableAdamW(torch.optim.Optimizer):
     def _rms_scales(self, tensors) -> dict:
         """1 / max(1, RMS) per logical parameter (tensors on the parameters' device, no host sync);
         also sets ``last_grad_norm``, the global gradient norm, from the same reduction."""
+        device = tensors[0][1].device if tensors else torch.device("cpu")
         if self.layout is None:
-            out, grad_sq = {}, 0.0
+            out, grad_sq = {}, torch.zeros((), dtype=torch.float64, device=device)
             for k, (group, p, grad, _, exp_avg_sq, _) in enumerate(tensors):
                 rms = grad.pow(2).div_(exp_avg_sq.clamp(min=group["eps"] ** 2)).mean().sqrt()
                 out[("tensor", k)] = 1 / rms.clamp(min=1)
-                grad_sq += float(grad.double().pow(2).sum())
+                grad_sq += grad.float().pow(2).sum(dtype=torch.float64)
             self._record_grad_sq(grad_sq)
             return out
         lay = self.layout
-        device = tensors[0][1].device if tensors else torch.device("cpu")
+        numel, split = lay.device_tensors(device)
         sums = torch.zeros(2, len(lay.numel), dtype=torch.float64, device=device)  # [RMS terms, grad squares]
         for group, p, grad, _, exp_avg_sq, segments in tensors:
             g = grad.float().view(-1)
@@ -118,21 +137,26 @@ class StableAdamW(torch.optim.Optimizer):
                 sums[1, seg.param] += g.narrow(0, seg.start, seg.numel).pow(2).sum(dtype=torch.float64)
         if lay.dp_group is not None and dist.get_world_size(lay.dp_group) > 1:
             dist.all_reduce(sums, group=lay.dp_group)
-        split = torch.tensor(lay.tp_split, device=device)
-        if lay.tp_group is not None and dist.get_world_size(lay.tp_group) > 1 and split.any():
+        if lay.tp_group is not None and dist.get_world_size(lay.tp_group) > 1 and any(lay.tp_split):
             tp_sums = torch.where(split, sums, torch.zeros_like(sums))
             dist.all_reduce(tp_sums, group=lay.tp_group)
             sums = torch.where(split, tp_sums, sums)
-        self._record_grad_sq(float(sums[1].sum()))
-        rms = (sums[0] / torch.tensor(lay.numel, dtype=torch.float64, device=device)).sqrt()
+        # only this call's groups have non-zero sums: their squared norm, complete over DP and TP
+        self._record_grad_sq(sums[1].sum())
+        rms = (sums[0] / numel).sqrt()
         return (1 / rms.clamp(min=1)).float()
 
-
-    def _record_grad_sq(self, value: float) -> None:
-        for group in self.param_groups:
-            group["grad_sq"] = value
-        full = self._all_groups or self.param_groups
-        self.last_grad_norm = math.sqrt(sum(g.get("grad_sq", 0.0) for g in full))
+    def _record_grad_sq(self, grad_sq: torch.Tensor) -> None:
+        """``grad_sq`` covers every group this call sees. It is kept under the first of them (the
+        others get zero), so the sum over all groups counts each group once whether one call sees
+        every group (BF16_Optimizer, plain torch) or one group per call (ZeRO)."""
+        for k, group in enumerate(self.param_groups):
+            self._grad_sq[id(group)] = grad_sq if k == 0 else torch.zeros_like(grad_sq)
+        total = torch.zeros_like(grad_sq)
+        for group in self._all_groups or self.param_groups:
+            if id(group) in self._grad_sq:
+                total = total + self._grad_sq[id(group)].to(total.device)
+        self.last_grad_norm = total.sqrt()
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
