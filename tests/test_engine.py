@@ -125,6 +125,7 @@ def _linear(stage: int, tp: int) -> dict:
         out[variant] = {"weights": weights, "exp_avg": {n: moments[f"{n}.exp_avg"] for n in weights},
                         "norm": float(grad_norm(engine, optimizer)), "skipped": skipped_steps(engine),
                         "wrapper": type(engine.optimizer).__name__,
+                        "overlap_comm": getattr(engine.optimizer, "overlap_comm", None),
                         "norm_dtype": str(optimizer.last_grad_norm.dtype)}
     expected = _expected_grad(model)
     out["expected"] = {"grad": expected, "norm": _norm(expected.values())}
@@ -271,8 +272,10 @@ def rel_err(got: dict, want: dict) -> float:
 def test_bf16_engine_with_fp32_accumulation_steps(runs, stage, tp):
     r = runs[("real", stage, tp)]
     # DeepSpeed's own choice of wrapper (engine.py _do_optimizer_sanity_check): our layout must fit both
-    wrapper = runs[("linear", stage, tp)]["bf16+fp32acc"]["wrapper"]
-    assert wrapper == ("BF16_Optimizer" if stage == 1 else "DeepSpeedZeroOptimizer")
+    engine = runs[("linear", stage, tp)]["bf16+fp32acc"]
+    assert engine["wrapper"] == ("BF16_Optimizer" if stage == 1 else "DeepSpeedZeroOptimizer")
+    if stage == 2:  # ZeRO-2 reduces every micro-batch: overlapped with the backward (inline on the CPU)
+        assert engine["overlap_comm"] is True
     assert r["moved"] and r["skipped"] == 0
     assert all(math.isfinite(x) for x in r["losses"])
 
@@ -299,7 +302,7 @@ def test_grad_norm_is_the_global_norm(runs, stage, tp):
         assert r[variant]["norm_dtype"] == "torch.float64"
     real = runs[("real", stage, tp)]
     assert real["fp32_norm"] == pytest.approx(real["reference_norm"], rel=1e-5)
-    assert real["bf16_norm"] == pytest.approx(real["reference_norm"], rel=0.05)  # bf16 forward; x1.41 would fail
+    assert real["bf16_norm"] == pytest.approx(real["reference_norm"], rel=1e-2)  # bf16 forward (x1.41 fails)
 
 
 @pytest.mark.parametrize("stage, tp", CASES)

@@ -148,7 +148,7 @@ SPECS = [MaskSpec(False, None), MaskSpec(True, None), MaskSpec(False, (64, 64)),
          MaskSpec(False, (5, 5)), MaskSpec(True, (3, 0))]
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b in ("sdpa", "flex")])  # fp32 CPU tensors; the CUDA kernels: test_attention.py
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_every_backend_matches_the_reference(backend, spec):
     attend = build_attention(backend)
@@ -177,7 +177,7 @@ def test_blocked_local_sdpa_matches_the_reference_with_gradients(spec):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend", available_backends())
+@pytest.mark.parametrize("backend", [b for b in available_backends() if b in ("sdpa", "flex")])  # fp32 CPU tensors; the CUDA kernels: test_attention.py
 def test_every_backend_gives_the_same_model_outputs(backend):
     for objective in ("mlm", "clm"):
         cfg = tiny(objective)

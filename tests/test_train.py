@@ -184,6 +184,33 @@ def test_resume_on_another_topology(corpus, tmp_path):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
 
 
+def test_the_micro_budget_changes_no_sample_and_no_step(corpus, tmp_path):
+    """batch.micro_tokens cuts each rank's share differently (60 tokens: many micro-batches, some
+    samples alone over the budget; 0: the memory model's budget, one micro-batch) and changes
+    nothing else: the same ledger, the same losses to fp32 rounding."""
+    runs = {}
+    for budget in (60, 0):
+        runs[budget] = tmp_path / f"budget{budget}"
+        train(corpus, runs[budget], 2, 0, "model.attn_out_dropout=0.0", "train.max_steps=4", f"batch.micro_tokens={budget}")
+    a, b = metrics(runs[60]), metrics(runs[0])
+    assert [e.hash for e in ledger(runs[60])] == [e.hash for e in ledger(runs[0])]
+    for step in a:
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5)
+        assert a[step]["labels"] == b[step]["labels"] and a[step]["step_tokens"] == b[step]["step_tokens"]
+        assert a[step]["flops"] == b[step]["flops"] > 0
+
+
+def test_a_config_that_cannot_fit_is_refused_before_the_first_step(corpus, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run}",
+                           "train.device_memory_gb=0.5", "batch.micro_tokens=100000000"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "batch.micro_tokens" in errors[0], proc.stderr
+    assert not (run / "checkpoints").exists()
+
+
 # ----------------------------------------------------------------------------- exits
 
 

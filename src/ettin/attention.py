@@ -42,7 +42,8 @@ class MaskSpec:
 @dataclass(frozen=True, eq=False)
 class Documents:
     """One batch's documents: ``cu_seqlens`` (int32 ``[docs + 1]``) on the compute device, the same
-    offsets as host ints in ``bounds``, and the longest document. The trainer knows all three on the
+    offsets as host ints in ``bounds``, and the longest document (exact, or at least an upper
+    bound: kernels and flex's block lists are sized by it). The trainer knows all three on the
     host, so a forward never waits on the device to learn its own shapes."""
 
     cu_seqlens: torch.Tensor
@@ -248,8 +249,8 @@ class FlexAttention:
     """PyTorch FlexAttention with a block mask built from the documents' offsets (compiled on
     CUDA). Inputs are padded to the mask's length and the padding's outputs dropped.
 
-    The kernel is called without duck sizing: by default ``torch.compile`` gives sizes that happen
-    to be equal when it first compiles one symbol (say 2 rows of blocks, 2 heads and lists 2 wide),
+    The kernel runs without duck sizing: by default ``torch.compile`` gives sizes that are equal
+    at its first compilation one shared symbol (say 2 heads, 2 rows of blocks and lists 2 wide),
     and the next batch, where they differ, compiles again. ``kernel`` replaces ``flex_kernel``
     (tests count compilations with it)."""
 
