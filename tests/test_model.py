@@ -148,7 +148,11 @@ SPECS = [MaskSpec(False, None), MaskSpec(True, None), MaskSpec(False, (64, 64)),
          MaskSpec(False, (5, 5)), MaskSpec(True, (3, 0))]
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends() if b in ("sdpa", "flex")])  # fp32 CPU tensors; the CUDA kernels: test_attention.py
+# these run on fp32 CPU tensors; the CUDA-only kernels are checked in bf16 in test_attention.py
+CPU_TENSOR_BACKENDS = [b for b in available_backends() if b in ("sdpa", "flex")]
+
+
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
 @pytest.mark.parametrize("spec", SPECS, ids=str)
 def test_every_backend_matches_the_reference(backend, spec):
     attend = build_attention(backend)
@@ -177,7 +181,7 @@ def test_blocked_local_sdpa_matches_the_reference_with_gradients(spec):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("backend", [b for b in available_backends() if b in ("sdpa", "flex")])  # fp32 CPU tensors; the CUDA kernels: test_attention.py
+@pytest.mark.parametrize("backend", CPU_TENSOR_BACKENDS)
 def test_every_backend_gives_the_same_model_outputs(backend):
     for objective in ("mlm", "clm"):
         cfg = tiny(objective)

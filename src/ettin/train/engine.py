@@ -13,14 +13,17 @@ Gradient precision under bf16 (``train.grad_accum_dtype``; DeepSpeed 0.19.8 as r
   (engine.py ``_do_optimizer_sanity_check``): a full fp32 gradient buffer per rank
   (bf16_optimizer.py ``_update_hp_grad``), all-reduced once per step by the engine
   (``buffered_allreduce_fallback`` -> ``allreduce_bucket``, which casts to
-  ``communication_data_type``: left at its bf16 default it would round the fp32 sums to bf16). At
-  ZeRO-2 it stays ``DeepSpeedZeroOptimizer`` with an fp32 partition buffer: every micro-batch's
-  bf16 gradients are bucketed, reduced in ``communication_data_type`` to their owner and added
-  into that buffer (stage_1_and_2.py ``_add_to_grad_partition_buffer``). Left in bf16: each
-  micro-batch's own gradient (the bf16 backward makes it), and at ZeRO-2 the bucket is divided by
-  the DP size in bf16 before the cast (exact for a power-of-two DP size).
-- ``bf16``: ZeRO's optimizer at both stages, gradients summed and reduced in bf16 (about 1%
-  relative error over ~100 micro-batches); kept for comparison only.
+  ``communication_data_type``; left at its bf16 default that rounds the fp32 sums to bf16, even
+  at DP=1, where it all-reduces over a group of one: measured ~3e-3 relative). At ZeRO-2 it stays
+  ``DeepSpeedZeroOptimizer`` with an fp32 partition buffer: every micro-batch's bf16 gradients
+  are bucketed, reduced in ``communication_data_type`` to their owner and added into that buffer
+  (stage_1_and_2.py ``_add_to_grad_partition_buffer``). Left in bf16: each micro-batch's own
+  gradient (the bf16 backward makes it), and at ZeRO-2 the bucket is divided by the DP size in
+  bf16 before the cast (exact for a power-of-two DP size).
+- ``bf16``: ZeRO's optimizer at both stages, gradients summed and reduced in bf16 (the old
+  behaviour: ~1e-2 of the largest entry after only 6 micro-batches in tests/test_engine.py).
+Either way DeepSpeed makes the fp32 masters from the bf16 copy of the weights, so a fresh run
+starts from bf16-rounded weights; ``load_full_state`` restores full fp32 masters.
 
 Why ZeRO-1 is the default: ZeRO-1 reduces once per optimizer step; ZeRO-2 owns gradient
 partitions, so every micro-batch's backward must hand its gradients to their owners: with tens of
