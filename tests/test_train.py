@@ -137,10 +137,12 @@ def test_gpu_binding_and_cuda_settings():
     assert local_device_index(env, 4) == 3 and env["LOCAL_RANK"] == "3"
     assert local_device_index({}, 8) == 0
     env = {}
-    assert cuda_environment(1, env) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True", "CUDA_DEVICE_MAX_CONNECTIONS": None}
-    assert cuda_environment(2, env)["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert cuda_environment(1, environ=env) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+                                                "CUDA_DEVICE_MAX_CONNECTIONS": None, "CUBLAS_WORKSPACE_CONFIG": None}
+    assert cuda_environment(2, environ=env)["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
+    assert cuda_environment(1, deterministic=True, environ=env)["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}  # the user's own setting wins
-    assert cuda_environment(2, env)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    assert cuda_environment(2, environ=env)["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
 
 
 # ----------------------------------------------------------------------------- resume

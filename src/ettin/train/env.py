@@ -43,12 +43,15 @@ def setup_distributed_env(environ=os.environ) -> dict:
     return {k: environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
-def cuda_environment(tensor_parallel: int, environ=os.environ) -> dict:
+def cuda_environment(tensor_parallel: int, deterministic: bool = False, environ=os.environ) -> dict:
     """CUDA settings that must be in place before the first CUDA call of the process (set only
     where the user has not): the expandable-segments allocator, whose segments grow instead of
-    fragmenting as micro-batch shapes change every step; and, under TP, one hardware queue, so a
-    TP all-reduce is issued in program order and overlaps compute as megatron-core expects."""
+    fragmenting as micro-batch shapes change every step; under TP, one hardware queue, so a TP
+    all-reduce is issued in program order and overlaps compute as megatron-core expects; and for
+    deterministic runs, the fixed cuBLAS workspace that deterministic matmuls require."""
     environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if tensor_parallel > 1:
         environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
-    return {k: environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_MAX_CONNECTIONS")}
+    if deterministic:
+        environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return {k: environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_MAX_CONNECTIONS", "CUBLAS_WORKSPACE_CONFIG")}

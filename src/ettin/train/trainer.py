@@ -94,7 +94,9 @@ class Trainer:
 
         self.cfg = cfg
         setup_distributed_env()
-        cuda_environment(cfg.parallel.tensor)
+        cuda_environment(cfg.parallel.tensor, cfg.train.deterministic)
+        if cfg.train.deterministic:
+            torch.use_deterministic_algorithms(True)
         self.device = pick_device(cfg)
         use_cuda = self.device.type == "cuda"
         init_process_groups(cfg.parallel.tensor, "nccl" if use_cuda else "gloo", cfg.train.collective_timeout_s)
