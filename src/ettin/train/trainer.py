@@ -178,7 +178,7 @@ class Trainer:
         if state.final:
             self._say(f"{self.run_dir}: phase already complete ({state.tokens:,} tokens)")
             return EXIT_OK
-        stop, started = stop or StopFlag(), time.time()
+        stop, started, skipped = stop or StopFlag(), time.time(), 0
         every = cfg.phase.checkpoint_every_tokens
         dataset = RankSteps(self.pipeline, self.dp_rank, self.dp_size)
         loader = build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch,
@@ -202,6 +202,10 @@ class Trainer:
                           f"{self.last_checkpoint or 'none'}; lower optim.lr or inspect the batch with "
                           f"`ettin data-order show` (nothing was saved)")
                 return EXIT_NONFINITE
+            if skipped_steps(self.engine) > skipped:
+                skipped = skipped_steps(self.engine)
+                self._say(f"warning: step {step}: DeepSpeed skipped the update (non-finite gradient norm); "
+                          f"{skipped} skipped in this process")
             start, end = self.pipeline.schedule.bounds(step)
             self.ledger.record(step, start, end, tokens, step_hash(digests))
             before = state.tokens
@@ -239,6 +243,7 @@ class Trainer:
         """One optimizer step over this rank's share: (loss, grad norm, labels, tokens and FLOPs of the
         global batch, the global batch's sample digests in position order)."""
         from ettin.flops import step_flops
+        from ettin.train.engine import grad_norm
 
         cfg, engine, bounds = self.cfg, self.engine, batch.bounds
         runs = token_budget_cut(bounds, self.micro_tokens)
@@ -280,9 +285,8 @@ class Trainer:
             total += loss.detach().double()
         engine.step()
         dist.all_reduce(total, group=self.dp_group)
-        grad_norm = torch.as_tensor(self.optimizer.last_grad_norm, dtype=torch.float64, device=self.device)
-        loss, grad_norm = torch.stack([total, grad_norm]).tolist()  # the step's one wait for the device
-        return loss / max(labels, 1), grad_norm, labels, tokens, flops, [d for s in shares for d in s[4]]
+        loss, norm = torch.stack([total, grad_norm(engine, self.optimizer).to(total)]).tolist()  # the step's one wait
+        return loss / max(labels, 1), norm, labels, tokens, flops, [d for s in shares for d in s[4]]
 
     def _filler(self):
         """A one-token micro-batch without a label, on the device (made once)."""
