@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("attention", "trainer", "throughput")
-LIMITS_S = {"attention": 60, "trainer": 180, "throughput": 240}  # 8 minutes in all; --smoke: the same ceilings
+LIMITS_S = {"attention": 90, "trainer": 180, "throughput": 210}  # 8 minutes in all; --smoke: the same ceilings
 TINY = ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=96", "model.num_heads=2",
         "model.num_layers=3", "model.pad_token_id=0", "model.cls_token_id=1", "model.sep_token_id=2",
         "model.mask_token_id=3"]
@@ -51,7 +51,7 @@ def _device():
 # ----------------------------------------------------------------------------- 1. attention
 
 
-def section_attention(smoke: bool, work: Path) -> list[dict]:
+def section_attention(smoke: bool, work: Path):
     import torch
 
     from ettin.attention import available_backends, reference_check
@@ -60,11 +60,9 @@ def section_attention(smoke: bool, work: Path) -> list[dict]:
     init_process_groups(1)
     device = _device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rows = []
     for name in available_backends():
         for row in reference_check(name, device, dtype):
-            rows.append({"backend": name, **row})
-    return rows
+            yield {"backend": name, **row}
 
 
 # ----------------------------------------------------------------------------- 2. trainer
@@ -98,44 +96,41 @@ data:
     return exp
 
 
-def _train(exp: Path, run_dir: Path, steps: int, limit_s: float) -> None:
+def _train(exp: Path, run_dir: Path, steps: int, deadline: float) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     code = ("import sys; from ettin.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, "train", str(exp), f"run_dir={run_dir}",
-                           f"train.max_steps={steps}"], capture_output=True, text=True, timeout=limit_s, env=env)
+                           f"train.max_steps={steps}"], capture_output=True, text=True, timeout=max(1.0, deadline - time.time()), env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"ettin train exited {proc.returncode}: {tail}")
 
 
-def section_trainer(smoke: bool, work: Path) -> list[dict]:
+def section_trainer(smoke: bool, work: Path):
     from safetensors.torch import load_file
 
     from ettin.train.checkpoint import list_checkpoints
     from ettin.train.metrics import read_metrics
 
-    exp, steps = _trainer_experiment(smoke, work), 4
+    exp, steps, deadline = _trainer_experiment(smoke, work), 4, time.time() + LIMITS_S["trainer"] - 10
     straight, resumed = work / "straight", work / "resumed"
-    _train(exp, straight, steps, 100)
-    _train(exp, resumed, steps // 2, 100)
-    _train(exp, resumed, steps, 100)
-    rows = []
+    _train(exp, straight, steps, deadline)
     for r in read_metrics(straight):
-        rows.append({"check": f"step {r['step']}", "loss": round(r["loss"], 4), "grad_norm": round(r["grad_norm"], 4),
+        yield {"check": f"step {r['step']}", "loss": round(r["loss"], 4), "grad_norm": round(r["grad_norm"], 4),
                      "host_syncs": r.get("host_syncs"), "skipped_steps": r.get("skipped_steps"),
                      "sync_sites": " ".join(Path(s).name for s in r.get("host_sync_sites", [])[:4]),
-                     "ok": r["loss"] == r["loss"] and r.get("skipped_steps", 0) == 0})
+                     "ok": r["loss"] == r["loss"] and r.get("skipped_steps", 0) == 0}
+    _train(exp, resumed, steps // 2, deadline)
+    _train(exp, resumed, steps, deadline)
     a, b = list_checkpoints(straight)[-1], list_checkpoints(resumed)[-1]
     for name in ("model.safetensors", "optimizer.safetensors"):
         ta, tb = load_file(str(a / name)), load_file(str(b / name))
         equal = ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)
         worst = max(((ta[k].float() - tb[k].float()).abs().max().item() for k in ta if k in tb), default=float("nan"))
-        rows.append({"check": f"resume bit-equal: {name}", "max_abs_diff": worst, "ok": equal})
+        yield {"check": f"resume bit-equal: {name}", "max_abs_diff": worst, "ok": equal}
     losses = [r["loss"] for r in read_metrics(straight)], [r["loss"] for r in read_metrics(resumed)]
-    rows.append({"check": "resume: the same losses", "straight": [round(x, 6) for x in losses[0]],
-                 "resumed": [round(x, 6) for x in losses[1]],
-                 "ok": losses[0] == losses[1]})
-    return rows
+    yield {"check": "resume: the same losses", "straight": [round(x, 6) for x in losses[0]],
+           "resumed": [round(x, 6) for x in losses[1]], "ok": losses[0] == losses[1]}
 
 
 # ----------------------------------------------------------------------------- 3. throughput
@@ -173,17 +168,11 @@ def _timed(step, device, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-def section_throughput(smoke: bool, work: Path) -> list[dict]:
-    import numpy as np
+def section_throughput(smoke: bool, work: Path):
     import torch
-    from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
-    from ettin.attention import Documents, available_backends, build_attention
     from ettin.config import load_config
-    from ettin.data.collate import IGNORE
-    from ettin.flops import resolve_peak_flops, step_flops
-    from ettin.hf import hf_config
-    from ettin.memory import default_micro_tokens
+    from ettin.flops import resolve_peak_flops
     from ettin.parallel import init_process_groups
 
     init_process_groups(1)
@@ -191,95 +180,117 @@ def section_throughput(smoke: bool, work: Path) -> list[dict]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak, measured = resolve_peak_flops(load_config("ettin"), name), _matmul_peak(device)
-    cases = [("17m", 128)] if smoke else [("150m", 1024), ("400m", 1024), ("400m", 7999), ("1b", 1024), ("1b", 7999)]
-    rows = []
-    for size, seq in cases:
+    yield {"impl": "peaks", "datasheet_tflops": peak / 1e12, "measured_matmul_tflops": measured / 1e12,
+           "device": name, "ok": True}
+    # a model is built once per size and objective (megatron initializes on the CPU: slow at 1b)
+    cases = {"17m": [128]} if smoke else {"150m": [1024], "400m": [1024, 7999], "1b": [1024, 7999]}
+    for size, lengths in cases.items():
         for objective in ("mlm", "clm"):
-            phase = "pretrain" if seq == 1024 or smoke else "extension"
-            cfg = load_config("ettin", [f"model={size}", f"objective={objective}", f"phase={phase}",
-                                        f"phase.seq_len={seq}", "model.attn_out_dropout=0.0", *(TINY if smoke else [])])
-            m, budget = cfg.model, (512 if smoke else default_micro_tokens(cfg, dp=1))
-            docs = max(1, budget // seq)
-            g = torch.Generator().manual_seed(0)
-            ids = torch.randint(5, m.vocab_size, (docs * seq,), generator=g)
-            cu = torch.arange(docs + 1, dtype=torch.int32) * seq
-            if objective == "mlm":
-                labels = torch.where(torch.rand(ids.shape, generator=g) < cfg.objective.mask_rate, ids, IGNORE)
-            else:
-                labels = torch.roll(ids, -1)
-                labels[cu[1:].long() - 1] = IGNORE
-            index = torch.nonzero(labels != IGNORE).squeeze(1)
-            flops = step_flops(m, np.full(docs, seq), len(index))
-            ids_d, labels_d, index_d = ids.to(device), labels.to(device), index.to(device)
-            batch = Documents(cu.to(device), tuple(cu.tolist()), seq)
-            torch.manual_seed(0)
-            ours = m.build(attn_backend="sdpa").to(device, dtype)
-            hf = (ModernBertForMaskedLM if objective == "mlm" else ModernBertDecoderForCausalLM)(
-                _hf_sdpa(hf_config(m))).to(device, dtype)
-            # FlexAttention has no backward on the CPU
-            impls = {f"ours/{b}": b for b in available_backends() if b != "flex" or device.type == "cuda"}
-            impls["hf/sdpa"] = None
-            for impl, backend in impls.items():
-                row = {"size": size, "seq": seq, "model": objective, "impl": impl, "micro_tokens": docs * seq}
-                try:
-                    if backend is not None:
-                        ours.attend = build_attention(backend)
-                        model, forward = ours, (lambda: ours(ids_d, batch, labels=labels_d, label_index=index_d))
-                    else:
-                        hf_ids = ids_d.view(docs, seq)
-                        hf_labels = (labels_d if objective == "mlm" else ids_d).view(docs, seq)
-                        model, forward = hf, (lambda: hf(input_ids=hf_ids, labels=hf_labels).loss)
-                    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+            yield from _throughput(size, objective, lengths, smoke, device, dtype, peak, measured)
 
-                    def step(forward=forward, opt=opt):
-                        forward().backward()
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
 
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    seconds = _timed(step, device, 1 if smoke else 3)
-                    row.update(tokens_per_s=round(docs * seq / seconds), mfu=flops / seconds / peak,
-                               mfu_vs_measured_peak=flops / seconds / measured,
-                               peak_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                               ok=True)
-                    del opt
-                except torch.OutOfMemoryError:
-                    row.update(error="out of memory", ok=False)
-                except Exception as e:  # noqa: BLE001 - one line per failed case, the table goes on
-                    row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", ok=False)
-                rows.append(row)
+def _throughput(size, objective, lengths, smoke, device, dtype, peak, measured):
+    import numpy as np
+    import torch
+    from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
+
+    from ettin.attention import Documents, available_backends, build_attention
+    from ettin.config import load_config
+    from ettin.data.collate import IGNORE
+    from ettin.flops import step_flops
+    from ettin.hf import hf_config
+    from ettin.memory import default_micro_tokens
+
+    cfg = load_config("ettin", [f"model={size}", f"objective={objective}", "model.attn_out_dropout=0.0",
+                                *(TINY if smoke else [])])
+    m = cfg.model
+    torch.manual_seed(0)
+    ours = m.build(attn_backend="sdpa").to(device, dtype)
+    hf_config_ = hf_config(m)
+    hf_config_._attn_implementation = "sdpa"
+    with torch.device(device):  # initialized where it runs: fast, even at 1b
+        hf = (ModernBertForMaskedLM if objective == "mlm" else ModernBertDecoderForCausalLM)(hf_config_).to(dtype)
+    # FlexAttention has no backward on the CPU
+    impls = {f"ours/{b}": b for b in available_backends() if b != "flex" or device.type == "cuda"}
+    impls["hf/sdpa"] = None
+    for seq in lengths:
+        phase = "pretrain" if seq == 1024 or smoke else "extension"
+        budget = 512 if smoke else default_micro_tokens(load_config("ettin", [
+            f"model={size}", f"objective={objective}", f"phase={phase}"]), dp=1)
+        docs = max(1, budget // seq)
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(5, m.vocab_size, (docs * seq,), generator=g)
+        cu = torch.arange(docs + 1, dtype=torch.int32) * seq
+        if objective == "mlm":
+            labels = torch.where(torch.rand(ids.shape, generator=g) < (0.3 if seq == 1024 else 0.15), ids, IGNORE)
+        else:
+            labels = torch.roll(ids, -1)
+            labels[cu[1:].long() - 1] = IGNORE
+        index = torch.nonzero(labels != IGNORE).squeeze(1)
+        flops = step_flops(m, np.full(docs, seq), len(index))
+        ids_d, labels_d, index_d = ids.to(device), labels.to(device), index.to(device)
+        batch = Documents(cu.to(device), tuple(cu.tolist()), seq)
+        for impl, backend in impls.items():
+            row = {"size": size, "seq": seq, "model": objective, "impl": impl, "micro_tokens": docs * seq}
+            try:
+                if backend is not None:
+                    ours.attend = build_attention(backend)
+                    model, forward = ours, (lambda: ours(ids_d, batch, labels=labels_d, label_index=index_d))
+                else:
+                    hf_ids = ids_d.view(docs, seq)
+                    hf_labels = (labels_d if objective == "mlm" else ids_d).view(docs, seq)
+                    model, forward = hf, (lambda: hf(input_ids=hf_ids, labels=hf_labels).loss)
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+
+                def step(forward=forward, opt=opt):
+                    forward().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+
                 if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            del ours, hf
-    rows.append({"impl": "peaks", "datasheet_tflops": peak / 1e12, "measured_matmul_tflops": measured / 1e12,
-                 "device": name, "ok": True})
-    return rows
-
-
-def _hf_sdpa(config):
-    config._attn_implementation = "sdpa"
-    return config
+                    torch.cuda.reset_peak_memory_stats()
+                seconds = _timed(step, device, 1 if smoke else 3)
+                row.update(tokens_per_s=round(docs * seq / seconds), mfu=flops / seconds / peak,
+                           mfu_vs_measured_peak=flops / seconds / measured,
+                           peak_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                           ok=True)
+                del opt
+            except torch.OutOfMemoryError:
+                row.update(error="out of memory", ok=False)
+            except Exception as e:  # noqa: BLE001 - one line per failed case, the table goes on
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}", ok=False)
+            yield row
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- running and reporting
 
 
 def run_section(name: str, smoke: bool, work: Path) -> None:
-    """Child process: run one section and write its rows (or its error line) as JSON."""
-    out = work / f"{name}.json"
-    try:
-        rows = globals()[f"section_{name}"](smoke, work)
-        out.write_text(json.dumps({"rows": rows}, default=str))
-    except Exception as e:  # noqa: BLE001 - the parent turns it into the section's one line
-        traceback.print_exc()
-        out.write_text(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}))
+    """Child process: run one section, appending each row to a JSONL file as soon as it exists
+    (a section killed for time still reports what it measured), and its error as the last line."""
+    with open(work / f"{name}.jsonl", "w") as out:
+        try:
+            for row in globals()[f"section_{name}"](smoke, work):
+                out.write(json.dumps(row, default=str) + "\n")
+                out.flush()
+        except Exception as e:  # noqa: BLE001 - the parent turns it into the section's one line
+            traceback.print_exc()
+            out.write(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}) + "\n")
+
+
+def read_section(path: Path) -> dict:
+    """{"rows": [...]} plus "error" when the section failed, from its JSONL file."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    result = {"rows": [r for r in lines if "error" not in r or "ok" in r]}
+    errors = [r["error"] for r in lines if "error" in r and "ok" not in r]
+    return result | ({"error": errors[-1]} if errors else {})
 
 
 def markdown(name: str, result: dict) -> str:
-    """The section's rows as markdown tables: consecutive rows with the same columns share one."""
-    if "error" in result:
-        return f"### {name}\n\nFAILED: {result['error']}\n"
+    """The section's rows as markdown tables (consecutive rows with the same columns share one),
+    then its error line if it failed."""
     cell = lambda v: f"{v:.3g}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = [f"### {name}"]
     keys = None
@@ -288,6 +299,8 @@ def markdown(name: str, result: dict) -> str:
             keys = list(row)
             lines += ["", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
         lines.append("| " + " | ".join(cell(row[k]) for k in keys) + " |")
+    if "error" in result:
+        lines += ["", f"FAILED: {result['error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -316,18 +329,19 @@ def main() -> int:
         if name not in SECTIONS:
             print(f"error: unknown section '{name}' (known: {', '.join(SECTIONS)})", file=sys.stderr)
             return 2
-        start, result_file = time.time(), out / "work" / f"{name}.json"
+        start, result_file = time.time(), out / "work" / f"{name}.jsonl"
         result_file.unlink(missing_ok=True)
         try:
             proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--section", name]
                                   + (["--smoke"] if args.smoke else []), capture_output=True, text=True,
                                   timeout=LIMITS_S[name], env=env)
             (out / "work" / f"{name}.log").write_text(proc.stdout + proc.stderr)
-            result = json.loads(result_file.read_text()) if result_file.exists() else {
-                "error": f"exited {proc.returncode} without a result: {(proc.stderr.strip().splitlines() or [''])[-1]}"}
+            result = read_section(result_file)
+            if proc.returncode != 0 and "error" not in result:
+                result["error"] = f"exited {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
         except subprocess.TimeoutExpired:
-            result = {"error": f"did not finish in {LIMITS_S[name]} s (killed)"}
-        if "error" in result or not all(r.get("ok", True) for r in result["rows"]):
+            result = read_section(result_file) | {"error": f"did not finish in {LIMITS_S[name]} s (killed; rows so far above)"}
+        if "error" in result or not result["rows"] or not all(r.get("ok", True) for r in result["rows"]):
             failed.append(name)
         report.append(markdown(f"{name} ({time.time() - start:.0f} s)", result))
         print(report[-1], flush=True)
