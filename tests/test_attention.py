@@ -181,6 +181,11 @@ def test_varlen_window_follows_the_mask():
     assert varlen_window(DECODER_GLOBAL) == (-1, 0)
     assert varlen_window(DECODER_LOCAL) == (63, 0)
     assert varlen_window(MaskSpec(True, (63, 5))) == (63, 0)  # causal already cuts the right side
+    # encoder-global layers pass a window as long as the longest document (the same keys): torch
+    # would send (-1, -1) to cuDNN, which builds a graph for every new shape
+    docs = documents([5, 300, 7])
+    assert VarlenAttention().prepare(docs, ENCODER_GLOBAL)[2] == (300, 300)
+    assert VarlenAttention().prepare(docs, DECODER_GLOBAL)[2] == (-1, 0)
 
 
 def test_backends_without_dropout_say_so():
@@ -194,6 +199,7 @@ def test_backends_without_dropout_say_so():
 def test_auto_is_sdpa_on_cpu_and_gpu_backends_are_refused_with_a_reason():
     with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
         build_attention("nope")
+    assert build_attention("auto", device_type="cpu").name == "sdpa"  # a CPU model on a GPU node too
     if torch.cuda.is_available():
         return  # test_auto_prefers_varlen_on_cuda
     assert build_attention("auto").name == "sdpa"

@@ -127,6 +127,7 @@ def _linear(stage: int, tp: int) -> dict:
                         "norm": float(grad_norm(engine, optimizer)), "skipped": skipped_steps(engine),
                         "wrapper": type(engine.optimizer).__name__,
                         "overlap_comm": getattr(engine.optimizer, "overlap_comm", None),
+                        "throughput_timer": engine.tput_timer.config.enabled,
                         "norm_dtype": str(optimizer.last_grad_norm.dtype)}
     expected = _expected_grad(model)
     out["expected"] = {"grad": expected, "norm": _norm(expected.values())}
@@ -275,6 +276,7 @@ def test_bf16_engine_with_fp32_accumulation_steps(runs, stage, tp):
     # DeepSpeed's own choice of wrapper (engine.py _do_optimizer_sanity_check): our layout must fit both
     engine = runs[("linear", stage, tp)]["bf16+fp32acc"]
     assert engine["wrapper"] == ("BF16_Optimizer" if stage == 1 else "DeepSpeedZeroOptimizer")
+    assert engine["throughput_timer"] is False  # on, it would synchronize the GPU around every micro-batch
     if stage == 2:  # ZeRO-2 reduces every micro-batch: overlapped with the backward (inline on the CPU)
         assert engine["overlap_comm"] is True
     assert r["moved"] and r["skipped"] == 0

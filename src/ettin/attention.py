@@ -277,8 +277,12 @@ class FlexAttention:
 
 class VarlenAttention:
     """PyTorch's ``varlen_attn`` (``torch.nn.attention.varlen``): the flash kernel shipped with
-    torch, or cuDNN's for long global non-causal batches on Hopper/Blackwell, chosen inside torch.
-    CUDA only, fp16/bf16 only, no attention dropout (torch hard-codes it to 0)."""
+    torch. CUDA only, fp16/bf16 only, no attention dropout (torch hard-codes it to 0).
+
+    Left to itself torch sends global non-causal batches longer than 128 tokens to cuDNN on
+    Hopper, whose graph cache is keyed by the shapes: with a new token count every micro-batch
+    that is a graph build per call. A window of ``max_seqlen`` on both sides allows exactly the
+    same keys, and flash treats a window that long as unbounded, so every layer stays on flash."""
 
     name = "varlen"
 
@@ -288,7 +292,10 @@ class VarlenAttention:
         self._fn = varlen_attn
 
     def prepare(self, docs: Documents, spec: MaskSpec):
-        return docs.cu_seqlens.to(torch.int32), docs.max_seqlen, varlen_window(spec)
+        window = varlen_window(spec)
+        if window == (-1, -1):
+            window = (docs.max_seqlen, docs.max_seqlen)
+        return docs.cu_seqlens.to(torch.int32), docs.max_seqlen, window
 
     def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
         if dropout_p:
@@ -361,12 +368,14 @@ def available_backends() -> list[str]:
     return names
 
 
-def build_attention(name: str = "auto"):
-    """``auto``: on CUDA, torch's varlen kernel, else flash-attn when installed, else FlexAttention;
-    SDPA elsewhere."""
+def build_attention(name: str = "auto", device_type: str | None = None):
+    """``auto``: for a model on CUDA (``device_type``; by default, wherever CUDA is available),
+    torch's varlen kernel, else flash-attn when installed, else FlexAttention; SDPA elsewhere (a
+    CPU run on a GPU node included)."""
     names = available_backends()
     if name == "auto":
-        preferred = ("varlen", "flash", "flex") if torch.cuda.is_available() else ()
+        on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
+        preferred = ("varlen", "flash", "flex") if on_cuda else ()
         name = next((n for n in preferred if n in names), "sdpa")
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend '{name}': use one of auto, {', '.join(BACKENDS)}")

@@ -76,7 +76,7 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn_backend: str | None = None):
+    def __init__(self, cfg: ModelConfig, attn_backend: str | None = None, device_type: str | None = None):
         super().__init__()
         self.cfg = cfg
         h, eps = cfg.hidden_size, cfg.norm_eps
@@ -98,7 +98,7 @@ class Transformer(nn.Module):
             "global": MaskSpec(cfg.causal, None),
             "local": MaskSpec(cfg.causal, (cfg.window_left, cfg.window_right)),
         }
-        self.attend = build_attention(attn_backend or cfg.attn_backend)
+        self.attend = build_attention(attn_backend or cfg.attn_backend, device_type)
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | Documents, max_seqlen: int | None = None,
                 labels: torch.Tensor | None = None, reduction: str = "mean",

@@ -49,9 +49,11 @@ def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: f
                                              distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
                                              create_gloo_process_groups=False)
     _HOST_GROUPS.clear()
+    _HOST_GROUPS_TIMEOUT[0] = datetime.timedelta(seconds=timeout_s)
 
 
-_HOST_GROUPS: dict = {}
+_HOST_GROUPS: dict = {}  # ranks (or "world") -> a gloo group
+_HOST_GROUPS_TIMEOUT = [datetime.timedelta(minutes=10)]  # the collective timeout given to init_process_groups
 
 
 def host_group(group=None):
@@ -65,12 +67,12 @@ def host_group(group=None):
     key = "world" if group is None else tuple(dist.get_process_group_ranks(group))
     if key not in _HOST_GROUPS:
         if group is None:
-            _HOST_GROUPS[key] = dist.new_group(backend="gloo")
+            _HOST_GROUPS[key] = dist.new_group(backend="gloo", timeout=_HOST_GROUPS_TIMEOUT[0])
         else:  # e.g. the DP groups: one per TP rank; every rank learns them all, then makes them in order
             mine, every = list(key), [None] * dist.get_world_size()
             dist.all_gather_object(every, mine)
             for ranks in sorted({tuple(r) for r in every}):
-                made = dist.new_group(list(ranks), backend="gloo")
+                made = dist.new_group(list(ranks), backend="gloo", timeout=_HOST_GROUPS_TIMEOUT[0])
                 if ranks == key:
                     _HOST_GROUPS[key] = made
     return _HOST_GROUPS[key]

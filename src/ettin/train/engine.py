@@ -29,8 +29,10 @@ Why ZeRO-1 is the default: ZeRO-1 reduces once per optimizer step; ZeRO-2 owns g
 partitions, so every micro-batch's backward must hand its gradients to their owners: with tens of
 micro-batches per step that is tens of times the traffic, to save a gradient buffer (4 bytes per
 parameter under fp32 accumulation) that ettin's model sizes do not need. ZeRO-2 is for when memory
-is short; it then runs with ``overlap_comm`` so the per-micro-batch reduction overlaps the backward
-on a side stream (on the CPU DeepSpeed has no streams and reduces inline; it runs and is tested).
+is short; it then runs with ``overlap_comm``: the per-micro-batch reduction overlaps the backward
+on a side stream, but DeepSpeed's epilogue waits for the device at the end of every micro-batch
+(stage_1_and_2.py ``independent_gradient_partition_epilogue``), one more reason for ZeRO-1 (on
+the CPU DeepSpeed has no streams and reduces inline; it runs and is tested).
 
 Skipped steps: DeepSpeed skips every optimizer step whose gradient norm is not finite, in each
 configuration here. BF16_Optimizer.step always does (``is_invalid_grad_norm``); ZeRO's step does
@@ -88,6 +90,9 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
+        # on by default, its timer calls torch.cuda.synchronize() around every micro-batch's forward
+        # when DeepSpeed was given no dataloader (engine.py forward pre-hook, utils/timer.py)
+        "timers": {"throughput": {"enabled": False}},
     }
     if bf16:  # accumulation and the DP reduction in one precision (fp32 by default)
         config["data_types"] = {"grad_accum_dtype": cfg.train.grad_accum_dtype}

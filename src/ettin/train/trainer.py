@@ -109,10 +109,14 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.micro_tokens = resolve_micro_tokens(cfg, self.dp_size)
         check_fits(cfg, self.dp_size, micro_tokens=self.micro_tokens)  # before any weights exist
-        self.peak_flops = resolve_peak_flops(cfg, torch.cuda.get_device_name(self.device) if use_cuda else "cpu")
+        device_name = torch.cuda.get_device_name(self.device) if use_cuda else "cpu"
+        self.peak_flops = resolve_peak_flops(cfg, device_name)
+        if use_cuda and math.isnan(self.peak_flops):
+            self._say(f"note: no bf16 peak known for '{device_name}', so no MFU is reported; "
+                      "set train.peak_flops_per_device to its dense bf16 FLOP/s")
 
         torch.manual_seed(cfg.phase.seed)  # the same initial weights on every rank and TP size
-        self.model = cfg.model.build().to(self.device)
+        self.model = cfg.model.build(device_type=self.device.type).to(self.device)
         self.engine, self.optimizer = build_engine(self.model, cfg, bf16=use_cuda)
         self.pipeline = DataPipeline.from_config(cfg)
         self.fingerprint = self.pipeline.manifest.fingerprint()
