@@ -267,14 +267,14 @@ def global_batches(cfg, dp_size, workers, steps=range(0, 5), budget=100):
     for rank in range(dp_size):
         ds = RankSteps(pipeline, rank, dp_size)
         for step, batch in build_loader(ds, steps.start, steps.stop, workers=workers, prefetch=2):
-            batches = batch.micro_batches(budget, count=3 * len(batch.positions) + 1)
-            assert all(b.num_tokens <= budget or len(b.positions) == 1 for b in batches)
-            out.setdefault(step, {})[rank] = batches
+            micro = [m for m in batch.micro_batches(budget) if m.docs.total]
+            assert all(m.docs.total <= budget or len(m.docs.bounds) == 2 for m in micro)
+            out.setdefault(step, {})[rank] = (micro, batch.digests)
     result = {}
     for step, ranks in out.items():
-        batches = [b for r in sorted(ranks) for b in ranks[r]]
-        result[step] = (torch.cat([b.input_ids for b in batches]), torch.cat([b.labels for b in batches]),
-                        step_hash([d for b in batches for d in b.digests]))
+        micro = [m for r in sorted(ranks) for m in ranks[r][0]]
+        result[step] = (torch.cat([m.input_ids for m in micro]), torch.cat([m.labels for m in micro]),
+                        step_hash([d for r in sorted(ranks) for d in ranks[r][1]]))
     return result
 
 
@@ -290,18 +290,23 @@ def test_token_budget_cut_by_hand():
         token_budget_cut(bounds, 0)
 
 
-def test_micro_batches_are_views_that_keep_every_token_and_label(corpus):
+def test_micro_batches_keep_every_token_and_label_in_order(corpus):
     batch = DataPipeline.from_config(cfg_of(corpus)).batch(0, 12)
     for budget in (1, 37, 120, 10**6):
+        runs = len(token_budget_cut(batch.bounds, budget))
         micro = batch.micro_batches(budget, count=20)
-        assert len(micro) == 20 and all(m.num_tokens == 0 for m in micro[len(token_budget_cut(batch.bounds, budget)):])
-        assert torch.equal(torch.cat([m.tokens for m in micro], 1), batch.tokens)
-        assert [d for m in micro for d in m.digests] == batch.digests
-        assert sum(m.num_labels for m in micro) == batch.num_labels
-        for m in micro:
-            assert m.cu_seqlens[0] == 0 and m.cu_seqlens[-1] == m.num_tokens
-            assert torch.equal(m.label_index(), torch.nonzero(m.labels != IGNORE).squeeze(1))
-            assert m.num_tokens <= budget or len(m.positions) == 1
+        real, fillers = micro[:runs], micro[runs:]
+        assert len(micro) == 20 and all(m.label_index.numel() == 0 and m.labels.tolist() == [IGNORE] for m in fillers)
+        assert torch.equal(torch.cat([m.input_ids for m in real]), batch.input_ids.long())
+        assert torch.equal(torch.cat([m.labels for m in real]), batch.labels.long())
+        starts = np.cumsum([0] + [m.docs.total for m in real])
+        assert [int(s) + b for s, m in zip(starts, real) for b in m.docs.bounds[1:]] == batch.bounds[1:]
+        assert torch.equal(torch.cat([m.label_index + int(s) for s, m in zip(starts, real)]), batch.label_index())
+        for m in real:
+            assert m.docs.cu_seqlens.tolist() == list(m.docs.bounds) and m.docs.total == m.input_ids.numel()
+            assert torch.equal(m.label_index, torch.nonzero(m.labels != IGNORE).squeeze(1))
+            assert m.docs.total <= budget or len(m.docs.bounds) == 2
+            assert m.docs.max_seqlen == max(np.diff(m.docs.bounds))
 
 
 def test_same_global_batches_at_any_dp_size_and_worker_count(corpus):

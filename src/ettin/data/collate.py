@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import xxhash
 
+from ettin.attention import Documents
 from ettin.data.order import derive_key
 
 IGNORE = -100
@@ -61,16 +62,25 @@ class Batch:
             self._label_index = torch.nonzero(self.labels != IGNORE).squeeze(1)
         return self._label_index
 
-    def micro_batches(self, budget: int, count: int | None = None) -> list["Batch"]:
-        """This batch cut by ``token_budget_cut`` into views, padded with empty micro-batches up to ``count``."""
-        cu = self.bounds
+    def micro_batches(self, budget: int, count: int = 0, device: torch.device | str = "cpu") -> list["MicroBatch"]:
+        """This batch cut by ``token_budget_cut`` into model inputs on ``device``, then one-token
+        fillers up to ``count`` (every DP rank must run as many micro-batches as the busiest).
+
+        The batch goes to the device once, asynchronously from pinned memory, and is widened to
+        int64 there; the micro-batches are views, cut at offsets the host already knows, so
+        nothing here waits for the device."""
+        bounds, index = self.bounds, self.label_index()
+        tokens = self.tokens.to(device, non_blocking=True).long()
+        cu = self.cu_seqlens.to(device, non_blocking=True)
+        where = index.to(device, non_blocking=True)
+        cuts = np.searchsorted(index.numpy(), bounds).tolist()  # label positions at each document start
         out = []
-        for a, b in token_budget_cut(cu, budget):
-            longest = max(cu[i + 1] - cu[i] for i in range(a, b))
-            out.append(Batch(self.tokens[:, cu[a]:cu[b]], self.cu_seqlens[a:b + 1] - cu[a], longest, self.positions[a:b],
-                             self.digests[a:b]))
-        empty = Batch(self.tokens[:, :0], self.cu_seqlens[:1] * 0, 0, self.positions[:0], [])
-        return out + [empty] * ((count or 0) - len(out))
+        for a, b in token_budget_cut(bounds, budget):
+            lo, hi = bounds[a], bounds[b]
+            docs = Documents(cu[a:b + 1] - lo, tuple(x - lo for x in bounds[a:b + 1]),
+                             max(bounds[d + 1] - bounds[d] for d in range(a, b)))
+            out.append(MicroBatch(tokens[0, lo:hi], tokens[1, lo:hi], docs, where[cuts[a]:cuts[b]] - lo))
+        return out + [MicroBatch.filler(device) for _ in range(count - len(out))]
 
     def pin_memory(self) -> "Batch":
         """Page-locked copies (DataLoader's pin thread calls this), so host-to-device copies are
@@ -81,7 +91,7 @@ class Batch:
 
     def __getstate__(self):
         # between loader processes the tokens go as shared memory and the small parts by value;
-        # anywhere else (torch.save, all_gather_object) a micro-batch view sends only its own part
+        # anywhere else (torch.save, all_gather_object) a view sends only its own part
         tokens = self.tokens if self.tokens.is_shared() else self.tokens.clone()
         return {"tokens": tokens, "cu_seqlens": self.cu_seqlens.numpy(), "max_seqlen": self.max_seqlen,
                 "positions": self.positions.numpy(), "digests": self.digests}
@@ -89,6 +99,24 @@ class Batch:
     def __setstate__(self, state):
         self.__dict__.update(state, _label_index=None)
         self.cu_seqlens, self.positions = torch.from_numpy(state["cu_seqlens"]), torch.from_numpy(state["positions"])
+
+
+@dataclass
+class MicroBatch:
+    """One forward/backward's inputs, on the compute device."""
+
+    input_ids: torch.Tensor  # [tokens] int64
+    labels: torch.Tensor  # [tokens] int64, IGNORE where there is no loss
+    docs: Documents  # the documents' offsets, on the device and on the host
+    label_index: torch.Tensor  # [labels] int64: where the labels are, found on the host
+
+    @classmethod
+    def filler(cls, device) -> "MicroBatch":
+        """One token without a label: runs the collectives of a micro-batch, adds nothing. Made by
+        kernels on the device (no host-to-device copy)."""
+        docs = Documents(torch.arange(2, dtype=torch.int32, device=device), (0, 1), 1)
+        return cls(torch.zeros(1, dtype=torch.long, device=device), torch.full((1,), IGNORE, device=device), docs,
+                   torch.zeros(0, dtype=torch.long, device=device))
 
 
 def token_budget_cut(bounds: Sequence[int], budget: int) -> list[tuple[int, int]]:

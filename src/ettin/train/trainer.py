@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ettin.attention import Documents
 from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
 from ettin.data.collate import IGNORE, Batch, step_hash, token_budget_cut
 from ettin.data.ledger import Ledger, order_key
@@ -250,14 +249,13 @@ class Trainer:
         from ettin.train.engine import grad_norm
 
         cfg, engine, bounds = self.cfg, self.engine, batch.bounds
-        runs = token_budget_cut(bounds, self.micro_tokens)
         label_index = batch.label_index()
         flops = step_flops(cfg.model, np.diff(bounds), len(label_index))
         # one host-side exchange: counts for the normalization, the micro-batch count every rank
         # must run (ZeRO reduces per micro-batch), FLOPs for MFU and the digests for the ledger
         shares = [None] * self.dp_size
-        dist.all_gather_object(shares, (len(label_index), batch.num_tokens, len(runs), flops, batch.digests),
-                               group=self.host_dp)
+        own = (len(label_index), batch.num_tokens, len(token_budget_cut(bounds, self.micro_tokens)), flops, batch.digests)
+        dist.all_gather_object(shares, own, group=self.host_dp)
         labels, tokens = sum(s[0] for s in shares), sum(s[1] for s in shares)
         micro_count, flops = max(s[2] for s in shares), sum(s[3] for s in shares)
         # dropout masks: a function of (seed, step, DP rank), so a resumed run draws the same ones
@@ -265,40 +263,18 @@ class Trainer:
         lr = cfg.optim.lr * lr_factor(self.state.tokens, cfg.schedule, cfg.phase.tokens)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        # the share goes to the device once (pinned memory, asynchronous), widened to int64 there;
-        # micro-batches are views, cut with offsets the host already knows
-        tokens_d = batch.tokens.to(self.device, non_blocking=True).long()
-        cu_d = batch.cu_seqlens.to(self.device, non_blocking=True)
-        label_d = label_index.to(self.device, non_blocking=True)
-        label_cuts = np.searchsorted(label_index.numpy(), bounds).tolist()
         scale = self.dp_size / max(labels, 1)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i in range(micro_count):
-            engine.set_gradient_accumulation_boundary(i == micro_count - 1)
-            if i < len(runs):
-                a, b = runs[i]
-                lo = bounds[a]
-                docs = Documents(cu_d[a:b + 1] - lo, tuple(x - lo for x in bounds[a:b + 1]),
-                                 max(bounds[d + 1] - bounds[d] for d in range(a, b)))
-                ids, targets = tokens_d[0, lo:bounds[b]], tokens_d[1, lo:bounds[b]]
-                where = label_d[label_cuts[a]:label_cuts[b]] - lo
-            else:  # this rank's share ran out: a no-loss token keeps the collectives in step
-                ids, targets, where, docs = self._filler()
-            loss = engine(ids, docs, labels=targets, label_index=where, reduction="sum")
+        micro = batch.micro_batches(self.micro_tokens, micro_count, self.device)
+        for i, m in enumerate(micro):
+            engine.set_gradient_accumulation_boundary(i == len(micro) - 1)
+            loss = engine(m.input_ids, m.docs, labels=m.labels, label_index=m.label_index, reduction="sum")
             engine.backward(loss * scale, scale_wrt_gas=False)
             total += loss.detach().double()
         engine.step()
         dist.all_reduce(total, group=self.dp_group)
         loss, norm = torch.stack([total, grad_norm(engine, self.optimizer).to(total)]).tolist()  # the step's one wait
         return loss / max(labels, 1), norm, labels, tokens, flops, [d for s in shares for d in s[4]]
-
-    def _filler(self):
-        """A one-token micro-batch without a label, on the device (made once)."""
-        if not hasattr(self, "_filler_batch"):
-            ids = torch.tensor([self.cfg.model.cls_token_id], device=self.device)
-            docs = Documents(torch.tensor([0, 1], dtype=torch.int32, device=self.device), (0, 1), 1)
-            self._filler_batch = (ids, torch.full_like(ids, IGNORE), torch.zeros(0, dtype=torch.long, device=self.device), docs)
-        return self._filler_batch
 
     def _save(self) -> None:
         from ettin.train.engine import full_state
