@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -72,7 +73,7 @@ def _trainer_experiment(smoke: bool, work: Path) -> Path:
     from ettin.testing import synthetic_corpus, write_mds_source
 
     seq, vocab = (128, 512) if smoke else (1024, 50368)
-    data = work / "data"
+    data = work / ("data-smoke" if smoke else "data")
     if not data.exists():
         samples = synthetic_corpus(400 if smoke else 4000, vocab, 1, seq // 4, seq - 2, cls_id=1, sep_id=2)
         write_mds_source(data / "a", samples, size_limit=1 << 22,
@@ -114,10 +115,13 @@ def section_trainer(smoke: bool, work: Path):
 
     exp, steps, deadline = _trainer_experiment(smoke, work), 4, time.time() + LIMITS_S["trainer"] - 10
     straight, resumed = work / "straight", work / "resumed"
+    for run in (straight, resumed):  # runs of an earlier gpu-check into the same folder would resume
+        shutil.rmtree(run, ignore_errors=True)
     _train(exp, straight, steps, deadline)
     for r in read_metrics(straight):
         yield {"check": f"step {r['step']}", "loss": round(r["loss"], 4), "grad_norm": round(r["grad_norm"], 4),
-                     "host_syncs": r.get("host_syncs"), "skipped_steps": r.get("skipped_steps"),
+                     "host_syncs": r.get("host_syncs"), "sync_calls": r.get("sync_calls"),
+                     "skipped_steps": r.get("skipped_steps"),
                      "sync_sites": " ".join(Path(s).name for s in r.get("host_sync_sites", [])[:4]),
                      "ok": r["loss"] == r["loss"] and r.get("skipped_steps", 0) == 0}
     _train(exp, resumed, steps // 2, deadline)

@@ -154,7 +154,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cuda | cpu
     device_memory_gb: float = 80.0  # the memory each rank may plan for (micro budgets, the fit check)
     grad_accum_dtype: str = "fp32"  # fp32 | bf16: gradient accumulation and DP reduction under bf16
-    sync_debug: bool = False  # CUDA: count the host<->device syncs of every step (metrics: host_syncs)
+    # CUDA: count and place every step's host<->device waits (metrics: host_syncs, host_sync_sites,
+    # sync_calls); it profiles every step, so it is slow
+    sync_debug: bool = False
     # torch.use_deterministic_algorithms: a rerun or a resume on a GPU is bit-equal (attention and
     # embedding backwards without atomics), at some cost in speed; CPU runs are deterministic anyway
     deterministic: bool = False

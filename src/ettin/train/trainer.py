@@ -5,8 +5,9 @@ Per step: fetch this rank's share of the global batch, cut it into micro-batches
 label count and on the number of micro-batches (over a gloo group, on the host), copy the share
 to the device once, run forward/backward per micro-batch (loss summed and normalized by the
 global count, so the gradient is the same at any DP size and budget), take one optimizer step,
-record the step in the ledger. On a GPU the step waits for the device once: for the loss and
-gradient norm at its end. Checkpoint every
+record the step in the ledger. On a GPU our code waits for the device once per step, for the
+loss and gradient norm at its end; DeepSpeed's overflow check adds a wait or two of its own
+(``train.sync_debug`` counts and places them all). Checkpoint every
 ``phase.checkpoint_every_tokens`` and at the end. Signals (Slurm's USR2, TERM) and
 ``train.max_runtime_s`` only raise a flag; ranks agree on it at the step boundary, save, and exit
 with EXIT_REQUEUE. A dead rank makes the others' collectives fail after
@@ -65,21 +66,39 @@ def pick_device(cfg, environ=os.environ) -> torch.device:
     return torch.device("cpu")
 
 
+# CUDA runtime calls that make the host wait for the device
+SYNC_CALLS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+
+
 @contextlib.contextmanager
-def count_host_syncs(enabled: bool, sites: list):
-    """Collect, into ``sites``, one "file:line" per synchronizing CUDA call made inside (torch's
-    sync debug mode, as warnings). Off the hot path: a debugging and acceptance aid."""
+def count_syncs(enabled: bool, found: dict):
+    """Record in ``found`` the host<->device waits made inside, two ways: ``host_sync_sites``, the
+    Python "file:line" of every implicit sync torch's sync debug mode reports (``.item()``, a
+    boolean index, a copy from pageable memory...); and ``sync_calls``, the CUDA runtime's
+    synchronize calls seen by the profiler, which also catches explicit waits that mode does not
+    see (``torch.cuda.synchronize``, as in DeepSpeed's overflow check). A debugging and acceptance
+    aid (``train.sync_debug``): profiling every step costs time."""
     if not enabled:
         yield
         return
-    with warnings.catch_warnings(record=True) as caught:
+    from torch.profiler import ProfilerActivity, profile
+
+    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CPU,
+                                                                             ProfilerActivity.CUDA]) as prof:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
             yield
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    sites += [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    sites = []
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            sites.append(f"{w.filename}:{w.lineno}")
+        else:  # not ours to swallow
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    found.update(host_syncs=len(sites), host_sync_sites=sorted(set(sites)),
+                 sync_calls=sum(e.name in SYNC_CALLS for e in prof.events()))
 
 
 class Trainer:
@@ -197,8 +216,8 @@ class Trainer:
             loaded, batch = next(loader)
             assert loaded == step, (loaded, step)
             data_wait = time.perf_counter() - t0
-            syncs = []
-            with count_host_syncs(cfg.train.sync_debug and self.device.type == "cuda", syncs):
+            syncs = {}
+            with count_syncs(cfg.train.sync_debug and self.device.type == "cuda", syncs):
                 loss, grad_norm, labels, tokens, flops, digests = self._step(step, batch)
             if not math.isfinite(loss):
                 self._say(f"error: non-finite loss ({loss}) at step {step}; the last good checkpoint is "
@@ -223,7 +242,7 @@ class Trainer:
                 "mfu": None if math.isnan(self.peak_flops) else flops / seconds / (self.peak_flops * self.world),
                 "skipped_steps": skipped_steps(self.engine), "data_wait_s": data_wait, "step_s": seconds,
                 "memory_gb": self._memory_gb(), "time": time.time(),
-                **({"host_syncs": len(syncs), "host_sync_sites": sorted(set(syncs))} if cfg.train.sync_debug else {})})
+                **syncs})
 
             finished = state.tokens >= cfg.phase.tokens
             capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
