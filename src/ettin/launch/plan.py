@@ -155,9 +155,13 @@ def format_plan(rows: list[PlanRow], gpus: int) -> str:
         hours = sum(r.gpu_hours for r in mine)
         table.append((size, "all", "total", _tokens(sum(r.tokens for r in mine)), "", "", f"{sum(r.steps for r in mine):,}", "",
                       str(sum(r.checkpoints for r in mine)), "", f"{hours:,.0f}", f"{hours / gpus / 24:,.1f}"))
+    return _aligned(header, table, left={0, 1, 2})
+
+
+def _aligned(header: tuple, table: list[tuple], left: set[int]) -> str:
+    """Columns padded to their widest cell; the ``left`` columns left-aligned, numbers right."""
     widths = [max(len(x) for x in col) for col in zip(header, *table)]
-    right = {3, 4, 5, 6, 7, 8, 9, 10, 11}
-    lines = ["  ".join(x.rjust(w) if i in right else x.ljust(w) for i, (x, w) in enumerate(zip(row, widths))).rstrip()
+    lines = ["  ".join(x.ljust(w) if i in left else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))).rstrip()
              for row in [header, *table]]
     return "\n".join(lines) + "\n"
 
@@ -210,11 +214,7 @@ def format_memory(rows: list[MemoryRow]) -> str:
               f"{m.activations:.1f}", f"{m.head:.2f}", f"{m.overhead:.1f}", f"{m.total:.1f}", f"{m.device_memory_gb:g}",
               "yes" if m.fits else "NO")
              for r in rows for m in [r.memory]]
-    widths = [max(len(x) for x in col) for col in zip(header, *table)]
-    left = {0, 1, 2, 17}
-    lines = ["  ".join(x.ljust(w) if i in left else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))).rstrip()
-             for row in [header, *table]]
-    return "\n".join(lines) + "\n"
+    return _aligned(header, table, left={0, 1, 2, 17})
 
 
 MEMORY_FOOTNOTE = ("Notes: predicted peak GB (1e9 bytes) per GPU from ettin.memory: bf16 weights, fp32 master weights and "
