@@ -24,7 +24,7 @@ def test_lists_every_group():
     found = list_configs()
     assert set(SIZES) <= set(found["model"])
     assert set(PHASES) == set(found["phase"])
-    assert {"mlm", "clm"} == set(found["objective"])
+    assert {"mlm", "clm", "mntp"} == set(found["objective"])
     assert {"ettin", "tiny"} <= set(found["experiment"])
 
 
@@ -43,16 +43,16 @@ def test_every_preset_resolves(size, objective, phase):
     assert cfg.optim.lr == lr and cfg.optim.weight_decay == wd
     assert cfg.optim.betas == [0.9, 0.98] and cfg.optim.eps == 1e-6
     assert cfg.batch.global_size == 4608
-    assert cfg.batch.warmup_tokens == (batch_warmup if phase == "pretrain" else 0)
+    assert cfg.batch.warmup_tokens == {"pretrain": batch_warmup, "cross": 10e9}.get(phase, 0)
     assert cfg.phase.seq_len == (1024 if phase == "pretrain" else 7999)
     assert cfg.phase.seed == (210 if phase == "cross" else 21)
     assert cfg.data.mixture == {"pretrain": "pretrain", "extension": "extension"}.get(phase, "decay")
     big = size == "1b"
-    expected_tokens = {"pretrain": 1.7e12, "extension": 83.3e9 if big else 250e9,
-                       "decay": 16.7e9 if big else 50e9, "cross": 16.7e9 if big else 50e9}[phase]
+    expected_tokens = {"pretrain": 1.7e12, "extension": 83_333_000_000 if big else 250e9,
+                       "decay": 16_666_666_667 if big else 50e9, "cross": 16_666_666_667 if big else 50e9}[phase]
     assert cfg.phase.tokens == int(expected_tokens)
     assert cfg.phase.checkpoint_every_tokens == int(
-        {"cross": 3.33e9 if big else 10e9}.get(phase, 8.5e9))
+        {"cross": 3_333_333_333 if big else 10e9}.get(phase, 8.5e9))
     g, loc = (m.global_rope_theta, m.local_rope_theta)
     if phase == "pretrain":
         assert (g, loc) == (10000, 10000)
@@ -71,8 +71,8 @@ def test_every_preset_resolves(size, objective, phase):
         assert (s.shape, s.warmup_tokens, s.start_factor, s.end_factor) == ("one_minus_sqrt", 0, 0.5, 0.02)
         assert cfg.objective.mask_rate == 0.15
     else:
-        assert (s.shape, s.end_factor) == ("wsd", 0.02)
-        assert (s.warmup_tokens, s.decay_tokens) == ((1e9, 3.33e9) if big else (3e9, 10e9))
+        assert (s.shape, s.start_factor, s.end_factor) == ("wsd", 0.5, 0.01)
+        assert (s.warmup_tokens, s.decay_tokens) == ((1e9, 3_333_000_000) if big else (3e9, 10e9))
         assert cfg.phase.init == "other_objective"
 
 

@@ -250,11 +250,13 @@ def test_mlm_kernel_matches_the_written_rule(seed, rate, p_mask, p_random):
 
 def test_clm_labels_stay_inside_each_document():
     c = Collator("clm", seed=21, vocab_size=VOCAB, cls_id=1, sep_id=2, pad_id=0, mask_id=3)
-    docs = [np.array([1, 10, 11, 12, 2]), np.array([1, 20, 21, 2])]
-    batch = c(docs, [5, 6])
-    assert batch.input_ids.tolist() == [1, 10, 11, 12, 1, 20, 21]  # [CLS] as BOS, no forced [SEP]
-    assert batch.labels.tolist() == [10, 11, 12, IGNORE, 20, 21, IGNORE]
-    assert batch.cu_seqlens.tolist() == [0, 4, 7] and batch.max_seqlen == 4
+    docs = [np.array([1, 10, 11, 12, 2]), np.array([1, 20, 21, 2]), np.array([1, 30, 31])]
+    batch = c(docs, [5, 6, 7])
+    assert batch.input_ids.tolist() == [1, 10, 11, 12, 2, 1, 20, 21, 2, 1, 30, 31]  # stored as is: nothing added
+    # the stored trailing [SEP] is each document's last target; no label crosses a boundary
+    assert batch.labels.tolist() == [10, 11, 12, 2, IGNORE, 20, 21, 2, IGNORE, 30, 31, IGNORE]
+    assert batch.cu_seqlens.tolist() == [0, 5, 9, 12] and batch.max_seqlen == 5
+    assert batch.num_labels == sum(len(d) - 1 for d in docs)
 
 
 # ----------------------------------------------------------------------------- loader

@@ -11,7 +11,7 @@ from transformers import ModernBertConfig, ModernBertDecoderConfig, ModernBertDe
 
 from ettin import hf
 from ettin.config import load_config
-from ettin.parallel import full_state_dict, init_process_groups
+from ettin.parallel import full_state_dict, init_process_groups, load_full_state_dict
 
 # several shapes: (overrides) on top of the tiny experiment
 SHAPES = {
@@ -68,6 +68,69 @@ def test_transformers_loads_the_export_with_its_own_classes(tmp_path):
     model = ModernBertForMaskedLM.from_pretrained(tmp_path)  # no custom code, no hub
     assert model.config.local_attention == 128 and model.config.global_attn_every_n_layers == 3
     assert model.decoder.weight.data_ptr() == model.model.embeddings.tok_embeddings.weight.data_ptr()  # tied
+
+
+def test_an_mntp_checkpoint_exports_as_masked_lm_whose_logits_predict_the_next_token(tmp_path):
+    """MNTP weights are a ModernBertForMaskedLM whose logits at i-1 predict the token masked at i;
+    config.json says so (ettin_objective, ettin_label_shift), and our MNTP loss is exactly
+    transformers' logits read that way."""
+    import numpy as np
+
+    from ettin.data.collate import IGNORE, Collator
+
+    cfg = load_config("tiny", ["objective=mntp", "objective.mask_rate=0.3"])
+    state = perturbed_state(cfg)
+    hf.export(cfg.model, state, tmp_path, objective="mntp")
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["architectures"] == [hf.ENCODER] and written["model_type"] == "modernbert"
+    assert written["ettin_objective"] == "mntp" and written["ettin_label_shift"] == 1
+    theirs = ModernBertForMaskedLM.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert theirs.config.ettin_label_shift == 1  # kept, and ignored by the model
+    doc = np.array([1, *np.random.default_rng(0).integers(5, 512, 150), 2], dtype=np.uint32)
+    mlm = Collator.from_config(load_config("tiny", ["objective.mask_rate=0.3"])).sample(doc, 9)
+    inputs, labels = Collator.from_config(cfg).sample(doc, 9)
+    masked = np.flatnonzero(mlm[1] != IGNORE)  # the positions i MLM would label
+    assert np.array_equal(inputs, mlm[0]) and np.array_equal(np.flatnonzero(labels != IGNORE), masked - 1)
+    with torch.no_grad():
+        logits = theirs(input_ids=torch.from_numpy(inputs).long()[None]).logits[0]
+        expected = torch.nn.functional.cross_entropy(logits[masked - 1], torch.from_numpy(doc[masked].astype(np.int64)))
+        model = cfg.model.build(attn_backend="sdpa").eval()
+        load_full_state_dict(model, state)
+        ours = model(torch.from_numpy(inputs).long(), torch.tensor([0, len(doc)], dtype=torch.int32),
+                     labels=torch.from_numpy(labels).long())
+    assert ours.item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_the_objective_is_recorded_and_checked(tmp_path):
+    from ettin.config import to_yaml
+
+    for objective, shift in (("mlm", 0), ("clm", 1)):
+        cfg = config_for("tiny", objective)
+        hf.export(cfg.model, perturbed_state(cfg), tmp_path / objective, objective=objective)
+        written = json.loads((tmp_path / objective / "config.json").read_text())
+        assert (written["ettin_objective"], written["ettin_label_shift"]) == (objective, shift)
+    cfg = config_for("tiny", "mlm")
+    with pytest.raises(hf.ConversionError, match="does not match an encoder"):
+        hf.export(cfg.model, perturbed_state(cfg), tmp_path / "x", objective="clm")
+    with pytest.raises(hf.ConversionError, match="unknown objective"):
+        hf.export(cfg.model, perturbed_state(cfg), tmp_path / "y", objective="mask")
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    assert hf.checkpoint_objective(checkpoint) is None
+    (checkpoint / "config.yaml").write_text(to_yaml(load_config("tiny", ["objective=mntp"])))
+    assert hf.checkpoint_objective(checkpoint) == "mntp"
+
+
+def test_a_decoder_export_generates_from_cls_and_stops_at_sep(tmp_path):
+    cfg = config_for("tiny", "clm")
+    hf.export(cfg.model, perturbed_state(cfg), tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    generation = json.loads((tmp_path / "generation_config.json").read_text())
+    m = cfg.model
+    assert written["eos_token_id"] == generation["eos_token_id"] == m.sep_token_id
+    assert written["bos_token_id"] == generation["bos_token_id"] == m.cls_token_id
+    assert generation["pad_token_id"] == m.pad_token_id
+    assert hf.load_hf_model(tmp_path).generation_config.eos_token_id == m.sep_token_id
 
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])

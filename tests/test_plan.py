@@ -44,10 +44,10 @@ def test_estimate_scales_throughput_to_the_phase_sequence_length():
     out = estimate(cfg, gpus=8, tokens_per_gpu_s_at_1024=64e3)
     # the published rate is for pretraining (seq 1024, CLM: every token labelled); this run labels every token too
     ratio = flops_per_token(cfg.model, 1024)["total"] / flops_per_token(cfg.model, 7999, label_fraction=1.0)["total"]
-    assert out["tokens"] == 83_300_000_000 and out["seq_len"] == 7999 and out["warmup_steps"] == 0
+    assert out["tokens"] == 83_333_000_000 and out["seq_len"] == 7999 and out["warmup_steps"] == 0
     assert out["tokens_per_gpu_s"] == pytest.approx(64e3 * ratio) and ratio < 1
-    assert out["checkpoints"] == math.ceil(83.3e9 / 8.5e9)
-    assert out["steps"] == math.ceil(math.ceil(83.3e9 / 7999) / 4608)
+    assert out["checkpoints"] == math.ceil(83_333_000_000 / 8.5e9)
+    assert out["steps"] == math.ceil(math.ceil(83_333_000_000 / 7999) / 4608)
 
 
 def test_plan_cli_prints_every_run_and_says_what_a_sample_is(capsys):
@@ -72,6 +72,47 @@ def test_estimate_scales_mlm_by_its_labelled_tokens():
     ratio = (flops_per_token(pretrain.model, 1024, label_fraction=0.30)["total"]
              / flops_per_token(decay.model, 7999, label_fraction=0.15)["total"])
     assert rate["decay"] == pytest.approx(1e6 * ratio)
+
+
+def _ramp_tables(out: str) -> dict[str, list[list[str]]]:
+    """``ettin plan --ramp`` output -> {"150m pretrain": rows of the stage table (header left out)}."""
+    tables, name = {}, None
+    for line in out.splitlines():
+        if ": the global batch ramps from " in line:
+            name = line.split(":")[0]
+            tables[name] = []
+        elif name and line.split() and line.split()[0] != "stage" and not line.startswith("Notes"):
+            tables[name].append(line.split())
+    return tables
+
+
+def test_plan_ramp_shows_each_stage_batch_steps_and_tokens(capsys):
+    assert plan_main(["--ramp", "--sizes", "150m", "--phases", "pretrain,extension,cross"]) == 0
+    out = capsys.readouterr().out
+    tables = _ramp_tables(out)
+    assert list(tables) == ["150m pretrain", "150m cross"]  # the extension has no ramp
+    assert "from 288 to 4,608 sequences in 16 stages over 50B tokens (1,024 tokens per sample)" in out
+    assert "from 48 to 4,608 sequences in 16 stages over 10B tokens (7,999 tokens per sample)" in out
+    for name, phase in (("150m pretrain", "pretrain"), ("150m cross", "cross")):
+        cfg = load_config("ettin", ["model=150m", f"phase={phase}"])
+        schedule = BatchSchedule.from_config(cfg)
+        *stages, total, full = tables[name]
+        num = [[int(x.replace(",", "")) for x in row[1:5]] for row in stages]  # batch, first step, steps, samples
+        assert [row[0] for row in stages] == [str(i) for i in range(1, 17)]
+        assert [b for b, *_ in num] == sorted(b for b, *_ in num) and num[0][0] == cfg.batch.warmup_start_size
+        for batch, first, steps, samples in num:
+            assert schedule.size(first) == batch == schedule.size(first + steps - 1) and samples == batch * steps
+        assert total[0] == "ramp" and int(total[1].replace(",", "")) == sum(n[2] for n in num)
+        assert int(total[2].replace(",", "")) == sum(n[3] for n in num) >= cfg.batch.warmup_tokens / cfg.phase.seq_len
+        assert full[:3] == ["full", "4,608", total[1]] and schedule.size(int(total[1].replace(",", ""))) == 4608
+    # at a data's mean tokens per sample the same tokens take more, smaller-sample steps
+    assert plan_main(["--ramp", "--sizes", "150m", "--phases", "cross", "--tokens-per-sample", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "(2,000 tokens per sample)" in out
+    assert int(_ramp_tables(out)["150m cross"][-2][1].replace(",", "")) > int(tables["150m cross"][-2][1].replace(",", ""))
+    assert plan_main(["--ramp", "--phases", "decay"]) == 0 and "no batch-size ramp" in capsys.readouterr().out
+    assert plan_main(["--ramp", "--tokens-per-sample", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: --tokens-per-sample must be positive")
 
 
 def test_plan_memory_every_size_and_phase_fits_80gb_on_four_gpus(capsys):

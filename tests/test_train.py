@@ -110,9 +110,10 @@ def test_lr_schedules_follow_their_formulas():
             assert lr_factor(total / 4, s, total) == pytest.approx(0.5 + 0.5 * (1 - math.sqrt(0.25)))
         elif phase == "decay":
             assert lr_factor(0, s, total) == 0.5 and lr_factor(total, s, total) == pytest.approx(0.02)
-        else:
-            assert lr_factor(1.5e9, s, total) == pytest.approx(0.5) and lr_factor(20e9, s, total) == 1.0
-            assert lr_factor(45e9, s, total) == pytest.approx(1 - 0.98 * 0.5) and lr_factor(total, s, total) == pytest.approx(0.02)
+        else:  # warmup to half the peak, constant, a linear tail to 0.02 of that (0.01 x peak)
+            assert lr_factor(1.5e9, s, total) == pytest.approx(0.25) and lr_factor(20e9, s, total) == 0.5
+            assert lr_factor(45e9, s, total) == pytest.approx(0.5 - 0.49 * 0.5)
+            assert lr_factor(total, s, total) == pytest.approx(0.01)
 
 
 def test_slurm_environment_becomes_torch_distributed():
@@ -333,6 +334,16 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
     for step in sorted(m):
         assert m[step]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(tokens_before, cfg.schedule, cfg.phase.tokens))
         tokens_before = m[step]["tokens"]
+    # decoder -> encoder: MNTP by default, with the cross phase's batch ramp
+    ramp = ["schedule.decay_tokens=1000", "batch.warmup_tokens=1500", "batch.warmup_start_size=4"]
+    to_encoder = tmp_path / "clm-to-mntp"
+    train(corpus, to_encoder, 1, 0, "objective=mlm", "phase=cross", *short, *ramp,
+          f"phase.init_checkpoint={runs[('clm', 'decay')]}")
+    cfg = load_config(str(list_checkpoints(to_encoder)[-1] / "config.yaml"))
+    assert cfg.objective.name == "mntp" and not cfg.model.causal and cfg.phase.seed == 210
+    m = metrics(to_encoder)
+    per_step = [m[s]["samples"] - m.get(s - 1, {"samples": 0})["samples"] for s in sorted(m)]
+    assert per_step[0] == 4 and per_step[-1] == 10 and sorted(per_step) == per_step  # the ramp, then the full batch
 
 
 def test_keep_last_k_and_plot(corpus, tmp_path):

@@ -4,12 +4,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 # torch warns "No CUDA runtime is found" on every CPU machine; keep stderr for what matters
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
-from ettin.config import ConfigError, list_configs, load_config, to_yaml
+from ettin.config import GROUPS, ConfigError, list_configs, load_config, to_yaml
 
 
 def _overrides_help() -> str:
@@ -34,6 +35,60 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def _flatten(node, prefix: str = "") -> dict:
+    """Dotted key -> value for a resolved config; lists of mappings (data.sources) are indexed."""
+    out = {}
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    elif isinstance(node, list) and any(isinstance(v, dict) for v in node):
+        for i, value in enumerate(node):
+            out.update(_flatten(value, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = node
+    return out
+
+
+def _resolved(cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    return _flatten(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+
+
+def _natural(key: str) -> list:
+    """Sort data.sources[2] before data.sources[10]."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
+
+
+def config_diff(experiment: str, overrides: list[str], bare: bool = False) -> list[str]:
+    """``key: recipe -> now`` for every resolved key an override changes.
+
+    The recipe is the experiment with its group choices (model=, objective=, phase=, data=) but without the
+    key=value overrides; with ``bare`` it is the experiment with no overrides at all.
+    """
+    groups = [o for o in overrides if "=" in o and o.split("=", 1)[0].strip() in GROUPS]
+    recipe = _resolved(load_config(experiment, [] if bare else groups))
+    now = _resolved(load_config(experiment, overrides))
+    absent = object()
+
+    def show(value) -> str:  # as `config show` writes it: strings bare, true/false/null, numbers exact
+        if value is absent:
+            return "<absent>"
+        if value is None or isinstance(value, bool):
+            return {None: "null", True: "true", False: "false"}[value]
+        return value if isinstance(value, str) else repr(value)
+
+    return [f"{key}: {show(recipe.get(key, absent))} -> {show(now.get(key, absent))}"
+            for key in sorted(set(recipe) | set(now), key=_natural)
+            if recipe.get(key, absent) != now.get(key, absent)]
+
+
+def cmd_config_diff(args) -> int:
+    lines = config_diff(args.experiment, args.overrides, bare=args.bare)
+    print("\n".join(lines) if lines else "no differences")
+    return 0
+
+
 def _build(cfg, seed: int):
     import torch
 
@@ -52,10 +107,11 @@ def cmd_hf_export(args) -> int:
         raise ConfigError("hf export needs exactly one of --checkpoint PATH or --config EXPERIMENT")
     if args.checkpoint:
         model_cfg, state = hf.load_weights(args.checkpoint)
+        objective = hf.checkpoint_objective(args.checkpoint)
     else:
         cfg = load_config(args.config, args.overrides)
-        model_cfg, state = cfg.model, full_state_dict(_build(cfg, args.init_seed))
-    out = hf.export(model_cfg, state, args.out, tokenizer=args.tokenizer)
+        model_cfg, state, objective = cfg.model, full_state_dict(_build(cfg, args.init_seed)), cfg.objective.name
+    out = hf.export(model_cfg, state, args.out, tokenizer=args.tokenizer, objective=objective)
     print(f"wrote {hf.DECODER if model_cfg.causal else hf.ENCODER} to {out}")
     return 0
 
@@ -197,12 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)
 
-    config = sub.add_parser("config", help="list and show configurations").add_subparsers(dest="action", required=True)
+    config = sub.add_parser("config", help="list, show and diff configurations").add_subparsers(dest="action", required=True)
     config.add_parser("list", help="list experiments and group files").set_defaults(func=cmd_config_list)
     show = config.add_parser("show", help="print the resolved config of an experiment")
     show.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
     show.add_argument("overrides", nargs="*", help=_overrides_help())
     show.set_defaults(func=cmd_config_show)
+    diff = config.add_parser(
+        "diff", help="print what overrides change against the recipe",
+        description="Resolve the experiment twice, as the recipe and with the overrides, and print every key whose "
+        "value differs as 'key: recipe -> now' (or 'no differences'). Group choices (model=, objective=, phase=, "
+        "data=) pick the recipe point to compare against; the key=value overrides are the changes shown. "
+        "Example: ettin config diff ettin model=400m phase=decay optim.lr=1e-3")
+    diff.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
+    diff.add_argument("overrides", nargs="*", help=_overrides_help())
+    diff.add_argument("--bare", action="store_true",
+                      help="compare against the experiment with no overrides at all, so group choices show too")
+    diff.set_defaults(func=cmd_config_diff)
 
     hfp = sub.add_parser("hf", help="Hugging Face export, import and parity check").add_subparsers(dest="action", required=True)
     exp = hfp.add_parser("export", help="write a ModernBertForMaskedLM / ModernBertDecoderForCausalLM directory")

@@ -63,9 +63,15 @@ class ModelConfig:
         return Transformer(self, **kwargs)
 
 
+# Training objectives and the attention each needs (model.causal). mntp is masked next-token
+# prediction (LLM2Vec): MLM's masks, each masked token predicted from the position before it,
+# bidirectional attention; Ettin's authors used it to turn the decoders into encoders.
+OBJECTIVE_CAUSAL = {"mlm": False, "clm": True, "mntp": False}
+
+
 @dataclass
 class ObjectiveConfig:
-    name: str = "mlm"  # mlm | clm
+    name: str = "mlm"  # mlm | clm | mntp (see OBJECTIVE_CAUSAL)
     mask_rate: float = 0.30
     mask_token_prob: float = 0.8  # of masked positions: [MASK]
     random_token_prob: float = 0.1  # of masked positions: a random token (rest unchanged)
@@ -404,9 +410,11 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     backends = ["auto", "varlen", "flash", "flex", "sdpa"]
     need(m.attn_backend in backends, f"model.attn_backend '{m.attn_backend}' unknown{_did_you_mean(m.attn_backend, backends)}; "
          f"use one of {', '.join(backends)}")
-    need(cfg.objective.name in ("mlm", "clm"), f"objective.name must be mlm or clm, got '{cfg.objective.name}'")
-    need(cfg.objective.name != "mlm" or not m.causal, "objective mlm needs model.causal=false")
-    need(cfg.objective.name != "clm" or m.causal, "objective clm needs model.causal=true")
+    name = cfg.objective.name
+    need(name in OBJECTIVE_CAUSAL, f"objective.name must be one of {', '.join(OBJECTIVE_CAUSAL)}, got '{name}'"
+         f"{_did_you_mean(name, OBJECTIVE_CAUSAL)}")
+    need(name not in OBJECTIVE_CAUSAL or OBJECTIVE_CAUSAL[name] == m.causal,
+         f"objective {name} needs model.causal={str(OBJECTIVE_CAUSAL.get(name)).lower()}")
     need(0 < cfg.objective.mask_rate < 1, f"objective.mask_rate must be in (0, 1), got {cfg.objective.mask_rate}")
     for key in ("tokens", "checkpoint_every_tokens"):
         need(getattr(cfg.phase, key) > 0, f"phase.{key} must be positive, got {getattr(cfg.phase, key)}")

@@ -3,6 +3,17 @@
 Our layout differs from transformers' in two places, both so that any contiguous tensor-parallel
 split keeps related rows together: the attention projection is laid out per head as (q, k, v)
 and the GLU projection per unit as (input, gate). Everything else maps one to one.
+
+What the head's logits at position ``i`` predict depends on the objective the weights were
+trained with, which the architecture cannot say, so the export writes it into config.json as
+``ettin_objective`` and ``ettin_label_shift`` (transformers keeps unknown fields and ignores them):
+
+- mlm  -> ModernBertForMaskedLM, shift 0: logits at ``i`` predict the token at ``i`` (fill-mask).
+- mntp -> ModernBertForMaskedLM, shift 1: bidirectional, but logits at ``i`` predict the token at
+  ``i + 1``; to fill a [MASK] at ``i``, read the logits at ``i - 1``. transformers' fill-mask
+  pipeline reads position ``i`` and gives the wrong answer for these models.
+- clm  -> ModernBertDecoderForCausalLM, shift 1: next-token prediction; generation starts from
+  [CLS] (BOS) and ends at [SEP] (EOS), written to generation_config.json.
 """
 from __future__ import annotations
 
@@ -17,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from ettin.config import ModelConfig
 
 ENCODER, DECODER = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
+# per objective: how far ahead of its position the head's logits predict (config.json: ettin_label_shift)
+LABEL_SHIFT = {"mlm": 0, "mntp": 1, "clm": 1}
 
 
 class ConversionError(ValueError):
@@ -160,18 +173,54 @@ def model_config_from_hf(hf) -> ModelConfig:
     return cfg
 
 
-def export(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path, tokenizer: str | None = None) -> Path:
-    """Write config.json + model.safetensors (+ tokenizer files) that transformers loads offline."""
+def export(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path, tokenizer: str | None = None,
+           objective: str | None = None) -> Path:
+    """Write config.json + model.safetensors (+ generation_config.json for a decoder, + tokenizer
+    files) that transformers loads offline. ``objective`` (mlm, mntp or clm; see
+    :func:`checkpoint_objective`) records what the head predicts; an MNTP model must pass it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf = hf_config(cfg)
     hf.torch_dtype = "float32"
+    if objective is not None:
+        _record_objective(hf, objective, cfg.causal)
     hf.save_pretrained(out)
+    if cfg.causal:
+        generation_config(cfg).save_pretrained(out)
     save_file({k: v.float() for k, v in to_hf_state_dict(cfg, state).items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     if tokenizer:
         save_tokenizer(tokenizer, cfg, out)
     return out
+
+
+def _record_objective(hf, objective: str, causal: bool) -> None:
+    """Write the objective and its label shift into the transformers config (see the module doc)."""
+    if objective not in LABEL_SHIFT:
+        raise ConversionError(f"unknown objective '{objective}': use one of {', '.join(LABEL_SHIFT)}")
+    if (objective == "clm") != causal:
+        raise ConversionError(f"objective {objective} does not match {'a decoder' if causal else 'an encoder'} "
+                              f"(model.causal={causal})")
+    hf.ettin_objective, hf.ettin_label_shift = objective, LABEL_SHIFT[objective]
+
+
+def generation_config(cfg: ModelConfig):
+    """A decoder's generation settings: start at [CLS] (BOS), stop at [SEP] (EOS), pad with [PAD].
+    Ettin's decoders learn to emit [SEP] as the last target of each document (ettin.data.collate)."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id, pad_token_id=cfg.pad_token_id)
+
+
+def checkpoint_objective(path: str | Path) -> str | None:
+    """The objective a checkpoint folder was trained with, from its resolved ``config.yaml``
+    (written beside model.json by the trainer); None when there is none (e.g. an imported model)."""
+    from omegaconf import OmegaConf
+
+    config = Path(path) / "config.yaml"
+    if not config.is_file():
+        return None
+    return OmegaConf.select(OmegaConf.load(config), "objective.name")
 
 
 def save_tokenizer(tokenizer_json: str, cfg: ModelConfig, out: Path) -> None:

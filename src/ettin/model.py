@@ -23,6 +23,17 @@ from ettin.config import ModelConfig
 from ettin.data.collate import IGNORE  # label of positions without a loss
 from ettin.parallel import column_linear, copy_to_tp, linear_cross_entropy, row_linear, vocab_bias, vocab_embedding
 
+# The embedding row whose lookups pass no gradient (nn.Embedding's padding_idx), as in Ettin's
+# training: bert24 builds the embedding as ``nn.Embedding(vocab, hidden,
+# padding_idx=config.pad_token_id)`` (AnswerDotAI/bert24 ``src/bert_layers/embeddings.py``), and its
+# FlexBertConfig comes from ``FlexBertConfig.from_pretrained("bert-base-uncased", **model_config)``
+# (orionw/bert24 ``src/flex_bert.py``), whose pad_token_id is BERT's 0; Ettin's model_config never
+# sets it (JHU-CLSP/ettin-encoder-vs-decoder ``pretraining/configs``). So it is row 0, not [PAD]
+# (50283): [PAD]'s row was trained whenever MLM's random replacement drew it. Only the lookup is
+# cut: the tied output projection still trains every row, row 0 included.
+EMBEDDING_PADDING_IDX = 0
+
+
 def trunc_normal(std: float, cutoff: float):
     return lambda w: nn.init.trunc_normal_(w, 0.0, std, -cutoff * std, cutoff * std)
 
@@ -117,7 +128,7 @@ class Transformer(nn.Module):
         rope = {kind: r(positions) for kind, r in self.rope.items()}
         plans = {kind: self.attend.prepare(docs, spec) for kind, spec in self.masks.items()}
 
-        x = self.embed_norm(self.embed(input_ids))
+        x = self.embed_norm(self.lookup(input_ids))
         for layer in self.layers:
             kind = "global" if layer.is_global else "local"
             x = layer(x, rope[kind], self.attend, plans[kind])
@@ -130,6 +141,14 @@ class Transformer(nn.Module):
         total = linear_cross_entropy(self.head(x.index_select(0, label_index)), self.embed.weight, self.head_bias,
                                      labels.index_select(0, label_index))
         return total if reduction == "sum" else total / max(label_index.numel(), 1)
+
+    def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; lookups of row ``EMBEDDING_PADDING_IDX`` pass it no gradient (a
+        ``where`` on the device: no host sync, and the same under any TP split of the rows)."""
+        x = self.embed(input_ids)
+        if not torch.is_grad_enabled():
+            return x
+        return torch.where((input_ids == EMBEDDING_PADDING_IDX).unsqueeze(-1), x.detach(), x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The prediction head up to the (tied) vocab projection."""

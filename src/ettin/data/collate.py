@@ -1,12 +1,13 @@
 """Samples -> unpadded batches with labels; every random choice is keyed by the sample's position.
 
 MLM: tokens other than [CLS]/[SEP]/[PAD] are chosen at the phase's mask rate; of those, 80%
-become [MASK], 10% a random token and 10% stay, and only they carry labels. CLM: [CLS] is the
-BOS, the stored trailing [SEP] is dropped (no forced EOS), and each token predicts the next one
-of its own sample, so no label crosses a document boundary. Token ``j`` of the sample at
-position ``p`` draws from a counter-based hash of (seed, p, j), never from generator state, so a
-batch is the same whichever rank, worker or replay builds it. Each sample also gets a digest
-(XXH3-128 of its position, input ids and labels) for the ledger.
+become [MASK], 10% a random token of the whole vocabulary and 10% stay, and only they carry
+labels. MNTP: the same masks, each label moved to the position before it. CLM: [CLS] is the BOS,
+nothing is added, and each token predicts the next one of its own sample, so no label crosses a
+document boundary and the stored trailing [SEP] is a target (decoders learn to end documents).
+Token ``j`` of the sample at position ``p`` draws from a counter-based hash of (seed, p, j),
+never from generator state, so a batch is the same whichever rank, worker or replay builds it.
+Each sample also gets a digest (XXH3-128 of its position, input ids and labels) for the ledger.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 import xxhash
 
 from ettin.attention import Documents
+from ettin.config import OBJECTIVE_CAUSAL
 from ettin.data.order import derive_key
 
 IGNORE = -100
@@ -203,11 +205,41 @@ def mlm_kernel():
     return _KERNEL
 
 
+def next_token_labels(inputs: np.ndarray, labels: np.ndarray, cu: np.ndarray) -> None:
+    """CLM: the label of each token is the next token of its own sample; a sample's last token has
+    none. The stored trailing [SEP] stays in the sample, so it is the target of the token before
+    it, as in Ettin's decoder loss (orionw/bert24 ``src/bert_layers/model.py``,
+    ``FlexBertForCausalLM.forward``: ``shift_labels = input_ids[1:]``, then ``-100`` only at each
+    ``cu_seqlens[i+1] - 1`` "so eos doesn't predict bos")."""
+    if len(inputs):
+        labels[:-1] = inputs[1:]
+        labels[cu[1:] - 1] = IGNORE
+
+
+def shift_to_previous(labels: np.ndarray, cu: np.ndarray) -> None:
+    """MNTP: the label at position ``i`` moves to ``i - 1`` of the same sample, so the output at
+    ``i - 1`` predicts the token masked at ``i`` (LLM2Vec: McGill-NLP/llm2vec
+    ``experiments/run_mntp.py`` masks with transformers' MLM collator, and its ``*BiForMNTP``
+    models take the causal-LM loss, ``logits[:, :-1]`` against ``labels[:, 1:]``). A sample's last
+    position gets no label; a label at a sample's first position (never: it is [CLS]) is dropped,
+    not moved into the previous document."""
+    if len(labels):
+        labels[:-1] = labels[1:]
+        labels[cu[1:] - 1] = IGNORE
+
+
 class Collator:
+    """Builds a :class:`Batch` from stored samples for one objective (``mlm``, ``mntp``, ``clm``).
+
+    MLM's random replacements are drawn from the whole vocabulary, special tokens ([PAD]
+    included) too, as Ettin's collator did: its configs set ``sequence_packing: false``, which in
+    orionw/bert24 ``src/text_data.py`` is transformers' ``DataCollatorForLanguageModeling``,
+    whose random words are ``torch.randint(len(tokenizer))`` over all 50,368 ids."""
+
     def __init__(self, objective: str, seed: int, vocab_size: int, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
                  mask_rate: float = 0.3, mask_token_prob: float = 0.8, random_token_prob: float = 0.1):
-        if objective not in ("mlm", "clm"):
-            raise ValueError(f"objective must be mlm or clm, got {objective!r}")
+        if objective not in OBJECTIVE_CAUSAL:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVE_CAUSAL)}, got {objective!r}")
         self.objective, self.seed, self.vocab_size = objective, int(seed), int(vocab_size)
         self.cls_id, self.sep_id, self.pad_id, self.mask_id = cls_id, sep_id, pad_id, mask_id
         self.mask_rate, self.mask_token_prob, self.random_token_prob = mask_rate, mask_token_prob, random_token_prob
@@ -218,36 +250,51 @@ class Collator:
         return cls(o.name, cfg.phase.seed, m.vocab_size, m.cls_token_id, m.sep_token_id, m.pad_token_id, m.mask_token_id,
                    o.mask_rate, o.mask_token_prob, o.random_token_prob)
 
+    @property
+    def masks(self) -> bool:
+        """Whether this objective masks tokens (MLM and MNTP, with the same kernel and keys)."""
+        return self.objective in ("mlm", "mntp")
+
     def sample(self, ids: np.ndarray, position: int) -> tuple[np.ndarray, np.ndarray]:
         """(input ids, labels) of one stored sample at global ``position``."""
         batch = self([ids], [position])
         return batch.input_ids.numpy(), batch.labels.numpy()
 
+    def apply_masks(self, inputs: np.ndarray, labels: np.ndarray, cu: np.ndarray, positions) -> None:
+        """MLM-mask ``inputs`` in place and fill ``labels`` (the compiled ``_mlm_rule``). MNTP uses
+        the same key ("mlm"), so its masks are exactly MLM's at the same seed and position."""
+        mlm_kernel()(inputs, labels, cu, np.asarray(positions, np.int64), np.uint64(derive_key(self.seed, "mlm")),
+                     np.uint64(_below(self.mask_rate)), np.uint64(_below(self.mask_token_prob)),
+                     np.uint64(_below(self.mask_token_prob + self.random_token_prob)), np.uint64(self.vocab_size),
+                     *(np.int32(t) for t in (self.cls_id, self.sep_id, self.pad_id, self.mask_id)))
+
     def __call__(self, samples: list[np.ndarray], positions: list[int]) -> Batch:
-        if self.objective == "clm":  # [CLS] is the BOS; the stored trailing [SEP] is not a target
-            samples = [ids[:-1] if len(ids) > 1 and ids[-1] == self.sep_id else ids for ids in samples]
         lengths = np.array([len(x) for x in samples], dtype=np.int64)
         cu = np.concatenate([[0], np.cumsum(lengths)])
         tokens = _token_buffer(int(cu[-1]))
         inputs, labels = tokens.numpy()
         if samples:
             np.concatenate(samples, out=inputs, casting="unsafe")
-        if self.objective == "mlm":
-            mlm_kernel()(inputs, labels, cu, np.asarray(positions, np.int64), np.uint64(derive_key(self.seed, "mlm")),
-                        np.uint64(_below(self.mask_rate)), np.uint64(_below(self.mask_token_prob)),
-                        np.uint64(_below(self.mask_token_prob + self.random_token_prob)), np.uint64(self.vocab_size),
-                        *(np.int32(t) for t in (self.cls_id, self.sep_id, self.pad_id, self.mask_id)))
-        elif len(inputs):  # next token of the same sample: the last token of each sample has no label
-            labels[:-1] = inputs[1:]
-            labels[cu[1:] - 1] = IGNORE
-        inputs_le, labels_le = inputs.astype("<i4", copy=False), labels.astype("<i4", copy=False)
-        digests = []
-        for p, a, b in zip(positions, cu[:-1].tolist(), cu[1:].tolist()):
-            h = xxhash.xxh3_128(int(p).to_bytes(8, "little"))
-            h.update(inputs_le[a:b])
-            h.update(labels_le[a:b])
-            digests.append(h.digest())
+        if self.masks:
+            self.apply_masks(inputs, labels, cu, positions)
+            if self.objective == "mntp":
+                shift_to_previous(labels, cu)
+        else:
+            next_token_labels(inputs, labels, cu)
         return Batch(
             tokens=tokens, cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max(initial=0)),
-            positions=torch.tensor(list(positions), dtype=torch.int64), digests=digests,
+            positions=torch.tensor(list(positions), dtype=torch.int64),
+            digests=sample_digests(inputs, labels, cu, positions),
         )
+
+
+def sample_digests(inputs: np.ndarray, labels: np.ndarray, cu: np.ndarray, positions) -> list[bytes]:
+    """Per sample: XXH3-128 of its position (8 bytes, little-endian), input ids and labels (int32 LE)."""
+    inputs_le, labels_le = inputs.astype("<i4", copy=False), labels.astype("<i4", copy=False)
+    digests = []
+    for p, a, b in zip(positions, cu[:-1].tolist(), cu[1:].tolist()):
+        h = xxhash.xxh3_128(int(p).to_bytes(8, "little"))
+        h.update(inputs_le[a:b])
+        h.update(labels_le[a:b])
+        digests.append(h.digest())
+    return digests

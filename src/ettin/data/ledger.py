@@ -64,10 +64,13 @@ class Ledger:
 
 
 def order_key(cfg, schedule) -> dict:
-    """Everything besides the data manifest that decides which samples a step sees, and how masked."""
+    """Everything besides the data manifest that decides which samples a step sees, and how masked.
+    ``warmup_tokens_per_sample`` is the data-derived constant that turned the batch ramp's tokens into
+    ``warmup_samples`` (None without a ramp): a resume whose data gives another mean is refused."""
     return {"seed": cfg.phase.seed, "mixture_block": cfg.data.mixture_block, "shuffle_block": cfg.data.shuffle_block,
             "global_size": schedule.global_size, "warmup_samples": schedule.warmup_samples,
             "warmup_start_size": schedule.start_size, "warmup_stages": schedule.stages,
+            "warmup_tokens_per_sample": schedule.tokens_per_sample,
             "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate}
 
 

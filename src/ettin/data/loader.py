@@ -36,7 +36,9 @@ class DataPipeline:
         manifest, readers = build_manifest(cfg.data, cfg.phase.seq_len, cache_dir)
         order = GlobalOrder([s.samples for s in manifest.sources], manifest.sample_shares(), cfg.phase.seed,
                             cfg.data.mixture_block, cfg.data.shuffle_block)
-        return cls(manifest, readers, order, BatchSchedule.from_config(cfg), Collator.from_config(cfg))
+        # the batch ramp is counted in real tokens: converted to samples at the mixture's mean (stats.json)
+        schedule = BatchSchedule.from_config(cfg, manifest.mean_tokens_per_sample())
+        return cls(manifest, readers, order, schedule, Collator.from_config(cfg))
 
     def samples(self, start: int, end: int) -> list[dict]:
         """The stored samples at positions ``start .. end-1``, with their source and index."""
@@ -67,7 +69,7 @@ class RankSteps(Dataset):
 
     def __init__(self, pipeline: DataPipeline, dp_rank: int = 0, dp_size: int = 1):
         self.pipeline, self.dp_rank, self.dp_size = pipeline, dp_rank, dp_size
-        if pipeline.collator.objective == "mlm":
+        if pipeline.collator.masks:
             mlm_kernel()  # compile (or load) here, before the workers fork, not once in every worker
 
     def __getitem__(self, step: int) -> tuple[int, Batch]:

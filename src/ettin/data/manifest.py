@@ -10,10 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from pathlib import Path
 
 from ettin.data.mds import DataError, MDSSource, is_remote
 from ettin.data.order import ORDER_VERSION
+
+MEAN_DECIMALS = 6  # Manifest.mean_tokens_per_sample is rounded to this many decimals
 
 
 @dataclass
@@ -43,6 +46,17 @@ class Manifest:
         if all(s.tokens for s in self.sources):
             return [s.weight / (s.tokens / s.samples) for s in self.sources]
         return [s.weight for s in self.sources]
+
+    def mean_tokens_per_sample(self) -> float | None:
+        """The mixture's mean tokens per sample, from stats.json: with sample shares proportional to
+        ``weight / (tokens / samples)``, it is ``sum(weight) / sum(weight * samples / tokens)``.
+        Computed exactly and rounded to 6 decimals, so every machine gets the same float (the batch
+        ramp's token -> sample constant, recorded in the ledger's order key). None without token counts."""
+        if not self.sources or not all(s.tokens and s.samples for s in self.sources):
+            return None
+        weights = [Fraction(s.weight) for s in self.sources]
+        mean = sum(weights) / sum(w * s.samples / s.tokens for w, s in zip(weights, self.sources))
+        return float(round(mean, MEAN_DECIMALS))
 
 
 def resolve_path(root: str, path: str) -> str:

@@ -8,7 +8,8 @@ each phase's sequence length by the training FLOPs per token (long sequences cos
 attention per token; the head runs on the labelled tokens). Steps assume a sample holds about
 ``seq_len`` tokens: samples are document chunks and often shorter, so a real run takes more steps
 than this estimate. ``--memory`` prints the predicted peak GPU memory of each run instead
-(ettin.memory): the micro-batch budget, the breakdown, and whether it fits.
+(ettin.memory): the micro-batch budget, the breakdown, and whether it fits. ``--ramp`` prints the
+batch-size warmup of each size and phase that has one: per stage its batch size, steps and tokens.
 """
 from __future__ import annotations
 
@@ -172,6 +173,58 @@ FOOTNOTE = ("Notes: steps assume a sample is about seq_len tokens; samples are d
             "Days assume the runs of a size run one after another on the given GPUs.")
 
 
+# ----------------------------------------------------------------------------- the batch ramp (--ramp)
+
+
+@dataclass
+class RampTable:
+    size: str
+    phase: str
+    warmup_tokens: int
+    tokens_per_sample: float
+    schedule: "BatchSchedule"  # noqa: F821 - ettin.data.schedule, imported lazily
+
+
+def ramp_plan(experiment: str, sizes: list[str], phases: list[str], overrides: list[str],
+              tokens_per_sample: float | None = None, objective: str = "mlm") -> list[RampTable]:
+    """The batch-size ramp of each size and phase that has one. It is counted in real tokens and turned
+    into samples at ``tokens_per_sample`` (a run takes its data's mean from stats.json; default here:
+    ``phase.seq_len``, the fewest steps). The ramp does not depend on the objective."""
+    from ettin.data.schedule import BatchSchedule
+
+    tables = []
+    for size in sizes:
+        for phase in phases:
+            cfg = load_config(experiment, [f"model={size}", f"objective={objective}", f"phase={phase}", *overrides])
+            schedule = BatchSchedule.from_config(cfg, tokens_per_sample)
+            if schedule.warmup_samples:
+                tables.append(RampTable(size, phase, cfg.batch.warmup_tokens, schedule.tokens_per_sample, schedule))
+    return tables
+
+
+def format_ramp(tables: list[RampTable]) -> str:
+    if not tables:
+        return "no batch-size ramp in these runs\n"
+    out = []
+    for t in tables:
+        s, per = t.schedule, t.tokens_per_sample
+        stages = s.ramp()
+        out.append(f"{t.size} {t.phase}: the global batch ramps from {stages[0][0]:,} to {s.global_size:,} sequences "
+                   f"in {len(stages)} stages over {_tokens(t.warmup_tokens)} tokens ({per:,.6g} tokens per sample)")
+        rows = [(str(i), f"{size:,}", f"{first:,}", f"{steps:,}", f"{steps * size:,}", _tokens(steps * size * per))
+                for i, (size, first, steps, _) in enumerate(stages, start=1)]
+        full_step, full_pos = stages[-1][1] + stages[-1][2], s.bounds(stages[-1][1] + stages[-1][2])[0]
+        rows.append(("ramp", "", "", f"{full_step:,}", f"{full_pos:,}", _tokens(full_pos * per)))
+        rows.append(("full", f"{s.global_size:,}", f"{full_step:,}", "", "", ""))
+        out.append(_aligned(("stage", "batch", "first step", "steps", "samples", "tokens"), rows, left={0}))
+    return "\n".join(out)
+
+
+RAMP_FOOTNOTE = ("Notes: the ramp is counted in real tokens and kept in samples: a run converts it at its data's mean "
+                 "tokens per sample (stats.json; recorded in the ledger's order key), this plan at --tokens-per-sample "
+                 "(default: seq_len, the fewest steps). Its stages never depend on the number of GPUs.")
+
+
 # ----------------------------------------------------------------------------- memory (--memory)
 
 
@@ -242,6 +295,10 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="predicted peak GPU memory per run (ettin.memory) and whether it fits train.device_memory_gb")
     p.add_argument("--micro-tokens", type=int, default=0,
                    help="--memory: tokens per micro-batch per GPU (default: batch.micro_tokens, else the largest that fits)")
+    p.add_argument("--ramp", action="store_true",
+                   help="the batch-size warmup per size and phase: each stage's batch size, steps and tokens")
+    p.add_argument("--tokens-per-sample", type=float, default=None,
+                   help="--ramp: mean tokens per sample of the data (default: seq_len)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(func=cmd_plan)
     return p
@@ -255,6 +312,13 @@ def cmd_plan(args) -> int:
     phases = parse_list(args.phases, (*CHAIN, CROSS), "phase", "--phases")
     if args.gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
+    if args.ramp:
+        if args.tokens_per_sample is not None and not args.tokens_per_sample > 0:
+            raise ConfigError(f"--tokens-per-sample must be positive, got {args.tokens_per_sample:g}")
+        print(format_ramp(ramp_plan(args.experiment, sizes, phases, args.overrides, args.tokens_per_sample,
+                                    objectives[0])), end="")
+        print(RAMP_FOOTNOTE)
+        return 0
     if args.memory:
         if args.micro_tokens < 0:
             raise ConfigError(f"--micro-tokens must be >= 0 (0: the default budget), got {args.micro_tokens}")
