@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ettin.attention import MaskSpec, allowed
-from ettin.config import ConfigError, load_config
+from ettin.config import load_config
 from ettin.flops import (attention_pairs, flops_per_token, label_fraction, peak_flops, resolve_peak_flops, step_flops,
                          window)
 

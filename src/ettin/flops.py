@@ -22,7 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ettin.config import ConfigError, ModelConfig
+from ettin.config import ModelConfig
 
 # The MLM label fraction ``flops_per_token`` assumes when none is given: pretraining's 30% masking,
 # where about 1.7T of the recipe's ~2T tokens are spent (extension 30%, decay and cross 15%).

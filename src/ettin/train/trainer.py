@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ettin.config import ConfigError, ExperimentConfig, to_yaml, validate
-from ettin.data.collate import IGNORE, Batch, step_hash, token_budget_cut
+from ettin.data.collate import Batch, step_hash, token_budget_cut
 from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
