@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ettin.data.summary import SummaryError, format_summary, summarize
-from ettin.data.tokenizer import TokenizerError, load_tokenizer, tokenizer_identity
+from ettin.data.summary import format_summary, summarize
+from ettin.data.tokenizer import load_tokenizer, tokenizer_identity
+from ettin.errors import EttinError, report
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -33,9 +34,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             sha = tokenizer_identity(args.tokenizer).sha256
         summary = summarize(args.directory, examples=max(args.decode, 0),
                             progress=not args.quiet)
-    except (SummaryError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EttinError as e:
+        return report(e)
     print(format_summary(summary, tokenizer, tokenizer_sha256=sha, max_chars=args.max_chars))
     return 0
 

@@ -9,8 +9,8 @@ import sys
 import time
 
 from data_tools import add_input_arguments
-from ettin.data.prepare import DEFAULT_SEQ_LEN, PrepareError, format_report, prepare
-from ettin.data.tokenizer import TokenizerError
+from ettin.data.prepare import DEFAULT_SEQ_LEN, format_report, prepare
+from ettin.errors import EttinError, report
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -47,9 +47,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         cls_id=args.cls_id, sep_id=args.sep_id, shard_size=args.shard_size,
                         workers=args.workers, overwrite=args.overwrite,
                         progress=not args.quiet, log=print)
-    except (PrepareError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EttinError as e:
+        return report(e)
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

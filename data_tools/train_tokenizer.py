@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 from data_tools import add_input_arguments
-from ettin.data.prepare import PrepareError
 from ettin.data.tokenizer import SPECIAL_TOKENS, TokenizerError, train_tokenizer
+from ettin.errors import EttinError, report
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -42,9 +42,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             raise TokenizerError(f"--out {out} is a directory; name the tokenizer.json file")
         out.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(out))
-    except (PrepareError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EttinError as e:
+        return report(e)
     bad = sum(read.bad_records.values())
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
     print(f"wrote {out}: vocab {tokenizer.get_vocab_size(with_added_tokens=True)}, trained on "

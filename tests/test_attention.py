@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from ettin.errors import EttinError
 from ettin.attention import (CHECK_MASKS, Documents, FlexAttention, MaskSpec, SdpaAttention, VarlenAttention,
                              allowed, available_backends, build_attention, flex_block_mask, flex_padded_length,
                              reference_attention, reference_check, varlen_window)
@@ -190,21 +191,21 @@ def test_varlen_window_follows_the_mask():
 
 def test_backends_without_dropout_say_so():
     x = torch.zeros(4, 1, 8)
-    with pytest.raises(ValueError, match="no attention-probability dropout"):
+    with pytest.raises(EttinError, match="no attention-probability dropout"):
         FlexAttention()(x, x, x, None, dropout_p=0.1)
-    with pytest.raises(ValueError, match="no attention-probability dropout"):
+    with pytest.raises(EttinError, match="no attention-probability dropout"):
         VarlenAttention()(x, x, x, None, dropout_p=0.1)
 
 
 def test_auto_is_sdpa_on_cpu_and_gpu_backends_are_refused_with_a_reason():
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+    with pytest.raises(EttinError, match="unknown attention backend 'nope'"):
         build_attention("nope")
     assert build_attention("auto", device_type="cpu").name == "sdpa"  # a CPU model on a GPU node too
     if torch.cuda.is_available():
         return  # test_auto_prefers_varlen_on_cuda
     assert build_attention("auto").name == "sdpa"
     assert "varlen" not in available_backends() and "flash" not in available_backends()
-    with pytest.raises(ValueError, match=r"attention backend 'varlen' is not available here \(it needs CUDA"):
+    with pytest.raises(EttinError, match=r"attention backend 'varlen' is not available here \(it needs CUDA"):
         build_attention("varlen")
 
 

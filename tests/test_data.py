@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from ettin.errors import EttinError
 from ettin.config import load_config, to_yaml
 from ettin.data.collate import IGNORE, Collator, step_hash, token_budget_cut
 from ettin.data.ledger import CONFIG_FILE, Ledger, read_ledger, replay
@@ -385,7 +386,7 @@ def test_replay_reproduces_the_ledger_and_catches_a_tampered_shard(corpus, tmp_p
         ledger["header"]["sample_digest"] = "sha256"
         (tmp_path / "other").mkdir()
         (tmp_path / "other" / "ledger.json").write_text(json.dumps(ledger))
-        with pytest.raises(ValueError, match="digests samples with sha256"):
+        with pytest.raises(EttinError, match="digests samples with sha256"):
             replay(tmp_path / "other", 2)
         assert replay(ckpt, 0)["match"] == all(r["source"] != "beta" or r["sample_index"] != rows[0]["sample_index"]
                                                  for r in pipeline.samples(*pipeline.schedule.bounds(0)))

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ettin.errors import EttinError
 from ettin.attention import Documents, MaskSpec, allowed, available_backends, build_attention
 from ettin.config import load_config
 from ettin.flops import flops_per_token, num_parameters
@@ -195,5 +196,5 @@ def test_every_backend_gives_the_same_model_outputs(backend):
 def test_auto_backend_on_cpu_is_sdpa_and_unknown_is_an_error():
     if not torch.cuda.is_available():
         assert build_attention("auto").name == "sdpa"
-    with pytest.raises(ValueError, match="unknown attention backend 'nope'"):
+    with pytest.raises(EttinError, match="unknown attention backend 'nope'"):
         build_attention("nope")

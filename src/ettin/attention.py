@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from ettin.errors import EttinError
 
 
 @dataclass(frozen=True)
@@ -266,7 +267,7 @@ class FlexAttention:
         from torch.fx.experimental import _config as fx_config
 
         if dropout_p:
-            raise ValueError("flex attention backend has no attention-probability dropout")
+            raise EttinError("flex attention backend has no attention-probability dropout")
         n, pad = q.shape[0], plan.seq_lengths[0] - q.shape[0]
         q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, padded, dim]
         kernel = self._kernel or flex_kernel(q.device)
@@ -299,7 +300,7 @@ class VarlenAttention:
 
     def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
         if dropout_p:
-            raise ValueError("varlen attention backend has no attention-probability dropout (torch's varlen_attn fixes it at 0)")
+            raise EttinError("varlen attention backend has no attention-probability dropout (torch's varlen_attn fixes it at 0)")
         if q.dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(f"varlen attention needs fp16 or bf16 inputs, got {q.dtype}: run under autocast or use another backend")
         cu, max_len, window = plan
@@ -378,9 +379,9 @@ def build_attention(name: str = "auto", device_type: str | None = None):
         preferred = ("varlen", "flash", "flex") if on_cuda else ()
         name = next((n for n in preferred if n in names), "sdpa")
     if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend '{name}': use one of auto, {', '.join(BACKENDS)}")
+        raise EttinError(f"unknown attention backend '{name}': use one of auto, {', '.join(BACKENDS)}")
     if name not in names:
-        raise ValueError(f"attention backend '{name}' is not available here (it needs {NEEDS[name]}; "
+        raise EttinError(f"attention backend '{name}' is not available here (it needs {NEEDS[name]}; "
                          f"available: {', '.join(names)}); set model.attn_backend to one of those")
     return BACKENDS[name]()
 

@@ -11,6 +11,7 @@ import sys
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 from ettin.config import GROUPS, ConfigError, list_configs, load_config, to_yaml
+from ettin.errors import EttinError, run_reporting
 
 
 def _overrides_help() -> str:
@@ -182,7 +183,7 @@ def _checkpoints_of(path: str):
 
     found = [Path(path)] if latest_checkpoint(path) == Path(path) else list_checkpoints(path)
     if not found:
-        raise FileNotFoundError(f"{path} holds no complete checkpoints: pass a run folder or a checkpoint folder")
+        raise EttinError(f"{path} holds no complete checkpoints: pass a run folder or a checkpoint folder")
     return found
 
 
@@ -319,18 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from ettin.data.mds import DataError
-    from ettin.hf import ConversionError
-
-    try:
-        return args.func(args)
-    except (ConfigError, ConversionError, DataError, ValueError, OSError) as e:
-        lines = str(e).splitlines() or [type(e).__name__]
-        if "Original Traceback" in str(e):  # raised in a DataLoader worker: its last line is the message
-            lines = lines[-1:]
-        for line in lines:
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+    return run_reporting(lambda: args.func(args))
 
 
 if __name__ == "__main__":

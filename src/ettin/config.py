@@ -17,11 +17,12 @@ from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hin
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from ettin.errors import EttinError
 
 GROUPS = ("model", "objective", "phase", "data")  # in merge order
 
 
-class ConfigError(ValueError):
+class ConfigError(EttinError):
     """A user mistake in a config file or override; str() is the one-line message."""
 
 

@@ -26,13 +26,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ettin.config import ModelConfig
+from ettin.errors import EttinError
 
 ENCODER, DECODER = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
 # per objective: how far ahead of its position the head's logits predict (config.json: ettin_label_shift)
 LABEL_SHIFT = {"mlm": 0, "mntp": 1, "clm": 1}
 
 
-class ConversionError(ValueError):
+class ConversionError(EttinError):
     """A checkpoint or config that cannot be converted; str() says what and how to fix it."""
 
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from ettin.errors import EttinError
 
 with warnings.catch_warnings():  # megatron-core announces, per module, that it falls back to torch
     warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
@@ -40,7 +41,7 @@ def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: f
             return
         parallel_state.destroy_model_parallel()
     if dist.get_world_size() % tp:
-        raise ValueError(
+        raise EttinError(
             f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tp}"
         )
     # the TP and DP groups carry most collectives: give them the same bounded timeout. megatron's
@@ -242,12 +243,12 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     params = dict(model.named_parameters())
     missing, unexpected = set(params) - set(state), set(state) - set(params)
     if missing or unexpected:
-        raise ValueError(f"weights do not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
+        raise EttinError(f"weights do not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
                          "check the model config (size, vocab) against the checkpoint's model.json")
     for name, p in params.items():
         full = state[name]
         if is_tp_sharded(p):
             full = full.chunk(tp_size(), dim=p.partition_dim)[tp_rank()]
         if full.shape != p.shape:
-            raise ValueError(f"{name}: shape {tuple(full.shape)} does not fit parameter {tuple(p.shape)}")
+            raise EttinError(f"{name}: shape {tuple(full.shape)} does not fit parameter {tuple(p.shape)}")
         p.copy_(full)

@@ -12,6 +12,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from ettin.errors import EttinError
 
 LEDGER_FILE = "ledger.json"
 CONFIG_FILE = "config.yaml"
@@ -86,7 +87,7 @@ def write_json_atomic(path: Path, obj) -> None:
 def read_ledger(checkpoint_dir: str | Path) -> tuple[dict, list[LedgerEntry]]:
     path = Path(checkpoint_dir) / LEDGER_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a checkpoint folder written by `ettin train`")
+        raise EttinError(f"{path} not found: pass a checkpoint folder written by `ettin train`")
     body = json.loads(path.read_text())
     return body["header"], [LedgerEntry(**e) for e in body["steps"]]
 
@@ -96,7 +97,7 @@ def checkpoint_config(checkpoint_dir: str | Path, overrides: list[str] | None = 
 
     path = Path(checkpoint_dir) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a checkpoint folder written by `ettin train`")
+        raise EttinError(f"{path} not found: pass a checkpoint folder written by `ettin train`")
     return load_config(str(path), overrides)
 
 
@@ -107,12 +108,12 @@ def replay(checkpoint_dir: str | Path, step: int, overrides: list[str] | None = 
 
     header, entries = read_ledger(checkpoint_dir)
     if header.get("sample_digest") != SAMPLE_DIGEST:
-        raise ValueError(f"{checkpoint_dir}: its ledger digests samples with {header.get('sample_digest', 'sha256')}, "
+        raise EttinError(f"{checkpoint_dir}: its ledger digests samples with {header.get('sample_digest', 'sha256')}, "
                          f"this ettin with {SAMPLE_DIGEST}; replay it with the ettin version that trained it")
     by_step = {e.step: e for e in entries}
     if step not in by_step:
         steps = f"{entries[0].step}..{entries[-1].step}" if entries else "none"
-        raise ValueError(f"step {step} is not in {checkpoint_dir}'s ledger (it holds steps {steps})")
+        raise EttinError(f"step {step} is not in {checkpoint_dir}'s ledger (it holds steps {steps})")
     entry = by_step[step]
     cfg = checkpoint_config(checkpoint_dir, overrides)
     pipeline = DataPipeline.from_config(cfg)
@@ -143,7 +144,7 @@ def export_order(checkpoints: list[Path], out_dir: str | Path) -> list[Path]:
         if pipeline is None:
             pipeline = DataPipeline.from_config(checkpoint_config(ckpt))
             if pipeline.manifest.fingerprint() != header["fingerprint"]:
-                raise ValueError(f"{ckpt}: the data on disk is not the data this run trained on (fingerprint differs)")
+                raise EttinError(f"{ckpt}: the data on disk is not the data this run trained on (fingerprint differs)")
         folder = Path(out_dir) / f"{EXPORT_PREFIX.get(header['phase'], header['phase'])}_{n:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         rows = {"step": [], "input_ids": [], "source": [], "sample_index": [], "id": []}

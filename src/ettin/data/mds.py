@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from ettin.errors import EttinError
 
 
-class DataError(ValueError):
+class DataError(EttinError):
     """Missing, corrupt or inconsistent data; str() names the file and the fix."""
 
 

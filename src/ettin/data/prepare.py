@@ -81,6 +81,7 @@ import numpy as np
 
 from ettin.data.tokenizer import (load_tokenizer, resolve_tokenizer_path, special_token_ids,
                                   tokenizer_identity)
+from ettin.errors import EttinError
 
 MIN_CHUNK_TOKENS = 128  # shorter pieces are dropped, except a document's first
 BACKFILL_TOKENS = 512  # a shorter tail is back-filled to this many tokens
@@ -102,7 +103,7 @@ BATCH_DOCUMENTS = 256
 BATCH_BYTES = 4 << 20
 
 
-class PrepareError(ValueError):
+class PrepareError(EttinError):
     """A user-facing problem with inputs, settings or the output directory (one line)."""
 
 

@@ -16,9 +16,10 @@ from typing import Optional, Union
 import numpy as np
 
 from ettin.data.prepare import COUNT_FIELDS, INDEX_FILE, STATS_FILE
+from ettin.errors import EttinError
 
 
-class SummaryError(ValueError):
+class SummaryError(EttinError):
     """A directory that is not a readable MDS dataset; str() is the one-line message."""
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from ettin.errors import EttinError
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")  # ids 0..4, in this order
 BYTE_ALPHABET_SIZE = 256  # a byte-level BPE starts from one token per byte
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + BYTE_ALPHABET_SIZE
 
 
-class TokenizerError(ValueError):
+class TokenizerError(EttinError):
     """A tokenizer that cannot be read or used; str() is the one-line message."""
 
 

@@ -12,13 +12,14 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+from ettin.errors import EttinError
 
 # States in which a job will still run (or is running): a run with such a job must not get a second one.
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                  "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 
 
-class SlurmError(RuntimeError):
+class SlurmError(EttinError):
     """Slurm cannot be used; str() is one line naming the cause and the fix."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ettin.config import ConfigError, load_config
+from ettin.errors import EttinError, report
 
 # RECIPE.md "Published timings": 4 x H100 per model, wall-clock hours for 2T tokens
 PUBLISHED_HOURS_2T = {"17m": 141, "32m": 212, "68m": 300, "150m": 470, "400m": 950, "1b": 2170}
@@ -350,9 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EttinError as e:
+        return report(e)
 
 
 if __name__ == "__main__":

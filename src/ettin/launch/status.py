@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from ettin.config import ConfigError
-from ettin.launch.cluster import SlurmError, cancel, job_info
+from ettin.launch.cluster import cancel, job_info
 from ettin.launch.registry import read_jobs
 from ettin.launch.runs import CHAIN, CROSS, OBJECTIVES, known_sizes, last_metrics, newest_checkpoint, parse_list, size_order
+from ettin.errors import EttinError, report
 
 PHASE_ORDER = {p: i for i, p in enumerate((*CHAIN, CROSS))}
 
@@ -100,9 +100,8 @@ def status_main(argv: list[str] | None = None) -> int:
         root = Path(args.run_root).resolve()
         _check_root(root)
         rows = collect(root, query_slurm=not args.no_slurm)
-    except (ConfigError, SlurmError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EttinError as e:
+        return report(e)
     print(json.dumps(rows, indent=1) if args.json else format_status(rows), end="\n" if args.json else "")
     return 0
 
@@ -130,9 +129,8 @@ def cancel_main(argv: list[str] | None = None) -> int:
         infos = job_info([records[k]["job_id"] for k in chosen])
         live = [k for k in chosen if infos[records[k]["job_id"]].active]
         cancel([records[k]["job_id"] for k in live])
-    except (ConfigError, SlurmError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except EttinError as e:
+        return report(e)
     for k in live:
         print(f"cancelled {k} (job {records[k]['job_id']}, was {infos[records[k]['job_id']].state})")
     print(f"{len(live)} job(s) cancelled; {len(chosen) - len(live)} selected run(s) had no live job")

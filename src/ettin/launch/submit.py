@@ -24,6 +24,7 @@ from ettin.launch.cluster import SlurmError, cancel, job_info, require_slurm, ve
 from ettin.launch.registry import JOBS_JSON, JOBS_TXT, format_table, read_jobs, record_jobs
 from ettin.launch.runs import (OBJECTIVES, Run, is_complete, known_sizes, parse_list, parse_phases, plan_runs)
 from ettin.launch.slurm_job import JobSpec, TrainTask, job_name, sbatch_text, submitit_parameters
+from ettin.errors import EttinError, report
 
 # set per run by the launcher; a user override of them would give every run the same value
 RESERVED = {"model": "--sizes", "objective": "--objectives", "phase": "--phases / --cross", "run_dir": "--run-root",
@@ -271,7 +272,5 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return submit(args)
-    except (ConfigError, SlurmError) as e:
-        for line in str(e).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+    except EttinError as e:
+        return report(e)

@@ -51,6 +51,7 @@ from megatron.core import parallel_state as ps
 
 from ettin.parallel import gather_tp, is_tp_sharded, tp_rank, tp_size
 from ettin.train.optim import Layout, Segment, StableAdamW, param_groups
+from ettin.errors import EttinError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -177,13 +178,13 @@ def load_full_state(model: torch.nn.Module, optimizer: StableAdamW, weights, mom
     names = {n for n, _ in model.named_parameters()}
     missing, unexpected = names - weights.keys(), weights.keys() - names
     if missing or unexpected:
-        raise ValueError(f"{weights.path}: does not fit this model (missing {sorted(missing)[:3]}, unexpected "
+        raise EttinError(f"{weights.path}: does not fit this model (missing {sorted(missing)[:3]}, unexpected "
                          f"{sorted(unexpected)[:3]}); check model.* against the checkpoint's model.json")
     for name, p in model.named_parameters():
         def local(source, key):
             t = source.read(key, p.partition_dim if is_tp_sharded(p) else None, tp_rank(), tp_size())
             if t.shape != p.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} does not fit {tuple(p.shape)}")
+                raise EttinError(f"{name}: checkpoint shape {tuple(t.shape)} does not fit {tuple(p.shape)}")
             return t.to(p.device, torch.float32)
 
         w = local(weights, name)

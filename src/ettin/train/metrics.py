@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from ettin.errors import EttinError
 
 
 class MetricsLogger:
@@ -40,7 +41,7 @@ class MetricsLogger:
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: pass a run folder written by `ettin train`")
+        raise EttinError(f"{path} not found: pass a run folder written by `ettin train`")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     latest = {r["step"]: r for r in rows}  # a requeued run may log a step twice; keep the last
     return [latest[s] for s in sorted(latest)]
