@@ -211,3 +211,45 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     proc = runs_in_subprocess("hf", "export", "--config", "tiny", "--tokenizer", str(tmp_path / "nope.json"),
                               "--out", str(tmp_path / "y"))
     assert proc.returncode == 2 and "tokenizer file" in proc.stderr
+
+
+def test_export_checks_the_checkpoint_and_names_a_damaged_file(tmp_path, capsys):
+    """An ettin model folder carries a manifest (hf import writes one). Weights under 64 MiB are
+    hashed on every export (a flipped byte is named); --verify-all hashes larger ones too; a
+    truncated file is one error line naming it even in an old folder without a manifest."""
+    from ettin.cli import main
+
+    cfg = config_for("tiny", "mlm")
+    folder = hf.save_weights(tmp_path / "ours", cfg.model, perturbed_state(cfg))
+    assert main(["hf", "export", "--checkpoint", str(folder), "--verify-all", "--out", str(tmp_path / "a")]) == 0
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["hf", "export", "--checkpoint", str(folder), "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == (f"error: {weights}: its content differs from the xxh3_128 digest in manifest.json "
+                                       "(corrupted); restore it from a copy or start from an earlier checkpoint "
+                                       "(`ettin checkpoint verify RUN` lists the sound ones)\n")
+    weights.write_bytes(bytes(data[: len(data) // 2]))
+    (folder / "manifest.json").unlink()  # an old folder: still named, by safetensors' header check
+    assert main(["hf", "export", "--checkpoint", str(folder), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {weights}: is damaged or truncated") and err.count("\n") == 1, err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_import_and_export_name_damaged_or_unwritable_paths(tmp_path, capsys):
+    from ettin.cli import main
+
+    cfg = config_for("tiny", "clm")
+    exported = hf.export(cfg.model, perturbed_state(cfg), tmp_path / "hf")
+    (exported / "config.json").write_text('{"model_type": ')
+    assert main(["hf", "import", str(exported), "--out", str(tmp_path / "ours")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {exported / 'config.json'}: is not valid JSON")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["hf", "export", "--config", "tiny", "--out", str(blocker / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {blocker / 'out'} cannot be created (")
+    assert main(["hf", "export", "--config", "tiny", "--tokenizer", str(blocker), "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: tokenizer file {blocker} cannot be read (")

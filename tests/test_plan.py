@@ -6,6 +6,7 @@ import math
 import pytest
 
 from ettin.config import ConfigError, load_config
+from ettin.errors import EttinError
 from ettin.data.schedule import BatchSchedule
 from ettin.flops import flops_per_token
 from ettin.launch.plan import estimate, main as plan_main, published_tokens_per_gpu_s
@@ -219,3 +220,31 @@ def test_requeue_rule_is_the_same_in_the_template(request):
     assert "\n".join(requeue_lines("$MAX_REQUEUES")) in template
     for line in ("#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --dependency=singleton"):
         assert line in template
+
+
+def test_a_corrupt_jobs_json_is_one_line_naming_it_in_status_cancel_and_submit(tmp_path, request):
+    """jobs.json cut short (a full disk, a kill mid-edit): each launch tool says which file and how
+    to get going again, with no traceback."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "jobs.json").write_text('{"runs": {"17m-mlm-pretrain": {"job_id": "12')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(request.config.rootpath / "src"), str(request.config.rootpath),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    for tool, extra in (("status", ["--no-slurm"]), ("cancel", []), ("submit", ["--sizes", "17m", "--dry-run"])):
+        proc = subprocess.run([sys.executable, "-m", f"launch.{tool}", "--run-root", str(root), *extra],
+                              capture_output=True, text=True, cwd=request.config.rootpath, env=env, timeout=120)
+        assert proc.returncode == 2, (tool, proc.stderr)
+        assert proc.stderr.startswith(f"error: {root / 'jobs.json'}: is not valid JSON (Unterminated string "), proc.stderr
+        assert proc.stderr.endswith("; restore it from a backup, or delete it (status then lists the runs from their "
+                                    "folders; cancel their jobs with scancel)\n") and proc.stderr.count("\n") == 1, proc.stderr
+    (root / "jobs.json").write_text('{"runs": {"17m-mlm-pretrain": {"job_id": "12"}}}')  # valid JSON, not a record
+    from ettin.launch.registry import read_jobs
+    from ettin.launch.status import status_main
+
+    with pytest.raises(EttinError, match=r"jobs\.json: is not a job record"):
+        read_jobs(root)
+    assert status_main(["--run-root", str(root), "--no-slurm"]) == 2

@@ -371,3 +371,52 @@ def test_resume_refuses_settings_that_would_change_the_order(corpus, tmp_path):
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "would change which samples each step sees" in proc.stderr, proc.stderr
         assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints, bad folders
+
+
+def ettin_cli(*args):
+    return subprocess.run([sys.executable, "-m", "ettin.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_a_truncated_newest_checkpoint_is_passed_over_on_resume_and_named_as_init(corpus, tmp_path):
+    """A kill or a full disk cut the newest model.safetensors short. Resuming the run says which
+    file is damaged and goes on from the checkpoint before it, with an unbroken ledger; the same
+    checkpoint named by phase.init_checkpoint is one error line, exit 2."""
+    from ettin.cli import main
+
+    run = tmp_path / "run"
+    train(corpus, run, 1, 0, "train.max_steps=4", "phase.checkpoint_every_tokens=250")
+    ckpts = list_checkpoints(run)
+    assert len(ckpts) >= 2 and all((c / "manifest.json").is_file() for c in ckpts)
+    damaged = ckpts[-1] / "model.safetensors"
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+
+    proc = ettin_cli("train", corpus["exp"], f"run_dir={tmp_path / 'next'}", "phase=extension",
+                     f"phase.init_checkpoint={run}", "train.max_steps=1")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {damaged}: has 1,000 bytes, its manifest says"), proc.stderr
+
+    proc = ettin_cli("train", corpus["exp"], f"run_dir={run}", "train.max_steps=6", "phase.checkpoint_every_tokens=250")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {damaged} is damaged (has 1,000 bytes, its manifest says {size:,} (truncated or "
+                        f"replaced)); moved {ckpts[-1].name} aside to damaged-{ckpts[-1].name}, resuming from "
+                        f"{ckpts[-2].name}"], proc.stdout
+    assert f"resumed from {ckpts[-2]} " in proc.stdout
+    entries = ledger(run)
+    assert [e.step for e in entries] == list(range(6)) and all(a.end == b.start for a, b in zip(entries, entries[1:]))
+    assert main(["checkpoint", "verify", str(run)]) == 0  # the damaged step was written again
+
+
+def test_an_unwritable_run_dir_is_named_before_training(corpus, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    proc = ettin_cli("train", corpus["exp"], f"run_dir={blocker / 'run'}", "train.max_steps=1")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: run_dir={blocker / 'run'} is not writable ("), proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -107,7 +107,7 @@ def cmd_hf_export(args) -> int:
     if bool(args.checkpoint) == bool(args.config):
         raise ConfigError("hf export needs exactly one of --checkpoint PATH or --config EXPERIMENT")
     if args.checkpoint:
-        model_cfg, state = hf.load_weights(args.checkpoint)
+        model_cfg, state = hf.load_weights(args.checkpoint, verify_all=args.verify_all)
         objective = hf.checkpoint_objective(args.checkpoint)
     else:
         cfg = load_config(args.config, args.overrides)
@@ -187,6 +187,27 @@ def _checkpoints_of(path: str):
     return found
 
 
+def cmd_checkpoint_verify(args) -> int:
+    """Every file of every checkpoint against its manifest, digests included; one line each."""
+    from ettin.fileio import FileError
+    from ettin.train.checkpoint import verify_checkpoint
+
+    found, bad = _checkpoints_of(args.path), 0
+    for path in found:
+        try:
+            verified = verify_checkpoint(path, hash_limit=None)
+        except FileError as e:
+            bad += 1
+            print(f"{path}: BAD {e.path.name}: {e.problem}", flush=True)
+            continue
+        print(f"{path}: OK" if verified else f"{path}: unverified (no manifest.json: written before ettin kept one; "
+              "its files open and parse)", flush=True)
+    if bad:
+        raise EttinError(f"{bad} of {len(found)} checkpoint(s) damaged: resume and export fall back to or name them; "
+                         "restore them from a copy or delete them")
+    return 0
+
+
 def cmd_data_order_export(args) -> int:
     from ettin.data.ledger import export_order
 
@@ -210,7 +231,12 @@ def cmd_replay(args) -> int:
         tokenizer_path = args.tokenizer or checkpoint_config(args.checkpoint).data.tokenizer
         if not tokenizer_path:
             raise ConfigError("--decode needs --tokenizer PATH (tokenizer.json), or data.tokenizer in the run's config")
-        tok = Tokenizer.from_file(tokenizer_path)
+        if not os.path.isfile(tokenizer_path):
+            raise ConfigError(f"tokenizer file {tokenizer_path} not found: pass --tokenizer PATH (a tokenizer.json)")
+        try:
+            tok = Tokenizer.from_file(tokenizer_path)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+            raise ConfigError(f"tokenizer file {tokenizer_path} cannot be read ({str(e).splitlines()[0]})") from None
         b = r["batch"]
         for n, (s, e) in enumerate(zip(b.cu_seqlens[:-1].tolist(), b.cu_seqlens[1:].tolist())):
             print(f"--- position {int(b.positions[n])}")
@@ -279,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--init-seed", type=int, default=21, help="seed for --config initialization (default 21)")
     exp.add_argument("--tokenizer", help="tokenizer.json to ship with the model")
     exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--verify-all", action="store_true",
+                     help="check the weights' digest against the checkpoint's manifest too (reads the file twice); "
+                     "sizes and the small files are always checked")
     exp.add_argument("overrides", nargs="*", help=_overrides_help() + " (with --config)")
     exp.set_defaults(func=cmd_hf_export)
     imp = hfp.add_parser("import", help="read a Hugging Face ModernBERT(-decoder) directory into ettin weights")
@@ -304,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     oexp.add_argument("path", help="a run folder or one checkpoint folder")
     oexp.add_argument("--out", required=True)
     oexp.set_defaults(func=cmd_data_order_export)
+    ckpt = sub.add_parser("checkpoint", help="check checkpoints").add_subparsers(dest="action", required=True)
+    verify = ckpt.add_parser(
+        "verify", help="check every file of a run's checkpoints against their manifests",
+        description="Check every file of each checkpoint (size and XXH3-128 digest) against its manifest.json and "
+        "print one line per checkpoint: OK, BAD with the damaged file, or unverified (written before manifests). "
+        "Exit 2 when any is damaged.")
+    verify.add_argument("path", help="a run folder or one checkpoint folder")
+    verify.set_defaults(func=cmd_checkpoint_verify)
     rep = sub.add_parser("replay", help="rebuild a step's batch from the data and check it against the ledger")
     rep.add_argument("checkpoint")
     rep.add_argument("--step", type=int, required=True)

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ettin.config import ModelConfig
 from ettin.errors import EttinError
+from ettin.fileio import FileError, load_safetensors, read_json, read_yaml
 
 ENCODER, DECODER = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
 # per objective: how far ahead of its position the head's logits predict (config.json: ettin_label_shift)
@@ -179,8 +182,7 @@ def export(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path
     """Write config.json + model.safetensors (+ generation_config.json for a decoder, + tokenizer
     files) that transformers loads offline. ``objective`` (mlm, mntp or clm; see
     :func:`checkpoint_objective`) records what the head predicts; an MNTP model must pass it."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _output_folder(out_dir)
     hf = hf_config(cfg)
     hf.torch_dtype = "float32"
     if objective is not None:
@@ -192,6 +194,16 @@ def export(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path
               metadata={"format": "pt"})
     if tokenizer:
         save_tokenizer(tokenizer, cfg, out)
+    return out
+
+
+def _output_folder(path: str | Path) -> Path:
+    """``--out``, created; a folder that cannot be is the user's to fix, named."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConversionError(f"--out {out} cannot be created ({e.strerror or e}): pick another folder") from None
     return out
 
 
@@ -216,12 +228,10 @@ def generation_config(cfg: ModelConfig):
 def checkpoint_objective(path: str | Path) -> str | None:
     """The objective a checkpoint folder was trained with, from its resolved ``config.yaml``
     (written beside model.json by the trainer); None when there is none (e.g. an imported model)."""
-    from omegaconf import OmegaConf
-
     config = Path(path) / "config.yaml"
     if not config.is_file():
         return None
-    return OmegaConf.select(OmegaConf.load(config), "objective.name")
+    return (read_yaml(config, "restore it from a copy of the checkpoint").get("objective") or {}).get("name")
 
 
 def save_tokenizer(tokenizer_json: str, cfg: ModelConfig, out: Path) -> None:
@@ -232,7 +242,11 @@ def save_tokenizer(tokenizer_json: str, cfg: ModelConfig, out: Path) -> None:
         path = path / "tokenizer.json"
     if not path.is_file():
         raise ConversionError(f"tokenizer file {path} not found: pass a tokenizer.json (or a folder holding one)")
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    try:
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
+        raise ConversionError(f"tokenizer file {path} cannot be read ({str(e).splitlines()[0]}): pass a tokenizer.json "
+                              "written by `data_tools train-tokenizer` or transformers") from None
     names = {"cls_token": cfg.cls_token_id, "sep_token": cfg.sep_token_id, "pad_token": cfg.pad_token_id,
              "mask_token": cfg.mask_token_id, "bos_token": cfg.cls_token_id, "eos_token": cfg.sep_token_id}
     special = {k: tok.convert_ids_to_tokens(i) for k, i in names.items() if i < len(tok)}
@@ -249,13 +263,18 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConversionError(f"{path} has no config.json: pass a Hugging Face model directory")
-    cfg = model_config_from_hf(AutoConfig.from_pretrained(path))
+    read_json(path / "config.json", "restore it from the model's source")  # names a damaged file; transformers would not
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConversionError(f"{path / 'config.json'}: transformers cannot read it ({str(e).splitlines()[0]})") from None
+    cfg = model_config_from_hf(hf_cfg)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"{path} has no *.safetensors weights (convert .bin checkpoints with transformers first)")
     hf = {}
     for f in files:
-        hf.update(load_file(str(f)))
+        hf.update(load_safetensors(f, "download or copy the model again"))
     return cfg, from_hf_state_dict(cfg, hf)
 
 
@@ -298,15 +317,28 @@ def save_weights(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tens
     """Our own model format: a folder with model.safetensors (TP-independent names) and model.json."""
     from dataclasses import asdict
 
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    from ettin.train.checkpoint import write_manifest
+
+    out = _output_folder(path)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
     (out / "model.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    write_manifest(out)  # checked like a checkpoint when exported again
     return out
 
 
-def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_weights(path: str | Path, verify_all: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and weights of an ettin model folder (a checkpoint, or an ``hf import``), verified
+    against its manifest first: sizes and small files always, the weights' digest with ``verify_all``."""
+    from ettin.train.checkpoint import RESTORE, SMALL_FILE_BYTES, unverified_note, verify_checkpoint
+
     path = Path(path)
     if not (path / "model.safetensors").is_file() or not (path / "model.json").is_file():
         raise ConversionError(f"{path} is not an ettin model folder (needs model.safetensors and model.json)")
-    return ModelConfig(**json.loads((path / "model.json").read_text())), load_file(str(path / "model.safetensors"))
+    if not verify_checkpoint(path, None if verify_all else SMALL_FILE_BYTES):
+        print(unverified_note(path), file=sys.stderr)
+    body = read_json(path / "model.json", RESTORE)
+    known = {f.name for f in fields(ModelConfig)}
+    if set(body) - known:
+        raise FileError(path / "model.json", f"has keys this ettin does not know: {sorted(set(body) - known)}",
+                        "export it with the ettin version that wrote it")
+    return ModelConfig(**body), load_safetensors(path / "model.safetensors", RESTORE)

@@ -7,12 +7,11 @@ between checkpoint k-1 and k" is exact, and ``replay`` proves it by rebuilding a
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
 from ettin.errors import EttinError
+from ettin.fileio import FileError, read_json, write_json_atomic
 
 LEDGER_FILE = "ledger.json"
 CONFIG_FILE = "config.yaml"
@@ -75,21 +74,16 @@ def order_key(cfg, schedule) -> dict:
             "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate}
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def read_ledger(checkpoint_dir: str | Path) -> tuple[dict, list[LedgerEntry]]:
     path = Path(checkpoint_dir) / LEDGER_FILE
     if not path.is_file():
         raise EttinError(f"{path} not found: pass a checkpoint folder written by `ettin train`")
-    body = json.loads(path.read_text())
-    return body["header"], [LedgerEntry(**e) for e in body["steps"]]
+    fix = "restore it from a copy of the checkpoint (`ettin checkpoint verify` checks one)"
+    body = read_json(path, fix)
+    try:
+        return dict(body["header"]), [LedgerEntry(**e) for e in body["steps"]]
+    except (KeyError, TypeError, ValueError):
+        raise FileError(path, "is not a ledger (needs a header and a list of steps)", fix) from None
 
 
 def checkpoint_config(checkpoint_dir: str | Path, overrides: list[str] | None = None):
@@ -138,6 +132,10 @@ def export_order(checkpoints: list[Path], out_dir: str | Path) -> list[Path]:
 
     from ettin.data.loader import DataPipeline
 
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EttinError(f"--out {out_dir} cannot be created ({e.strerror or e}): pick another folder") from None
     written, pipeline = [], None
     for n, ckpt in enumerate(checkpoints, start=1):
         header, entries = read_ledger(ckpt)

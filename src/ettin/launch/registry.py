@@ -4,13 +4,16 @@ records of its runs and keeps the others; a run's earlier job ids stay in its ``
 """
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from ettin.fileio import FileError, read_json, write_json_atomic, write_text_atomic
 
 JOBS_JSON = "jobs.json"
 JOBS_TXT = "jobs.txt"
+# a damaged job record: its runs' folders are intact, only the job ids are lost
+JOBS_FIX = ("restore it from a backup, or delete it (status then lists the runs from their folders; "
+            "cancel their jobs with scancel)")
+RECORD_KEYS = ("key", "size", "objective", "phase", "run_dir", "job_id")
 
 
 def read_jobs(run_root: str | Path) -> dict[str, dict]:
@@ -18,14 +21,11 @@ def read_jobs(run_root: str | Path) -> dict[str, dict]:
     path = Path(run_root) / JOBS_JSON
     if not path.is_file():
         return {}
-    return json.loads(path.read_text())["runs"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    runs = read_json(path, JOBS_FIX).get("runs")
+    if not isinstance(runs, dict) or not all(isinstance(r, dict) and all(k in r for k in RECORD_KEYS)
+                                             for r in runs.values()):
+        raise FileError(path, "is not a job record (needs 'runs': run key -> job)", JOBS_FIX)
+    return runs
 
 
 def format_table(records: list[dict]) -> str:
@@ -44,5 +44,5 @@ def record_jobs(run_root: str | Path, records: list[dict]) -> None:
         old = runs.get(r["key"])
         history = (old.get("history", []) + [old["job_id"]]) if old else []
         runs[r["key"]] = {**r, "history": history}
-    _write_atomic(root / JOBS_JSON, json.dumps({"runs": runs}, indent=1) + "\n")
-    _write_atomic(root / JOBS_TXT, format_table(list(runs.values())))
+    write_json_atomic(root / JOBS_JSON, {"runs": runs})
+    write_text_atomic(root / JOBS_TXT, format_table(list(runs.values())))

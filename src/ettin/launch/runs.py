@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ettin.config import ConfigError, list_configs
+from ettin.fileio import read_json
 
 CHAIN = ("pretrain", "extension", "decay")  # the phases of one objective, in order
 CROSS = "cross"
@@ -114,7 +115,8 @@ def newest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
     if not found:
         return None
     path = max(found, key=lambda p: int(p.name[len("step_"):]))
-    return path, json.loads((path / "state.json").read_text())
+    return path, read_json(path / "state.json", "restore it, or move the damaged checkpoint folder aside "
+                           "(`ettin checkpoint verify` checks a run's checkpoints)")
 
 
 def is_complete(run_dir: str | Path) -> bool:

@@ -16,17 +16,17 @@ from ettin.launch.cluster import cancel, job_info
 from ettin.launch.registry import read_jobs
 from ettin.launch.runs import CHAIN, CROSS, OBJECTIVES, known_sizes, last_metrics, newest_checkpoint, parse_list, size_order
 from ettin.errors import EttinError, report
+from ettin.fileio import FileError, read_yaml
 
 PHASE_ORDER = {p: i for i, p in enumerate((*CHAIN, CROSS))}
 
 
 def _planned_from_checkpoint(path: Path) -> int | None:
-    from omegaconf import OmegaConf
-
     try:
-        return int(OmegaConf.load(path / "config.yaml").phase.tokens)
-    except Exception:  # an old or foreign checkpoint: planned tokens unknown
+        tokens = (read_yaml(path / "config.yaml").get("phase") or {}).get("tokens")
+    except FileError:  # an old, foreign or damaged checkpoint: planned tokens unknown
         return None
+    return int(tokens) if isinstance(tokens, (int, float)) else None
 
 
 def _split_key(key: str) -> tuple[str, str, str]:

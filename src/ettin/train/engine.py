@@ -184,7 +184,8 @@ def load_full_state(model: torch.nn.Module, optimizer: StableAdamW, weights, mom
         def local(source, key):
             t = source.read(key, p.partition_dim if is_tp_sharded(p) else None, tp_rank(), tp_size())
             if t.shape != p.shape:
-                raise EttinError(f"{name}: checkpoint shape {tuple(t.shape)} does not fit {tuple(p.shape)}")
+                raise EttinError(f"{source.path}: {name} has shape {tuple(t.shape)}, this rank's piece of the model "
+                                 f"needs {tuple(p.shape)}; check model.* and parallel.tensor against the checkpoint")
             return t.to(p.device, torch.float32)
 
         w = local(weights, name)

@@ -34,7 +34,9 @@ from ettin.data.collate import Batch, step_hash, token_budget_cut
 from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
-from ettin.train.checkpoint import TrainState, latest_checkpoint, prune, read_checkpoint, write_checkpoint
+from ettin.errors import EttinError
+from ettin.train.checkpoint import (TrainState, latest_checkpoint, prune, read_checkpoint, resume_hash_limit, resume_point,
+                                    unverified_note, verify_checkpoint, write_checkpoint)
 from ettin.train.env import cuda_environment, setup_distributed_env
 from ettin.train.metrics import MetricsLogger
 from ettin.train.optim import lr_factor
@@ -125,6 +127,7 @@ class Trainer:
         self.host_dp, self.host_world = host_group(self.dp_group), host_group()
         self.main = self.rank == 0
         self.run_dir = Path(cfg.run_dir)
+        self._on_main(lambda: check_run_dir(self.run_dir))  # before minutes of start-up
         self.micro_tokens = resolve_micro_tokens(cfg, self.dp_size)
         check_fits(cfg, self.dp_size, micro_tokens=self.micro_tokens)  # before any weights exist
         device_name = torch.cuda.get_device_name(self.device) if use_cuda else "cpu"
@@ -151,7 +154,8 @@ class Trainer:
         from ettin.train.engine import load_full_state
 
         cfg = self.cfg
-        resume = latest_checkpoint(self.run_dir) if (self.run_dir / "checkpoints").is_dir() else None
+        # rank 0 picks the newest sound checkpoint (hashing it once), every rank loads that one
+        resume = self._on_main(lambda: resume_point(self.run_dir, self._say, resume_hash_limit()))
         if resume is not None:  # our own run: everything, clock included
             meta, weights, moments = read_checkpoint(resume)
             if meta["fingerprint"] != self.fingerprint and not cfg.data.allow_fingerprint_change:
@@ -178,6 +182,8 @@ class Trainer:
         source = latest_checkpoint(cfg.phase.init_checkpoint)
         if source is None:
             raise ConfigError(f"phase.init_checkpoint={cfg.phase.init_checkpoint} holds no complete checkpoint")
+        if not self._on_main(lambda: verify_checkpoint(source, resume_hash_limit())):  # named, not passed over
+            self._say(unverified_note(source))
         carry = cfg.phase.init == "previous"  # the next phase keeps the optimizer; cross-objective starts fresh
         meta, weights, moments = read_checkpoint(source, moments=carry)
         if not meta.get("final"):
@@ -190,6 +196,22 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.main:
             print(text, flush=True)
+
+    def _on_main(self, fn):
+        """``fn()`` run on rank 0 only, its result given to every rank. A failure there is raised on
+        every rank (rank 0 keeps the original, with its traceback), so none waits at a collective."""
+        box, failure = [None, None, False], None
+        if self.main:
+            try:
+                box[0] = fn()
+            except Exception as e:  # re-raised below, on every rank
+                failure, box[1], box[2] = e, str(e), isinstance(e, EttinError)
+        dist.broadcast_object_list(box, src=0, group=self.host_world)
+        if failure is not None:
+            raise failure
+        if box[1] is not None:
+            raise EttinError(box[1]) if box[2] else RuntimeError(f"rank 0 failed: {box[1]}")
+        return box[0]
 
     # ------------------------------------------------------------------ the loop
 
@@ -324,6 +346,18 @@ class Trainer:
 
     def close(self) -> None:
         self.metrics.close()
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """The run folder exists and takes files: found now, not at the first checkpoint hours later."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run_dir={run_dir} is not writable ({e.strerror or e}): pick another run_dir "
+                          "or fix the folder's permissions") from None
 
 
 def train(cfg: ExperimentConfig, stop: StopFlag | None = None) -> int:
