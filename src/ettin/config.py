@@ -170,6 +170,21 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    # disabled | online | offline (offline: a run folder under <run_dir>/wandb, `wandb sync` it later)
+    mode: str = "disabled"
+    project: Optional[str] = None
+    entity: Optional[str] = None
+
+
+@dataclass
+class MetricsConfig:
+    """Where the metrics go besides <run_dir>/metrics.jsonl (always written)."""
+    tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     run_dir: str = "runs/${name}"
@@ -182,6 +197,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     groups: Dict[str, str] = field(default_factory=dict)  # which file each group came from (informational)
 
 
@@ -424,6 +440,10 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     need(cfg.parallel.zero_stage in (1, 2), f"parallel.zero_stage must be 1 or 2, got {cfg.parallel.zero_stage}")
     need(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
     need(cfg.train.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, got '{cfg.train.device}'")
+    need(cfg.metrics.wandb.mode in ("disabled", "online", "offline"),
+         f"metrics.wandb.mode must be disabled, online or offline, got '{cfg.metrics.wandb.mode}'")
+    need(cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),
+         "metrics.wandb.mode is set: name the W&B project with metrics.wandb.project=NAME")
     need(cfg.phase.init == "scratch" or cfg.phase.previous,
          f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
     for key in ("warmup_tokens", "decay_tokens"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -34,9 +35,10 @@ from ettin.data.collate import Batch, step_hash, token_budget_cut
 from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
+from ettin.logs import setup_logging
 from ettin.train.checkpoint import TrainState, latest_checkpoint, prune, read_checkpoint, write_checkpoint
 from ettin.train.env import cuda_environment, setup_distributed_env
-from ettin.train.metrics import MetricsLogger
+from ettin.train.metrics import MetricsLogger, progress_line
 from ettin.train.optim import lr_factor
 from ettin.train.signals import StopFlag
 
@@ -124,6 +126,7 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.host_dp, self.host_world = host_group(self.dp_group), host_group()
         self.main = self.rank == 0
+        self.log = setup_logging(self.rank)
         self.run_dir = Path(cfg.run_dir)
         self.micro_tokens = resolve_micro_tokens(cfg, self.dp_size)
         check_fits(cfg, self.dp_size, micro_tokens=self.micro_tokens)  # before any weights exist
@@ -143,7 +146,8 @@ class Trainer:
             raise ConfigError(f"the data's tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}")
         self.state, self.last_checkpoint = self._restore()
         self.ledger = Ledger.for_pipeline(self.pipeline, cfg)
-        self.metrics = MetricsLogger(self.run_dir, self.main, cfg.train.log_every)
+        self.metrics = MetricsLogger.for_run(self.run_dir, self.main, cfg.metrics, name=self.run_dir.name,
+                                             config={**asdict(cfg), "data_fingerprint": self.fingerprint})
 
     # ------------------------------------------------------------------ starting points
 
@@ -188,8 +192,10 @@ class Trainer:
         return TrainState(optimizer_step=meta["optimizer_step"] if carry else 0), None
 
     def _say(self, text: str) -> None:
-        if self.main:
-            print(text, flush=True)
+        """Rank 0 tells the user; a line starting with warning:/error: is logged at that level."""
+        level = logging.ERROR if text.startswith("error:") else logging.WARNING if text.startswith("warning:") else logging.INFO
+        if self.main or level >= logging.WARNING:
+            self.log.log(level, text)
 
     # ------------------------------------------------------------------ the loop
 
@@ -234,7 +240,7 @@ class Trainer:
             state.step, state.tokens, state.samples = step + 1, state.tokens + tokens, end
             state.optimizer_step = int(self.optimizer.param_groups[0]["step"])
             seconds = time.perf_counter() - t0
-            self.metrics.log({
+            row = {
                 "step": state.step, "tokens": state.tokens, "samples": state.samples, "loss": loss,
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                 "labels": labels, "step_tokens": tokens, "tokens_per_s": tokens / seconds,
@@ -242,7 +248,10 @@ class Trainer:
                 "mfu": None if math.isnan(self.peak_flops) else flops / seconds / (self.peak_flops * self.world),
                 "skipped_steps": skipped_steps(self.engine), "data_wait_s": data_wait, "step_s": seconds,
                 "memory_gb": self._memory_gb(), "time": time.time(),
-                **syncs})
+                **syncs}
+            self.metrics.log(row)
+            if state.step % max(1, cfg.train.log_every) == 0:
+                self._say(progress_line(row, cfg.phase.tokens))
 
             finished = state.tokens >= cfg.phase.tokens
             capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
