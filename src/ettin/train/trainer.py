@@ -163,7 +163,8 @@ class Trainer:
                                   f"{meta['fingerprint'][:12]} -> {self.fingerprint[:12]}); restore the data, or set "
                                   "data.allow_fingerprint_change=true to continue on the new data (the order changes)")
             key = order_key(cfg, self.pipeline.schedule)
-            changed = {k: (meta["order"].get(k), v) for k, v in key.items() if meta["order"].get(k) != v}
+            changed = {k: (meta["order"].get(k), key.get(k)) for k in key.keys() | meta["order"].keys()
+                       if meta["order"].get(k) != key.get(k)}
             if changed:
                 raise ConfigError(f"{resume}: these settings changed since the checkpoint and would change which "
                                   f"samples each step sees: {changed}; resume with the checkpoint's values "
