@@ -109,3 +109,72 @@ def test_validation_settings_are_checked(experiment):
         load_config(experiment, ["data.validation=2.5"])
     with pytest.raises(Exception, match="leaves none of its 60 samples"):
         DataPipeline.from_config(load_config(experiment, [PLAIN_SOURCES.replace("path: b}", "path: b, validation: 60}")]))
+
+
+def _eval_to_file(target, out, overrides=()):
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from ettin.train.evaluate import evaluate_checkpoints
+
+    rows = evaluate_checkpoints(target, list(overrides))
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def _scores(row):
+    return {k: v for k, v in row.items() if k.startswith("eval/") and not k.endswith(("seconds", "time_fraction"))}
+
+
+def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(experiment, tmp_path):
+    """In-loop numbers land in metrics.jsonl and the checkpoint; `ettin eval` on that checkpoint
+    gives them again on 1 process, and within 1e-6 on 2 DP ranks."""
+    import json
+
+    from ettin.train.metrics import read_all_metrics
+
+    run = tmp_path / "run"
+    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={run}", "eval.every_tokens=1000",
+                                                      "eval.sets.extra=b", "train.log_every=1"], 0))
+    rows = [r for r in read_all_metrics(run) if "eval/a/loss" in r]
+    assert len(rows) >= 3 and all(0 < r["eval/time_fraction"] < 1 for r in rows)
+    first = rows[0]
+    assert first["eval/a/labels"] > 0 and 0 <= first["eval/a/accuracy"] <= 1
+    assert first["eval/a/perplexity"] == pytest.approx(np.exp(first["eval/a/loss"]))
+    assert first["eval/total/loss"] == pytest.approx(sum(
+        first[f"eval/{s}/loss"] * first[f"eval/{s}/labels"] for s in ("a", "b", "extra")) / first["eval/total/labels"], rel=1e-12)
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    saved = json.loads((ckpt / "state.json").read_text())["eval"]
+    assert _scores(saved) == _scores(rows[-1])
+
+    for world in (1, 2):
+        out = tmp_path / f"eval{world}.json"
+        run_distributed_test(_eval_to_file, world, args=(str(ckpt), str(out)))
+        (again,) = json.loads(out.read_text())
+        for key, value in _scores(saved).items():
+            assert again[key] == pytest.approx(value, rel=1e-6 if world > 1 else 1e-12), (world, key)
+
+
+def test_ettin_eval_on_a_run_writes_a_table_and_a_plot_and_compares_runs(experiment, tmp_path, capsys):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from ettin.cli import main
+
+    request_cleanup = lambda: (parallel_state.destroy_model_parallel(),  # noqa: E731 - `ettin eval` ran in this process
+                               dist.is_initialized() and dist.destroy_process_group())
+    for objective in ("mlm", "clm"):
+        run_distributed_test(_train, 1, args=(experiment, [f"run_dir={tmp_path / objective}", f"objective={objective}"], 0))
+    assert main(["eval", str(tmp_path / "mlm"), "--sets", "a"]) == 0
+    out = capsys.readouterr().out
+    assert "| step | tokens | a loss | a acc |" in out
+    assert {p.name for p in (tmp_path / "mlm").iterdir()} >= {"eval.csv", "eval.md", "eval.png"}
+    assert len((tmp_path / "mlm" / "eval.csv").read_text().splitlines()) == 1 + 2  # two checkpoints
+    assert main(["eval", "--compare", str(tmp_path / "mlm"), str(tmp_path / "clm")]) == 0
+    table = capsys.readouterr().out
+    assert "a: validation loss (accuracy)" in table and "| tokens | mlm | clm |" in table
+    assert main(["eval", str(tmp_path / "mlm"), "--sets", "nope"]) == 2
+    assert "--sets nope: not among this run's sets (a, b)" in capsys.readouterr().err
+    request_cleanup()
