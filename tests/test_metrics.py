@@ -9,7 +9,7 @@ import pytest
 
 from ettin.config import ConfigError, load_config, validate
 from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
-from ettin.train.metrics import MetricsLogger, plot, progress_line, read_all_metrics, read_metrics
+from ettin.train.metrics import MetricsLogger, loss_curves, plot, progress_line, read_all_metrics, read_metrics
 
 
 def wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -100,6 +100,8 @@ def test_the_container_fans_out_and_plot_draws_validation_curves(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert [r["step"] for r in read_all_metrics(tmp_path)] == [1, 2, 3, 3]
     assert plot(tmp_path).stat().st_size > 0
+    assert loss_curves(read_all_metrics(tmp_path)) == {"train": ([100, 200, 300], [3.0, 1.5, 1.0]),
+                                                       "validation: a": ([300], [2.5])}
     assert MetricsLogger.for_run(tmp_path / "other", enabled=False).sinks == []
     assert not (tmp_path / "other").exists()
 

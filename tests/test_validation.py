@@ -4,6 +4,7 @@ import sys
 import textwrap
 
 import numpy as np
+import torch
 import pytest
 
 from ettin.config import ConfigError, load_config
@@ -111,7 +112,7 @@ def test_validation_settings_are_checked(experiment):
         DataPipeline.from_config(load_config(experiment, [PLAIN_SOURCES.replace("path: b}", "path: b, validation: 60}")]))
 
 
-def _eval_to_file(target, out, overrides=()):
+def _eval_to_file(target, out, overrides=(), like=None):
     import json
     from pathlib import Path
 
@@ -119,7 +120,7 @@ def _eval_to_file(target, out, overrides=()):
 
     from ettin.train.evaluate import evaluate_checkpoints
 
-    rows = evaluate_checkpoints(target, list(overrides))
+    rows = evaluate_checkpoints(target, list(overrides), like=like)
     if dist.get_rank() == 0:
         Path(out).write_text(json.dumps(rows))
 
@@ -128,16 +129,24 @@ def _scores(row):
     return {k: v for k, v in row.items() if k.startswith("eval/") and not k.endswith(("seconds", "time_fraction"))}
 
 
-def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(experiment, tmp_path):
+@pytest.fixture(scope="module")
+def runs(experiment, tmp_path_factory):
+    """The paired models, trained once: the encoder evaluated every 1,000 tokens with an extra set."""
+    root = tmp_path_factory.mktemp("runs")
+    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={root / 'mlm'}", "eval.every_tokens=1000",
+                                                      "eval.sets.extra=b", "train.log_every=1"], 0))
+    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={root / 'clm'}", "objective=clm"], 0))
+    return root
+
+
+def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(runs, tmp_path):
     """In-loop numbers land in metrics.jsonl and the checkpoint; `ettin eval` on that checkpoint
     gives them again on 1 process, and within 1e-6 on 2 DP ranks."""
     import json
 
     from ettin.train.metrics import read_all_metrics
 
-    run = tmp_path / "run"
-    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={run}", "eval.every_tokens=1000",
-                                                      "eval.sets.extra=b", "train.log_every=1"], 0))
+    run = runs / "mlm"
     rows = [r for r in read_all_metrics(run) if "eval/a/loss" in r]
     assert len(rows) >= 3 and all(0 < r["eval/time_fraction"] < 1 for r in rows)
     first = rows[0]
@@ -157,24 +166,59 @@ def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(experiment, tmp
             assert again[key] == pytest.approx(value, rel=1e-6 if world > 1 else 1e-12), (world, key)
 
 
-def test_ettin_eval_on_a_run_writes_a_table_and_a_plot_and_compares_runs(experiment, tmp_path, capsys):
+def test_ettin_eval_on_a_run_writes_a_table_and_a_plot_and_compares_runs(runs, tmp_path, capsys):
+    from ettin.cli import main
+
+    assert main(["eval", str(runs / "clm"), "--sets", "a", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| step | tokens | a loss | a acc |" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"eval.csv", "eval.md", "eval.png"}
+    assert len((tmp_path / "eval.csv").read_text().splitlines()) == 1 + 2  # two checkpoints
+    assert main(["eval", "--compare", str(runs / "mlm"), str(runs / "clm")]) == 0
+    table = capsys.readouterr().out
+    assert "a: validation loss (accuracy)" in table and "| tokens | mlm | clm |" in table
+    assert main(["eval", str(runs / "clm"), "--sets", "nope"]) == 2
+    assert "--sets nope: not among this run's sets (a, b)" in capsys.readouterr().err
+    _destroy_groups()  # `ettin eval` ran in this process
+
+
+def _destroy_groups():
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_an_exported_model_scores_through_transformers_what_the_checkpoint_scored(runs, tmp_path):
+    """`ettin eval HF_DIR --like RUN`: the released format, loaded by transformers, on the run's sets."""
+    import json
+
     from ettin.cli import main
 
-    request_cleanup = lambda: (parallel_state.destroy_model_parallel(),  # noqa: E731 - `ettin eval` ran in this process
-                               dist.is_initialized() and dist.destroy_process_group())
     for objective in ("mlm", "clm"):
-        run_distributed_test(_train, 1, args=(experiment, [f"run_dir={tmp_path / objective}", f"objective={objective}"], 0))
-    assert main(["eval", str(tmp_path / "mlm"), "--sets", "a"]) == 0
-    out = capsys.readouterr().out
-    assert "| step | tokens | a loss | a acc |" in out
-    assert {p.name for p in (tmp_path / "mlm").iterdir()} >= {"eval.csv", "eval.md", "eval.png"}
-    assert len((tmp_path / "mlm" / "eval.csv").read_text().splitlines()) == 1 + 2  # two checkpoints
-    assert main(["eval", "--compare", str(tmp_path / "mlm"), str(tmp_path / "clm")]) == 0
-    table = capsys.readouterr().out
-    assert "a: validation loss (accuracy)" in table and "| tokens | mlm | clm |" in table
-    assert main(["eval", str(tmp_path / "mlm"), "--sets", "nope"]) == 2
-    assert "--sets nope: not among this run's sets (a, b)" in capsys.readouterr().err
-    request_cleanup()
+        ckpt = sorted((runs / objective / "checkpoints").iterdir())[-1]
+        saved = json.loads((ckpt / "state.json").read_text())["eval"]
+        assert main(["hf", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / f"hf-{objective}")]) == 0
+        out = tmp_path / f"hf-{objective}.json"
+        run_distributed_test(_eval_to_file, 1, args=(str(tmp_path / f"hf-{objective}"), str(out), (), str(ckpt)))
+        (got,) = json.loads(out.read_text())
+        for key, value in _scores(saved).items():
+            assert got[key] == pytest.approx(value, rel=1e-5), (objective, key)
+
+
+def test_validation_masks_are_keyed_by_set_and_sample_never_by_step_or_phase_seed(experiment):
+    from ettin.train.evaluate import Evaluator, eval_sets
+
+    def inputs(overrides):
+        cfg = load_config(experiment, overrides)
+        pipeline = DataPipeline.from_config(cfg)
+        (a, b) = eval_sets(cfg, pipeline)
+        evaluator = Evaluator(cfg, [a, b], 600, torch.device("cpu"))
+        return evaluator.collators["a"](a.reader.input_ids_many(a.indices), a.indices.tolist()).tokens
+
+    first = inputs([])
+    assert torch.equal(first, inputs(["phase.seed=99"])), "the phase seed (and so the step) does not move them"
+    assert (first[1] != -100).sum() > 0
+    assert not torch.equal(first, inputs(["eval.seed=1"])), "eval.seed does (it also picks other samples)"

@@ -140,6 +140,37 @@ def headline(metrics: dict[str, float]) -> float | None:
 
 # ----------------------------------------------------------------------------- ettin eval
 
+class TransformersScorer(torch.nn.Module):
+    """An exported model, loaded by transformers, behind the interface the Evaluator scores. Its
+    logits at position ``i`` meet our label at ``i`` for every objective (the export records the
+    shift), so the released model is scored on exactly the training model's inputs and labels."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    @torch.no_grad()
+    def score(self, input_ids, docs, labels, label_index):
+        bounds = docs.bounds
+        lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        ids = input_ids.new_zeros(len(lengths), max(lengths))
+        mask = torch.zeros_like(ids)
+        for row, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):  # one padded row per document
+            ids[row, :b - a], mask[row, :b - a] = input_ids[a:b], 1
+        logits = self.model(input_ids=ids, attention_mask=mask).logits[mask.bool()]  # back to packed order
+        chosen = logits.index_select(0, label_index).float()
+        target = labels.index_select(0, label_index)
+        loss = torch.nn.functional.cross_entropy(chosen, target, reduction="sum")
+        correct = (chosen.gather(1, target[:, None]) >= chosen.amax(1, keepdim=True)).sum()
+        return loss, correct
+
+
+def is_hf_folder(path) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "config.json").is_file() and not (Path(path) / "state.json").is_file()
+
+
 def checkpoints_of(target: str) -> tuple[list, bool]:
     """(checkpoint folders, whether ``target`` is a run folder)."""
     from pathlib import Path
@@ -150,9 +181,6 @@ def checkpoints_of(target: str) -> tuple[list, bool]:
         return [Path(target)], False
     found = list_checkpoints(target)
     if not found:
-        if (Path(target) / "config.json").is_file():
-            raise DataError(f"{target} is a Hugging Face folder: `ettin eval` scores checkpoints and run folders "
-                            "(pass the run the model was exported from)")
         raise DataError(f"{target} holds no complete checkpoint: pass a checkpoint folder or a run folder")
     return found, True
 
@@ -172,11 +200,16 @@ def _load_weights(model: torch.nn.Module, path) -> None:
         p.copy_(weights.read(name, p.partition_dim if is_tp_sharded(p) else None, tp_rank(), tp_size()))
 
 
-def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: list[str] | None = None) -> list[dict]:
+def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: list[str] | None = None,
+                         like: str | None = None) -> list[dict]:
     """Score every checkpoint of ``target`` (a checkpoint or a run folder) on its run's evaluation sets,
     in this process group (one process, or torchrun/srun ranks with the checkpoint's TP size or
-    ``parallel.tensor=N``). Returns one row per checkpoint: step, tokens, eval/<set>/<metric>."""
+    ``parallel.tensor=N``). Returns one row per checkpoint: step, tokens, eval/<set>/<metric>.
+
+    ``target`` may also be an exported Hugging Face folder, scored through transformers; ``like``
+    (a checkpoint or run folder) then says which sets, masks and budget to use."""
     import json
+    from pathlib import Path
 
     from megatron.core import parallel_state as ps
 
@@ -187,8 +220,12 @@ def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: 
     from ettin.train.env import setup_distributed_env
     from ettin.train.trainer import pick_device
 
-    checkpoints, _ = checkpoints_of(target)
-    cfg = checkpoint_config(checkpoints[-1], overrides)
+    hf_folder = is_hf_folder(target)
+    if hf_folder and not like:
+        raise DataError(f"{target} is a Hugging Face folder: name the run whose sets to score it on with "
+                        "--like RUN_OR_CHECKPOINT")
+    checkpoints, _ = checkpoints_of(like if hf_folder else target)
+    cfg = checkpoint_config(checkpoints[-1], (["parallel.tensor=1"] if hf_folder else []) + list(overrides or []))
     setup_distributed_env()
     device = pick_device(cfg)
     init_process_groups(cfg.parallel.tensor, "nccl" if device.type == "cuda" else "gloo", cfg.train.collective_timeout_s)
@@ -202,12 +239,17 @@ def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: 
         sets = [s for s in sets if s.name in only]
     if not sets:
         raise DataError(f"{checkpoints[-1]}: its run has no evaluation sets; set data.validation or eval.sets.NAME=PATH")
+    evaluator = Evaluator(cfg, sets, resolve_micro_tokens(cfg, dp_size), device, dp_rank, dp_size,
+                          ps.get_data_parallel_group())
+    if hf_folder:
+        from ettin.hf import load_hf_model
+
+        scorer = TransformersScorer(load_hf_model(target).to(device))
+        return [{"checkpoint": Path(target).name, "step": None, "tokens": None, **evaluator(scorer)}]
     torch.manual_seed(0)
     model = cfg.model.build(device_type=device.type).to(device)
     if device.type == "cuda":  # the training engine runs the module in bf16 there
         model = model.to(torch.bfloat16)
-    evaluator = Evaluator(cfg, sets, resolve_micro_tokens(cfg, dp_size), device, dp_rank, dp_size,
-                          ps.get_data_parallel_group())
     rows = []
     for ckpt in checkpoints:
         state = json.loads((ckpt / "state.json").read_text())
@@ -255,7 +297,7 @@ def format_table(rows: list[dict]) -> str:
     head = ["step", "tokens"] + [f"{n} {m}" for n in names for m in ("loss", "acc")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
-        cells = [str(r["step"]), f"{r['tokens']:,}"] + [f"{r[f'eval/{n}/{m}']:.4f}" for n in names for m in ("loss", "accuracy")]
+        cells = [r["checkpoint"] if r["step"] is None else str(r["step"]), "-" if r["tokens"] is None else f"{r['tokens']:,}"] + [f"{r[f'eval/{n}/{m}']:.4f}" for n in names for m in ("loss", "accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -152,6 +152,15 @@ def read_all_metrics(run_dir: str | Path) -> list[dict]:
     return [latest[k] for k in sorted(latest)]
 
 
+def loss_curves(rows: list[dict]) -> dict[str, tuple[list, list]]:
+    """Label -> (tokens, loss): the training loss and each validation set's."""
+    curves = {"train": ([r["tokens"] for r in rows if "loss" in r], [r["loss"] for r in rows if "loss" in r])}
+    for name in sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")}):
+        key = f"eval/{name}/loss"
+        curves[f"validation: {name}"] = ([r["tokens"] for r in rows if key in r], [r[key] for r in rows if key in r])
+    return curves
+
+
 def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Training loss (with the validation curves, when the run has them) and throughput against tokens."""
     import matplotlib
@@ -162,14 +171,10 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = read_all_metrics(run_dir)
     train = [r for r in rows if "loss" in r]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train")
-    sets = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.endswith("/loss")})
-    for name in sets:
-        points = [(r["tokens"], r[f"eval/{name}/loss"]) for r in rows if f"eval/{name}/loss" in r]
-        ax1.plot(*zip(*points), marker="o", label=f"validation: {name}")
+    for label, (x, y) in loss_curves(rows).items():
+        ax1.plot(x, y, label=label, marker=None if label == "train" else "o")
     ax1.set(xlabel="tokens", ylabel="loss", title="loss")
-    if sets:
-        ax1.legend()
+    ax1.legend()
     ax2.plot([r["tokens"] for r in train], [r["tokens_per_s"] for r in train])
     ax2.set(xlabel="tokens", ylabel="tokens/s", title="throughput")
     fig.suptitle(str(run_dir))
