@@ -260,6 +260,45 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score checkpoints on the run's held-out sets (the in-loop numbers, again)",
+                       description="Evaluate a checkpoint, or every checkpoint of a run folder, on the run's "
+                                   "validation sets (data.validation parts and eval.sets), with the same numbers "
+                                   "as the in-loop evaluation. One process, or torchrun/srun for DP x TP. A run "
+                                   "folder gets eval.csv, eval.md and eval.png. An exported Hugging Face folder "
+                                   "is scored through transformers on the sets of --like RUN. --compare puts the "
+                                   "in-loop validation curves of several runs side by side.")
+    p.add_argument("target", nargs="?", help="a checkpoint folder, a run folder, or a Hugging Face folder (with --like)")
+    p.add_argument("overrides", nargs="*", help="key=value over the checkpoint's config (e.g. eval.max_tokens=100000)")
+    p.add_argument("--sets", help="comma-separated set names (default: all)")
+    p.add_argument("--out", help="where a run folder's table goes (default: the run folder)")
+    p.add_argument("--compare", nargs="+", metavar="RUN", help="runs to put side by side (e.g. encoder and decoder)")
+    p.add_argument("--like", metavar="RUN_OR_CHECKPOINT",
+                   help="for a Hugging Face folder: the run whose sets, masks and token budget to use")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    import torch.distributed as dist
+
+    from ettin.train.evaluate import (checkpoints_of, compare_runs, evaluate_checkpoints, format_table, is_hf_folder,
+                                      write_table)
+
+    if args.compare:
+        print(compare_runs(args.compare))
+        return 0
+    if not args.target:
+        raise ConfigError("ettin eval needs a checkpoint or run folder (or --compare RUN_A RUN_B)")
+    rows = evaluate_checkpoints(args.target, args.overrides, args.sets.split(",") if args.sets else None, args.like)
+    if dist.get_rank() != 0:
+        return 0
+    print(format_table(rows))
+    if not is_hf_folder(args.target) and checkpoints_of(args.target)[1]:
+        for path in write_table(rows, args.out or args.target):
+            print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ettin", description="Train paired encoder (MLM) / decoder (CLM) models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -352,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo_out", help="working folder (recreated)")
     demo.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
     demo.set_defaults(func=cmd_demo)
+    add_eval_parser(sub)
     return p
 
 

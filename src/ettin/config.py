@@ -128,6 +128,7 @@ class SourceConfig:
     name: str = "???"
     path: str = "???"  # relative to data.root unless absolute or a URI
     weight: float = 1.0  # relative share of the mixture (the recipe uses billions of tokens)
+    validation: Optional[float] = None  # this source's held-out part (None: data.validation)
 
 
 @dataclass
@@ -142,6 +143,9 @@ class DataConfig:
     workers: int = 2  # DataLoader workers per rank (the output does not depend on it)
     prefetch: int = 2  # steps (this rank's share of each) prefetched per worker
     allow_fingerprint_change: bool = False  # resume even if the data manifest changed (breaks the ledger)
+    # Per source, the samples set aside for validation (never trained on): a fraction in (0, 1) or a
+    # count >= 1; 0 none. Chosen by a keyed rule (eval.seed), so the same on every machine and phase.
+    validation: float = 0.0
 
 
 @dataclass
@@ -170,6 +174,30 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation: the sources' validation parts (data.validation) and separate MDS folders."""
+    every_tokens: int = 0  # evaluate every N training tokens (0: only at checkpoints and the phase's end)
+    max_tokens: int = 0  # per set, the first N tokens of it (0: all of it)
+    seed: int = 0  # keys the held-out choice and the validation masks, never the step
+    sets: Dict[str, str] = field(default_factory=dict)  # name -> MDS folder (relative to data.root)
+
+
+@dataclass
+class WandbConfig:
+    # disabled | online | offline (offline: a run folder under <run_dir>/wandb, `wandb sync` it later)
+    mode: str = "disabled"
+    project: Optional[str] = None
+    entity: Optional[str] = None
+
+
+@dataclass
+class MetricsConfig:
+    """Where the metrics go besides <run_dir>/metrics.jsonl (always written)."""
+    tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "experiment"
     run_dir: str = "runs/${name}"
@@ -182,6 +210,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     groups: Dict[str, str] = field(default_factory=dict)  # which file each group came from (informational)
 
 
@@ -424,6 +454,14 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     need(cfg.parallel.zero_stage in (1, 2), f"parallel.zero_stage must be 1 or 2, got {cfg.parallel.zero_stage}")
     need(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
     need(cfg.train.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, got '{cfg.train.device}'")
+    for where, value in [("data.validation", cfg.data.validation),
+                         *((f"data.sources[{i}].validation", s.validation) for i, s in enumerate(cfg.data.sources))]:
+        need(value is None or (value >= 0 and (value < 1 or float(value).is_integer())),
+             f"{where} must be a fraction in (0, 1), a whole count >= 1, or 0, got {value}")
+    need(cfg.metrics.wandb.mode in ("disabled", "online", "offline"),
+         f"metrics.wandb.mode must be disabled, online or offline, got '{cfg.metrics.wandb.mode}'")
+    need(cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),
+         "metrics.wandb.mode is set: name the W&B project with metrics.wandb.project=NAME")
     need(cfg.phase.init == "scratch" or cfg.phase.previous,
          f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
     for key in ("warmup_tokens", "decay_tokens"):

@@ -5,10 +5,12 @@
 2. a BPE tokenizer trained on it, and MDS shards prepared from it;
 3. the paired 17m-shaped encoder and decoder (smaller vocabulary) trained on 2 data-parallel
    ranks with torchrun, checkpointing along the way;
-4. one checkpoint's batch replayed from the data and re-hashed against its ledger;
-5. both models exported to Hugging Face format, then a fill-mask and a short generation
+4. the validation loss of both models at each checkpoint, side by side (2% of each source is
+   held out of training and scored before every checkpoint);
+5. one checkpoint's batch replayed from the data and re-hashed against its ledger;
+6. both models exported to Hugging Face format, then a fill-mask and a short generation
    through ``transformers``;
-6. a summary table.
+7. a summary table.
 Every step is the command a user would type; they are printed as they run.
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ VOCAB = 4096
 SEQ_LEN = 256
 
 
-def run(cmd: list[str], quiet: bool = False) -> str:
+def run(cmd: list[str], quiet: bool = False, lines: int = 12) -> str:
     print("$ " + " ".join(str(c) for c in cmd), flush=True)
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
     if proc.returncode != 0:
@@ -36,7 +38,7 @@ def run(cmd: list[str], quiet: bool = False) -> str:
         raise SystemExit(f"demo: step failed with exit code {proc.returncode}: {' '.join(str(c) for c in cmd)}")
     if not quiet:
         shown = [line for line in proc.stdout.splitlines() if line.strip()]
-        print("\n".join("  " + line for line in shown[-12:]), flush=True)
+        print("\n".join("  " + line for line in shown[-lines:]), flush=True)
     return proc.stdout
 
 
@@ -84,6 +86,7 @@ def experiment(out: Path, steps: int) -> Path:
           tokenizer: {out / "tokenizer.json"}
           cache_dir: {out / "cache"}
           workers: 1
+          validation: 0.02  # 2% of each source held out: scored before every checkpoint
           sources:
             - {{name: code, path: code, weight: 2}}
             - {{name: docs, path: docs, weight: 1}}
@@ -111,16 +114,17 @@ def show_models(out: Path) -> dict:
 
 def summary(out: Path, replay_ok: bool, seconds: float) -> None:
     from ettin.train.checkpoint import list_checkpoints
-    from ettin.train.metrics import read_metrics
+    from ettin.train.metrics import read_all_metrics, read_metrics
 
-    print(f"{'model':<8} {'steps':>6} {'tokens':>9} {'loss start -> end':>18} {'tokens/s':>9} {'checkpoints':>11}")
+    print(f"{'model':<8} {'steps':>6} {'tokens':>9} {'loss start -> end':>18} {'val loss':>8} {'tokens/s':>9} {'checkpoints':>11}")
     for objective in ("mlm", "clm"):
         rows = read_metrics(out / "runs" / objective)
+        val = [r["eval/total/loss"] for r in read_all_metrics(out / "runs" / objective) if "eval/total/loss" in r]
         rate = sorted(r["tokens_per_s"] for r in rows)[len(rows) // 2]
         start = sum(r["loss"] for r in rows[:5]) / min(5, len(rows))
         end = sum(r["loss"] for r in rows[-5:]) / min(5, len(rows))
         name = "encoder" if objective == "mlm" else "decoder"
-        print(f"{name:<8} {rows[-1]['step']:>6} {rows[-1]['tokens']:>9,} {start:>8.3f} -> {end:<7.3f} {rate:>9,.0f} "
+        print(f"{name:<8} {rows[-1]['step']:>6} {rows[-1]['tokens']:>9,} {start:>8.3f} -> {end:<7.3f} {val[-1]:>8.3f} {rate:>9,.0f} "
               f"{len(list_checkpoints(out / 'runs' / objective)):>11}")
     print(f"replay of a checkpoint's batch: {'OK (hash matches the ledger)' if replay_ok else 'MISMATCH'}; "
           f"total {seconds / 60:.1f} min")
@@ -153,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         run([bin_dir / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "ettin.cli", "train", exp,
              f"objective={objective}", f"run_dir={out / 'runs' / objective}"])
 
-    print("== 4. replay a checkpoint's batch from the data alone", flush=True)
+    print("== 4. validation loss of the paired models at each checkpoint (held-out 2% of each source)", flush=True)
+    run([*ettin, "eval", "--compare", out / "runs" / "mlm", out / "runs" / "clm"], lines=100)
+
+    print("== 5. replay a checkpoint's batch from the data alone", flush=True)
     from ettin.train.checkpoint import list_checkpoints
 
     ckpt = list_checkpoints(out / "runs" / "mlm")[1]
@@ -161,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     replayed = run([*ettin, "replay", ckpt, "--step", step])
     replay_ok = "-> MATCH" in replayed
 
-    print("== 5. export to Hugging Face and use the models through transformers", flush=True)
+    print("== 6. export to Hugging Face and use the models through transformers", flush=True)
     for objective, name in (("mlm", "encoder"), ("clm", "decoder")):
         last = list_checkpoints(out / "runs" / objective)[-1]
         run([*ettin, "hf", "export", "--checkpoint", last, "--tokenizer", out / "tokenizer.json", "--out", out / "hf" / name])

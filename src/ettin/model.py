@@ -122,6 +122,29 @@ class Transformer(nn.Module):
         trainer calls it, so a forward never waits on the GPU. Without them they are read back
         from the device (one sync each), which is fine for tools and tests."""
         docs = cu_seqlens if isinstance(cu_seqlens, Documents) else Documents.from_cu_seqlens(cu_seqlens, max_seqlen)
+        x = self.hidden(input_ids, docs)
+        if labels is None:
+            return self.logits(x)
+        if label_index is None:
+            label_index = torch.nonzero(labels != IGNORE).squeeze(1)
+        # the head runs only where there is a loss (MLM: the masked tokens)
+        total = linear_cross_entropy(self.head(x.index_select(0, label_index)), self.embed.weight, self.head_bias,
+                                     labels.index_select(0, label_index))
+        return total if reduction == "sum" else total / max(label_index.numel(), 1)
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, docs: Documents, labels: torch.Tensor,
+              label_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, labels predicted exactly) over the labelled tokens: evaluation's numbers,
+        through the same head and loss as training."""
+        x = self.hidden(input_ids, docs).index_select(0, label_index)
+        correct = torch.zeros((), dtype=torch.int64, device=x.device)
+        total = linear_cross_entropy(self.head(x), self.embed.weight, self.head_bias, labels.index_select(0, label_index),
+                                     correct=correct)
+        return total, correct
+
+    def hidden(self, input_ids: torch.Tensor, docs: Documents) -> torch.Tensor:
+        """The final normalized hidden states [tokens, hidden]."""
         cu, n = docs.cu_seqlens, input_ids.shape[0]
         doc_start = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=n)
         positions = torch.arange(n, device=input_ids.device) - doc_start
@@ -132,15 +155,7 @@ class Transformer(nn.Module):
         for layer in self.layers:
             kind = "global" if layer.is_global else "local"
             x = layer(x, rope[kind], self.attend, plans[kind])
-        x = self.final_norm(x)
-        if labels is None:
-            return self.logits(x)
-        if label_index is None:
-            label_index = torch.nonzero(labels != IGNORE).squeeze(1)
-        # the head runs only where there is a loss (MLM: the masked tokens)
-        total = linear_cross_entropy(self.head(x.index_select(0, label_index)), self.embed.weight, self.head_bias,
-                                     labels.index_select(0, label_index))
-        return total if reduction == "sum" else total / max(label_index.numel(), 1)
+        return self.final_norm(x)
 
     def lookup(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings; lookups of row ``EMBEDDING_PADDING_IDX`` pass it no gradient (a

@@ -147,7 +147,7 @@ def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = 1024) -> torch.Tensor:
+                         chunk: int = 1024, correct: torch.Tensor | None = None) -> torch.Tensor:
     """``sum_i CE(x_i W^T + b, labels_i)`` for the vocab-split head ``W [V/tp, h]``, ``b [V/tp]``.
 
     The logits never exist whole: chunk by chunk of tokens they are computed into one reused
@@ -157,16 +157,17 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     scales them. Against autograd through materialized logits this saves the big intermediates
     and most passes over them (docs/PERFORMANCE.md). ``x`` is replicated over TP; the softmax
     statistics and grad x are all-reduced over the TP group. Without autograd only the loss is
-    computed."""
+    computed. ``correct`` (an int64 scalar), when given, is increased by the number of labels whose
+    logit is the largest (argmax accuracy, for evaluation)."""
     if not weight.dtype == bias.dtype == x.dtype:
         raise TypeError(f"linear_cross_entropy: x {x.dtype}, weight {weight.dtype} and bias {bias.dtype} differ")
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias))
-    return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk, grads)
+    return _LinearCrossEntropy.apply(x, weight, bias, labels, chunk, grads, correct)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, labels, chunk, grads):
+    def forward(ctx, x, weight, bias, labels, chunk, grads, correct=None):
         tp, rows = tp_size(), weight.shape[0]
         local = labels - tp_rank() * rows
         here = (local >= 0) & (local < rows)  # labels in this rank's vocab shard
@@ -189,6 +190,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if tp > 1:
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=tp_group())
                 dist.all_reduce(target, group=tp_group())
+            if correct is not None:
+                correct += (target >= peak).sum()
             logits.sub_(peak).exp_()  # unnormalized softmax
             sumexp = logits.sum(1, keepdim=True)
             if tp > 1:
@@ -213,7 +216,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_total):
         grad_x, grad_w, grad_b = ((g * grad_total).to(ctx.dtype) for g in ctx.saved_tensors)
-        return grad_x, grad_w, grad_b, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def gather_tp(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -71,7 +71,15 @@ def order_key(cfg, schedule) -> dict:
             "global_size": schedule.global_size, "warmup_samples": schedule.warmup_samples,
             "warmup_start_size": schedule.start_size, "warmup_stages": schedule.stages,
             "warmup_tokens_per_sample": schedule.tokens_per_sample,
-            "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate}
+            "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate,
+            **held_out_key(cfg)}
+
+
+def held_out_key(cfg) -> dict:
+    """The settings that choose each source's validation part; absent when no source sets one aside,
+    so the keys of runs without one are what they were before validation existed."""
+    settings = {s.name: cfg.data.validation if s.validation is None else s.validation for s in cfg.data.sources}
+    return {"validation": {"eval_seed": cfg.eval.seed, "sources": settings}} if any(settings.values()) else {}
 
 
 def read_ledger(checkpoint_dir: str | Path) -> tuple[dict, list[LedgerEntry]]:

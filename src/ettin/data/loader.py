@@ -16,8 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ettin.data.collate import Batch, Collator, mlm_kernel
 from ettin.data.manifest import Manifest, build_manifest
-from ettin.data.mds import MDSSource
-from ettin.data.order import GlobalOrder
+from ettin.data.mds import DataError, MDSSource
+from ettin.data.order import GlobalOrder, HeldOut, derive_key, validation_count
 from ettin.data.schedule import BatchSchedule
 
 
@@ -30,19 +30,29 @@ class DataPipeline:
     order: GlobalOrder
     schedule: BatchSchedule
     collator: Collator
+    held_out: HeldOut  # each source's validation part; the order draws from the rest
 
     @classmethod
     def from_config(cls, cfg, cache_dir: str | None = None) -> "DataPipeline":
         manifest, readers = build_manifest(cfg.data, cfg.phase.seq_len, cache_dir)
-        order = GlobalOrder([s.samples for s in manifest.sources], manifest.sample_shares(), cfg.phase.seed,
+        held_out = held_out_of(cfg, manifest)
+        order = GlobalOrder(held_out.training_samples(), manifest.sample_shares(), cfg.phase.seed,
                             cfg.data.mixture_block, cfg.data.shuffle_block)
         # the batch ramp is counted in real tokens: converted to samples at the mixture's mean (stats.json)
         schedule = BatchSchedule.from_config(cfg, manifest.mean_tokens_per_sample())
-        return cls(manifest, readers, order, schedule, Collator.from_config(cfg))
+        return cls(manifest, readers, order, schedule, Collator.from_config(cfg), held_out)
+
+    def locate(self, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """(source ids, stored sample indices) at positions ``start .. end-1`` of the training order."""
+        sources, indices = self.order(start, end)
+        for s in np.unique(sources).tolist():
+            sel = sources == s
+            indices[sel] = self.held_out.stored_index(s, indices[sel])
+        return sources, indices
 
     def samples(self, start: int, end: int) -> list[dict]:
         """The stored samples at positions ``start .. end-1``, with their source and index."""
-        sources, indices = self.order(start, end)
+        sources, indices = self.locate(start, end)
         out = []
         for p, s, i in zip(range(start, end), sources.tolist(), indices.tolist()):
             row = self.readers[s][i]
@@ -51,13 +61,27 @@ class DataPipeline:
         return out
 
     def batch(self, start: int, end: int) -> Batch:
-        sources, indices = self.order(start, end)
+        sources, indices = self.locate(start, end)
         ids: list = [None] * len(sources)
         for s in np.unique(sources).tolist():
             which = np.flatnonzero(sources == s)
             for w, sample in zip(which.tolist(), self.readers[s].input_ids_many(indices[which])):
                 ids[w] = sample
         return self.collator(ids, list(range(start, end)))
+
+
+def held_out_of(cfg, manifest: Manifest) -> HeldOut:
+    """The validation part of each source (data.validation, or the source's own setting)."""
+    settings = {s.name: cfg.data.validation if s.validation is None else s.validation for s in cfg.data.sources}
+    counts = []
+    for source in manifest.sources:
+        count = validation_count(settings.get(source.name, cfg.data.validation), source.samples)
+        if count >= source.samples:
+            raise DataError(f"source '{source.name}': a validation part of {count} leaves none of its "
+                            f"{source.samples} samples to train on; lower data.validation")
+        counts.append(count)
+    keys = [derive_key(cfg.eval.seed, s.name, s.samples, "validation") for s in manifest.sources]
+    return HeldOut([s.samples for s in manifest.sources], counts, keys)
 
 
 class RankSteps(Dataset):

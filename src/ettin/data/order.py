@@ -161,3 +161,40 @@ class GlobalOrder:
                 res[~head] = full + permute(ie[~head] - full, m - full, derive_key(self.seed, s, int(e), "tail")).astype(np.int64)
             out[sel] = res
         return out
+
+
+def validation_count(setting: float, samples: int) -> int:
+    """``data.validation`` for a source of ``samples`` samples: 0 none, a fraction (0, 1) of them
+    (at least one), or a count (>= 1)."""
+    if setting <= 0:
+        return 0
+    return max(1, round(setting * samples)) if setting < 1 else int(setting)
+
+
+class HeldOut:
+    """Which stored samples of each source are set aside for validation, and the training index map.
+
+    Source ``s`` sets aside ``counts[s]`` of its ``samples[s]`` samples: the images of ``0 .. v-1``
+    under a keyed bijection of ``[0, M)`` (so a uniform choice, the same on every machine, and
+    independent of the phase seed: a later phase on the same source holds out the same samples).
+    The training order then draws from ``M - v`` samples, and training index ``i`` is the ``i``-th
+    stored sample that is not held out. That map is monotone, so training reads keep their shard
+    locality, and with ``v = 0`` it is the identity (orders without a validation part are unchanged).
+    """
+
+    def __init__(self, samples: list[int], counts: list[int], keys: list[int]):
+        self.samples, self.counts = list(samples), list(counts)
+        self.validation = [np.sort(permute(np.arange(v, dtype=np.uint64), m, key).astype(np.int64))
+                           for m, v, key in zip(samples, counts, keys)]
+        # gaps[k] = training samples stored before the k-th held-out one (non-decreasing)
+        self._gaps = [v - np.arange(len(v), dtype=np.int64) for v in self.validation]
+
+    def training_samples(self) -> list[int]:
+        return [m - v for m, v in zip(self.samples, self.counts)]
+
+    def stored_index(self, source: int, training_index: np.ndarray) -> np.ndarray:
+        """Stored sample index of each training index of ``source``."""
+        i = np.asarray(training_index, dtype=np.int64)
+        if not self.counts[source]:
+            return i
+        return i + np.searchsorted(self._gaps[source], i, side="right")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import resource
@@ -35,10 +36,12 @@ from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
 from ettin.errors import EttinError
+from ettin.logs import setup_logging
 from ettin.train.checkpoint import (TrainState, latest_checkpoint, prune, read_checkpoint, resume_hash_limit, resume_point,
                                     unverified_note, verify_checkpoint, write_checkpoint)
 from ettin.train.env import cuda_environment, setup_distributed_env
-from ettin.train.metrics import MetricsLogger
+from ettin.train.evaluate import Evaluator, eval_sets, headline
+from ettin.train.metrics import MetricsLogger, progress_line
 from ettin.train.optim import lr_factor
 from ettin.train.signals import StopFlag
 
@@ -103,6 +106,11 @@ def count_syncs(enabled: bool, found: dict):
                  sync_calls=sum(e.name in SYNC_CALLS for e in prof.events()))
 
 
+def _crossed(every: int, before: int, now: int) -> bool:
+    """Whether going from ``before`` to ``now`` tokens passed a multiple of ``every`` (0: never)."""
+    return bool(every) and now // every > before // every
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig):
         from megatron.core import parallel_state as ps
@@ -126,6 +134,7 @@ class Trainer:
         self.dp_group = ps.get_data_parallel_group()
         self.host_dp, self.host_world = host_group(self.dp_group), host_group()
         self.main = self.rank == 0
+        self.log = setup_logging(self.rank)
         self.run_dir = Path(cfg.run_dir)
         self._on_main(lambda: check_run_dir(self.run_dir))  # before minutes of start-up
         self.micro_tokens = resolve_micro_tokens(cfg, self.dp_size)
@@ -145,8 +154,13 @@ class Trainer:
         if vocab and vocab > cfg.model.vocab_size:
             raise ConfigError(f"the data's tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}")
         self.state, self.last_checkpoint = self._restore()
+        self.evaluator = Evaluator(cfg, eval_sets(cfg, self.pipeline), self.micro_tokens, self.device,
+                                   self.dp_rank, self.dp_size, self.dp_group)
+        # the last evaluation (for the checkpoint at that step) and its loss until a progress line shows it
+        self.last_evaluation, self.evaluated_at, self.fresh_eval_loss, self.eval_seconds = {}, -1, None, 0.0
         self.ledger = Ledger.for_pipeline(self.pipeline, cfg)
-        self.metrics = MetricsLogger(self.run_dir, self.main, cfg.train.log_every)
+        self.metrics = MetricsLogger.for_run(self.run_dir, self.main, cfg.metrics, name=self.run_dir.name,
+                                             config={**asdict(cfg), "data_fingerprint": self.fingerprint})
 
     # ------------------------------------------------------------------ starting points
 
@@ -163,7 +177,8 @@ class Trainer:
                                   f"{meta['fingerprint'][:12]} -> {self.fingerprint[:12]}); restore the data, or set "
                                   "data.allow_fingerprint_change=true to continue on the new data (the order changes)")
             key = order_key(cfg, self.pipeline.schedule)
-            changed = {k: (meta["order"].get(k), v) for k, v in key.items() if meta["order"].get(k) != v}
+            changed = {k: (meta["order"].get(k), key.get(k)) for k in key.keys() | meta["order"].keys()
+                       if meta["order"].get(k) != key.get(k)}
             if changed:
                 raise ConfigError(f"{resume}: these settings changed since the checkpoint and would change which "
                                   f"samples each step sees: {changed}; resume with the checkpoint's values "
@@ -194,8 +209,10 @@ class Trainer:
         return TrainState(optimizer_step=meta["optimizer_step"] if carry else 0), None
 
     def _say(self, text: str) -> None:
-        if self.main:
-            print(text, flush=True)
+        """Rank 0 tells the user; a line starting with warning:/error: is logged at that level."""
+        level = logging.ERROR if text.startswith("error:") else logging.WARNING if text.startswith("warning:") else logging.INFO
+        if self.main or level >= logging.WARNING:
+            self.log.log(level, text)
 
     def _on_main(self, fn):
         """``fn()`` run on rank 0 only, its result given to every rank. A failure there is raised on
@@ -256,7 +273,7 @@ class Trainer:
             state.step, state.tokens, state.samples = step + 1, state.tokens + tokens, end
             state.optimizer_step = int(self.optimizer.param_groups[0]["step"])
             seconds = time.perf_counter() - t0
-            self.metrics.log({
+            row = {
                 "step": state.step, "tokens": state.tokens, "samples": state.samples, "loss": loss,
                 "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
                 "labels": labels, "step_tokens": tokens, "tokens_per_s": tokens / seconds,
@@ -264,7 +281,8 @@ class Trainer:
                 "mfu": None if math.isnan(self.peak_flops) else flops / seconds / (self.peak_flops * self.world),
                 "skipped_steps": skipped_steps(self.engine), "data_wait_s": data_wait, "step_s": seconds,
                 "memory_gb": self._memory_gb(), "time": time.time(),
-                **syncs})
+                **syncs}
+            self.metrics.log(row)
 
             finished = state.tokens >= cfg.phase.tokens
             capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
@@ -272,7 +290,16 @@ class Trainer:
                                   bool(cfg.train.max_runtime_s) and time.time() - started > cfg.train.max_runtime_s],
                                  dtype=torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.host_world)  # every rank leaves at the same step
-            if finished or capped or flags.any() or state.tokens // every > before // every:
+            saving = finished or capped or flags.any() or _crossed(every, before, state.tokens)
+            # evaluate every eval.every_tokens and before each save, but not when a signal or the time
+            # limit asks to stop: then the save must be quick
+            if self.evaluator and (finished or capped or not flags.any()) and (
+                    saving or _crossed(cfg.eval.every_tokens, before, state.tokens)):
+                self._evaluate(started)
+            if state.step % max(1, cfg.train.log_every) == 0:
+                self._say(progress_line(row, cfg.phase.tokens, self.fresh_eval_loss))
+                self.fresh_eval_loss = None
+            if saving:
                 state.final = finished
                 self._save()
             if finished or capped:
@@ -282,6 +309,17 @@ class Trainer:
                 why = f"signal {stop.signal}" if stop.signal else f"train.max_runtime_s={cfg.train.max_runtime_s:g}"
                 self._say(f"stopping for {why} at step {state.step}; saved {self.last_checkpoint}; exit {EXIT_REQUEUE} (requeue me)")
                 return EXIT_REQUEUE
+
+    def _evaluate(self, started: float) -> None:
+        """Score the held-out sets now; log them with the step, keep them for the next checkpoint."""
+        t0 = time.perf_counter()
+        metrics = self.evaluator(self.model)
+        self.eval_seconds += time.perf_counter() - t0
+        self.last_evaluation, self.evaluated_at, self.fresh_eval_loss = metrics, self.state.step, headline(metrics)
+        self.metrics.log({"step": self.state.step, "tokens": self.state.tokens, **metrics,
+                          "eval/time_fraction": self.eval_seconds / max(time.time() - started, 1e-9)})
+        self._say(f"eval at step {self.state.step}: " + ", ".join(
+            f"{k.split('/')[1]} loss {v:.4f}" for k, v in metrics.items() if k.endswith("/loss")))
 
     def _step(self, step: int, batch: Batch) -> tuple[float, float, int, int, float, list[bytes]]:
         """One optimizer step over this rank's share: (loss, grad norm, labels, tokens and FLOPs of the
@@ -330,7 +368,8 @@ class Trainer:
                 {"fingerprint": self.fingerprint, "order": order_key(self.cfg, self.pipeline.schedule),
                  "seed": self.cfg.phase.seed, "phase": self.cfg.phase.name,
                  "objective": self.cfg.objective.name, "world_size": self.world, "tensor_parallel": self.cfg.parallel.tensor,
-                 "rng": "dropout reseeded every step from (phase.seed, step, DP rank): no state to save"})
+                 "rng": "dropout reseeded every step from (phase.seed, step, DP rank): no state to save",
+                 **({"eval": self.last_evaluation} if self.evaluated_at == self.state.step else {})})
             prune(self.run_dir, self.cfg.phase.keep_checkpoints)
             name = path.name
         else:

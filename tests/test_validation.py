@@ -1,0 +1,224 @@
+"""Held-out validation parts of the training sources: a keyed choice the training order never yields."""
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import torch
+import pytest
+
+from ettin.config import ConfigError, load_config
+from ettin.data.loader import DataPipeline
+from ettin.data.order import HeldOut, validation_count
+from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
+
+
+def test_held_out_choice_and_training_map():
+    held = HeldOut([1000, 37, 5], [100, 0, 4], [11, 12, 13])
+    for s, (m, v) in enumerate(zip(held.samples, held.counts)):
+        val = held.validation[s]
+        assert len(val) == len(set(val.tolist())) == v and (val >= 0).all() and (val < m).all()
+        train = held.stored_index(s, np.arange(m - v))
+        assert (np.diff(train) > 0).all(), "monotone: training reads keep their shard locality"
+        assert sorted(train.tolist() + val.tolist()) == list(range(m)), "training and validation split the source"
+    assert held.stored_index(1, np.arange(37)).tolist() == list(range(37)), "no validation part: the identity"
+    assert held.training_samples() == [900, 37, 1]
+    assert [validation_count(x, 1000) for x in (0, 0.05, 0.0001, 7)] == [0, 50, 1, 7]
+
+
+def test_the_choice_is_the_same_in_another_process():
+    code = ("from ettin.data.order import HeldOut, derive_key; import hashlib; "
+            "h = HeldOut([10**6], [1000], [derive_key(0, 'web', 10**6, 'validation')]); "
+            "print(hashlib.sha256(h.validation[0].tobytes()).hexdigest())")
+    from ettin.data.order import HeldOut as H, derive_key
+    here = H([10**6], [1000], [derive_key(0, "web", 10**6, "validation")])
+    import hashlib
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert there == hashlib.sha256(here.validation[0].tobytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("validation")
+    tok = {"tokenizer": {"sha256": "t", "vocab_size": 512}}
+    write_mds_source(root / "a", synthetic_corpus(150, 512, 1), stats=tok)
+    write_mds_source(root / "b", synthetic_corpus(60, 512, 2, 30, 120), compression=None, stats=tok)
+    exp = root / "exp.yaml"
+    exp.write_text(textwrap.dedent(f"""\
+        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
+        model: {{vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
+                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
+        phase: {{tokens: 3000, seq_len: 128, checkpoint_every_tokens: 1500}}
+        schedule: {{warmup_tokens: 500}}
+        batch: {{global_size: 8, micro_tokens: 600}}
+        train: {{collective_timeout_s: 60}}
+        data:
+          root: {root}
+          cache_dir: {root / "cache"}
+          workers: 0
+          validation: 0.1
+          sources: [{{name: a, path: a, weight: 2}}, {{name: b, path: b, validation: 7}}]
+        """))
+    return str(exp)
+
+
+def test_the_training_order_never_yields_a_validation_sample(experiment):
+    pipeline = DataPipeline.from_config(load_config(experiment))
+    held = pipeline.held_out
+    assert held.counts == [15, 7]
+    total = sum(held.training_samples())
+    seen = {"a": [], "b": []}
+    for row in pipeline.samples(0, 3 * total):  # about three epochs of each source
+        seen[row["source"]].append(row["sample_index"])
+    for s, name in enumerate(["a", "b"]):
+        val = set(held.validation[s].tolist())
+        assert not val & set(seen[name]), f"source {name}: a validation sample was trained on"
+        m = held.training_samples()[s]
+        first_epoch = seen[name][:m]
+        assert sorted(first_epoch) == sorted(set(range(held.samples[s])) - val), "each training sample once per epoch"
+    # a source without a validation part keeps its order exactly
+    plain = DataPipeline.from_config(load_config(experiment, ["data.validation=0", PLAIN_SOURCES]))
+    assert plain.held_out.counts == [0, 0]
+
+
+PLAIN_SOURCES = "data.sources=[{name: a, path: a, weight: 2}, {name: b, path: b}]"
+
+
+def _train(exp, overrides, expect):
+    from ettin.train.trainer import train
+
+    assert train(load_config(exp, overrides)) == expect
+
+
+def _resume_refused(exp, overrides):
+    from ettin.train.trainer import train
+
+    with pytest.raises(ConfigError, match="validation"):
+        train(load_config(exp, overrides))
+
+
+def test_a_resume_refuses_a_changed_validation_part(experiment, tmp_path):
+    run = f"run_dir={tmp_path / 'run'}"
+    run_distributed_test(_train, 1, args=(experiment, [run, "train.max_steps=2"], 0))
+    run_distributed_test(_resume_refused, 1, args=(experiment, [run, "data.validation=0.2"]))
+    run_distributed_test(_resume_refused, 1, args=(experiment, [run, "data.validation=0", PLAIN_SOURCES]))
+    run_distributed_test(_resume_refused, 1, args=(experiment, [run, "eval.seed=1"]))
+
+
+def test_validation_settings_are_checked(experiment):
+    with pytest.raises(ConfigError, match=r"data.validation must be a fraction in \(0, 1\), a whole count"):
+        load_config(experiment, ["data.validation=2.5"])
+    with pytest.raises(Exception, match="leaves none of its 60 samples"):
+        DataPipeline.from_config(load_config(experiment, [PLAIN_SOURCES.replace("path: b}", "path: b, validation: 60}")]))
+
+
+def _eval_to_file(target, out, overrides=(), like=None):
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from ettin.train.evaluate import evaluate_checkpoints
+
+    rows = evaluate_checkpoints(target, list(overrides), like=like)
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def _scores(row):
+    return {k: v for k, v in row.items() if k.startswith("eval/") and not k.endswith(("seconds", "time_fraction"))}
+
+
+@pytest.fixture(scope="module")
+def runs(experiment, tmp_path_factory):
+    """The paired models, trained once: the encoder evaluated every 1,000 tokens with an extra set."""
+    root = tmp_path_factory.mktemp("runs")
+    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={root / 'mlm'}", "eval.every_tokens=1000",
+                                                      "eval.sets.extra=b", "train.log_every=1"], 0))
+    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={root / 'clm'}", "objective=clm"], 0))
+    return root
+
+
+def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(runs, tmp_path):
+    """In-loop numbers land in metrics.jsonl and the checkpoint; `ettin eval` on that checkpoint
+    gives them again on 1 process, and within 1e-6 on 2 DP ranks."""
+    import json
+
+    from ettin.train.metrics import read_all_metrics
+
+    run = runs / "mlm"
+    rows = [r for r in read_all_metrics(run) if "eval/a/loss" in r]
+    assert len(rows) >= 3 and all(0 < r["eval/time_fraction"] < 1 for r in rows)
+    first = rows[0]
+    assert first["eval/a/labels"] > 0 and 0 <= first["eval/a/accuracy"] <= 1
+    assert first["eval/a/perplexity"] == pytest.approx(np.exp(first["eval/a/loss"]))
+    assert first["eval/total/loss"] == pytest.approx(sum(
+        first[f"eval/{s}/loss"] * first[f"eval/{s}/labels"] for s in ("a", "b", "extra")) / first["eval/total/labels"], rel=1e-12)
+    ckpt = sorted((run / "checkpoints").iterdir())[-1]
+    saved = json.loads((ckpt / "state.json").read_text())["eval"]
+    assert _scores(saved) == _scores(rows[-1])
+
+    for world in (1, 2):
+        out = tmp_path / f"eval{world}.json"
+        run_distributed_test(_eval_to_file, world, args=(str(ckpt), str(out)))
+        (again,) = json.loads(out.read_text())
+        for key, value in _scores(saved).items():
+            assert again[key] == pytest.approx(value, rel=1e-6 if world > 1 else 1e-12), (world, key)
+
+
+def test_ettin_eval_on_a_run_writes_a_table_and_a_plot_and_compares_runs(runs, tmp_path, capsys):
+    from ettin.cli import main
+
+    assert main(["eval", str(runs / "clm"), "--sets", "a", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| step | tokens | a loss | a acc |" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"eval.csv", "eval.md", "eval.png"}
+    assert len((tmp_path / "eval.csv").read_text().splitlines()) == 1 + 2  # two checkpoints
+    assert main(["eval", "--compare", str(runs / "mlm"), str(runs / "clm")]) == 0
+    table = capsys.readouterr().out
+    assert "a: validation loss (accuracy)" in table and "| tokens | mlm | clm |" in table
+    assert main(["eval", str(runs / "clm"), "--sets", "nope"]) == 2
+    assert "--sets nope: not among this run's sets (a, b)" in capsys.readouterr().err
+    _destroy_groups()  # `ettin eval` ran in this process
+
+
+def _destroy_groups():
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_an_exported_model_scores_through_transformers_what_the_checkpoint_scored(runs, tmp_path):
+    """`ettin eval HF_DIR --like RUN`: the released format, loaded by transformers, on the run's sets."""
+    import json
+
+    from ettin.cli import main
+
+    for objective in ("mlm", "clm"):
+        ckpt = sorted((runs / objective / "checkpoints").iterdir())[-1]
+        saved = json.loads((ckpt / "state.json").read_text())["eval"]
+        assert main(["hf", "export", "--checkpoint", str(ckpt), "--out", str(tmp_path / f"hf-{objective}")]) == 0
+        out = tmp_path / f"hf-{objective}.json"
+        run_distributed_test(_eval_to_file, 1, args=(str(tmp_path / f"hf-{objective}"), str(out), (), str(ckpt)))
+        (got,) = json.loads(out.read_text())
+        for key, value in _scores(saved).items():
+            assert got[key] == pytest.approx(value, rel=1e-5), (objective, key)
+
+
+def test_validation_masks_are_keyed_by_set_and_sample_never_by_step_or_phase_seed(experiment):
+    from ettin.train.evaluate import Evaluator, eval_sets
+
+    def inputs(overrides):
+        cfg = load_config(experiment, overrides)
+        pipeline = DataPipeline.from_config(cfg)
+        (a, b) = eval_sets(cfg, pipeline)
+        evaluator = Evaluator(cfg, [a, b], 600, torch.device("cpu"))
+        return evaluator.collators["a"](a.reader.input_ids_many(a.indices), a.indices.tolist()).tokens
+
+    first = inputs([])
+    assert torch.equal(first, inputs(["phase.seed=99"])), "the phase seed (and so the step) does not move them"
+    assert (first[1] != -100).sum() > 0
+    assert not torch.equal(first, inputs(["eval.seed=1"])), "eval.seed does (it also picks other samples)"
