@@ -218,7 +218,7 @@ def checkpoint_objective(path: str | Path) -> str | None:
     (written beside model.json by the trainer); None when there is none (e.g. an imported model)."""
     from omegaconf import OmegaConf
 
-    config = Path(path) / "config.yaml"
+    config = checkpoint_folder(path) / "config.yaml"
     if not config.is_file():
         return None
     return OmegaConf.select(OmegaConf.load(config), "objective.name")
@@ -305,8 +305,19 @@ def save_weights(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tens
     return out
 
 
-def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def checkpoint_folder(path: str | Path) -> Path:
+    """``path``, or the newest complete checkpoint when ``path`` is a run folder: exporting a run
+    (e.g. one continued from a released model) needs no checkpoint name."""
+    from ettin.train.checkpoint import latest_checkpoint
+
     path = Path(path)
+    if (path / "checkpoints").is_dir() and not (path / "model.json").is_file():
+        return latest_checkpoint(path) or path
+    return path
+
+
+def load_weights(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    path = checkpoint_folder(path)
     if not (path / "model.safetensors").is_file() or not (path / "model.json").is_file():
         raise ConversionError(f"{path} is not an ettin model folder (needs model.safetensors and model.json)")
     return ModelConfig(**json.loads((path / "model.json").read_text())), load_file(str(path / "model.safetensors"))
