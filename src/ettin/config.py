@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ettin.errors import EttinError
 
 GROUPS = ("model", "objective", "phase", "data")  # in merge order
+FROM_CHECKPOINT = "from_checkpoint"  # model=from_checkpoint: no preset, the checkpoint's model (ettin.pretrained)
 
 
 class ConfigError(EttinError):
@@ -83,12 +84,14 @@ class PhaseConfig:
     name: str = "pretrain"  # pretrain | extension | decay | cross
     tokens: int = 1_700_000_000_000  # real tokens, padding excluded
     seq_len: int = 1024
-    init: str = "scratch"  # scratch | previous | other_objective
+    # scratch | previous | other_objective | pretrained (weights of phase.init_checkpoint, fresh optimizer)
+    init: str = "scratch"
     previous: Optional[str] = None  # the phase whose final checkpoint this one starts from
     seed: int = 21
     checkpoint_every_tokens: int = 8_500_000_000
     keep_checkpoints: int = 0  # 0 keeps all
-    # init=previous / other_objective: the run folder (or checkpoint) to start from; its final checkpoint is used
+    # init != scratch: what to start from: a run folder (its newest checkpoint) or a checkpoint, or a
+    # Hugging Face model folder (weights only; model settings reconciled in ettin.pretrained)
     init_checkpoint: Optional[str] = None
 
 
@@ -362,6 +365,8 @@ def load_config(experiment: str, overrides: list[str] | None = None) -> Experime
     for group in GROUPS:
         if group not in selected:
             continue
+        if group == "model" and selected[group] == FROM_CHECKPOINT:  # no file: the checkpoint's model
+            continue
         gpath = _group_file(group, selected[group])
         data = _load_yaml(gpath)
         nested = data.pop("defaults", None) or {}
@@ -394,8 +399,26 @@ def load_config(experiment: str, overrides: list[str] | None = None) -> Experime
         obj: ExperimentConfig = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{path}: {_omegaconf_message(e)}") from None
+    _adopt_checkpoint_model(obj, layers, selected, path)
     validate(obj)
     return obj
+
+
+def _adopt_checkpoint_model(cfg: ExperimentConfig, layers: list[tuple[str, dict]], selected: dict[str, str],
+                            experiment: Path) -> None:
+    """Reconcile cfg.model with phase.init_checkpoint's (ettin.pretrained), told which model keys the
+    phase file (its rules included), the experiment file and the overrides chose."""
+    from ettin.pretrained import adopt_checkpoint_model
+
+    phase_file = str(_group_file("phase", selected["phase"])) if "phase" in selected else None
+    chosen, overridden = set(), set()
+    for where, layer in layers:
+        keys = set((layer.get("model") or {}) if isinstance(layer, dict) else ())
+        if where.startswith("override "):
+            overridden |= keys
+        if where.startswith("override ") or where == str(experiment) or (phase_file and where.startswith(phase_file)):
+            chosen |= keys
+    adopt_checkpoint_model(cfg, chosen, overridden)
 
 
 def _omegaconf_message(e: OmegaConfBaseException) -> str:
@@ -449,8 +472,13 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     need(0 < cfg.objective.mask_rate < 1, f"objective.mask_rate must be in (0, 1), got {cfg.objective.mask_rate}")
     for key in ("tokens", "checkpoint_every_tokens"):
         need(getattr(cfg.phase, key) > 0, f"phase.{key} must be positive, got {getattr(cfg.phase, key)}")
-    need(cfg.phase.init in ("scratch", "previous", "other_objective"),
-         f"phase.init must be scratch, previous or other_objective, got '{cfg.phase.init}'")
+    need(cfg.phase.init in ("scratch", "previous", "other_objective", "pretrained"),
+         f"phase.init must be scratch, previous, other_objective or pretrained, got '{cfg.phase.init}'")
+    need(cfg.phase.init != "scratch" or not cfg.phase.init_checkpoint,
+         f"phase.init=scratch ignores phase.init_checkpoint ({cfg.phase.init_checkpoint}): set phase.init=pretrained "
+         "to start from its weights, or drop phase.init_checkpoint")
+    need(cfg.phase.init != "pretrained" or cfg.phase.init_checkpoint,
+         "phase.init=pretrained needs phase.init_checkpoint (a Hugging Face model folder or a run folder)")
     need(cfg.parallel.zero_stage in (1, 2), f"parallel.zero_stage must be 1 or 2, got {cfg.parallel.zero_stage}")
     need(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
     need(cfg.train.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, got '{cfg.train.device}'")
@@ -462,7 +490,7 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
          f"metrics.wandb.mode must be disabled, online or offline, got '{cfg.metrics.wandb.mode}'")
     need(cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),
          "metrics.wandb.mode is set: name the W&B project with metrics.wandb.project=NAME")
-    need(cfg.phase.init == "scratch" or cfg.phase.previous,
+    need(cfg.phase.init in ("scratch", "pretrained") or cfg.phase.previous,
          f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
     for key in ("warmup_tokens", "decay_tokens"):
         need(getattr(cfg.schedule, key) >= 0, f"schedule.{key} must be >= 0, got {getattr(cfg.schedule, key)}")

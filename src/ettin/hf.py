@@ -228,7 +228,7 @@ def generation_config(cfg: ModelConfig):
 def checkpoint_objective(path: str | Path) -> str | None:
     """The objective a checkpoint folder was trained with, from its resolved ``config.yaml``
     (written beside model.json by the trainer); None when there is none (e.g. an imported model)."""
-    config = Path(path) / "config.yaml"
+    config = checkpoint_folder(path) / "config.yaml"
     if not config.is_file():
         return None
     return (read_yaml(config, "restore it from a copy of the checkpoint").get("objective") or {}).get("name")
@@ -326,12 +326,24 @@ def save_weights(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tens
     return out
 
 
-def load_weights(path: str | Path, verify_all: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and weights of an ettin model folder (a checkpoint, or an ``hf import``), verified
-    against its manifest first: sizes and small files always, the weights' digest with ``verify_all``."""
-    from ettin.train.checkpoint import RESTORE, SMALL_FILE_BYTES, unverified_note, verify_checkpoint
+def checkpoint_folder(path: str | Path) -> Path:
+    """``path``, or the newest complete checkpoint when ``path`` is a run folder: exporting a run
+    (e.g. one continued from a released model) needs no checkpoint name."""
+    from ettin.train.checkpoint import latest_checkpoint
 
     path = Path(path)
+    if (path / "checkpoints").is_dir() and not (path / "model.json").is_file():
+        return latest_checkpoint(path) or path
+    return path
+
+
+def load_weights(path: str | Path, verify_all: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and weights of an ettin model folder (a checkpoint, or an ``hf import``; a run folder
+    means its newest checkpoint), verified against its manifest first: sizes and small files always,
+    the weights' digest with ``verify_all``."""
+    from ettin.train.checkpoint import RESTORE, SMALL_FILE_BYTES, unverified_note, verify_checkpoint
+
+    path = checkpoint_folder(path)
     if not (path / "model.safetensors").is_file() or not (path / "model.json").is_file():
         raise ConversionError(f"{path} is not an ettin model folder (needs model.safetensors and model.json)")
     if not verify_checkpoint(path, None if verify_all else SMALL_FILE_BYTES):

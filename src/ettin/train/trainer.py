@@ -37,6 +37,7 @@ from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
 from ettin.errors import EttinError
 from ettin.logs import setup_logging
+from ettin.pretrained import HF, folder_kind, start_from_hf
 from ettin.train.checkpoint import (TrainState, latest_checkpoint, prune, read_checkpoint, resume_hash_limit, resume_point,
                                     unverified_note, verify_checkpoint, write_checkpoint)
 from ettin.train.env import cuda_environment, setup_distributed_env
@@ -194,6 +195,9 @@ class Trainer:
             return TrainState(), None
         if not cfg.phase.init_checkpoint:
             raise ConfigError(f"phase.init={cfg.phase.init} needs phase.init_checkpoint (the {cfg.phase.previous} run folder)")
+        if folder_kind(cfg.phase.init_checkpoint) == HF:  # a released model: weights only (ettin.pretrained)
+            start_from_hf(self.model, self.optimizer, cfg, self.pipeline.manifest, self._say)
+            return TrainState(), None
         source = latest_checkpoint(cfg.phase.init_checkpoint)
         if source is None:
             raise ConfigError(f"phase.init_checkpoint={cfg.phase.init_checkpoint} holds no complete checkpoint")
