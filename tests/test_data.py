@@ -27,11 +27,13 @@ VOCAB = 512
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Two real MDS sources (zstd and raw) and an experiment file that mixes them 3:1 by tokens."""
+    """Two real MDS sources (zstd with shard hashes, raw without) and an experiment file that mixes
+    them 3:1 by tokens."""
     root = tmp_path_factory.mktemp("corpus")
     a, b = synthetic_corpus(300, VOCAB, seed=1), synthetic_corpus(120, VOCAB, seed=2, min_len=30, max_len=120)
     write_mds_source(root / "alpha", a, compression="zstd", stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}})
-    write_mds_source(root / "beta", b, compression=None, stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}})
+    write_mds_source(root / "beta", b, compression=None, stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}},
+                     hashes=())
     exp = root / "exp.yaml"
     exp.write_text(textwrap.dedent(f"""\
         defaults: {{model: 17m, objective: mlm, phase: pretrain}}
@@ -73,7 +75,8 @@ def test_reads_back_what_streaming_wrote(corpus):
 
 
 def test_missing_and_corrupt_shards_are_named(tmp_path):
-    write_mds_source(tmp_path / "s", synthetic_corpus(50, VOCAB, 3), compression=None, size_limit=1 << 10)
+    # without hashes: the reader's own checks are all an unhashed (released) source has
+    write_mds_source(tmp_path / "s", synthetic_corpus(50, VOCAB, 3), compression=None, size_limit=1 << 10, hashes=())
     src = MDSSource(tmp_path / "s")
     victim = tmp_path / "s" / src.shards[1].raw_name
     data = victim.read_bytes()
@@ -463,7 +466,9 @@ def test_remote_sources_read_through_the_cache(corpus, s3_bucket, tmp_path):
     assert [x.tolist() for x in src.input_ids_many(np.arange(len(src)))] == corpus["alpha"]
     assert src[7]["id"] == "doc7#0"
     kept = sorted(p.name for p in src.cache.iterdir() if not p.name.endswith(".lock"))
-    assert kept == sorted([*(s.raw_name for s in src.shards), "index.json", "stats.json"])  # raw shards only
+    copies = [name for name in kept if name.startswith("shard.")]  # raw shards only, named <raw>.<made from>
+    assert sorted(set(kept) - set(copies)) == ["index.json", "stats.json"]
+    assert [name.rsplit(".", 1)[0] for name in copies] == [s.raw_name for s in src.shards]
     # processes sharing a cold cache (ranks, loader workers): each shard is fetched once, all read it
     gets = []
     handler = logging.Handler()

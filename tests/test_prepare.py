@@ -54,8 +54,15 @@ def write_jsonl(path: Path, records: list, opener=open) -> None:
             f.write("\n")
 
 
+def child_env() -> dict:
+    """This process's environment for a child, REPO on its path after any PYTHONPATH already set
+    (a worktree's src/ must win over an installed copy)."""
+    paths = (os.environ.get("PYTHONPATH"), str(REPO))
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
@@ -291,7 +298,7 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, tokenizer_path):
     staging = out / STAGING_DIR
     args = ["data_tools", "prepare", str(corpus), "--out", str(out), "--tokenizer",
             str(tokenizer_path), "--shard-size", "64kb", "--quiet"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = child_env()
 
     def parts() -> list[str]:
         return [p.name for p in staging.glob("*") if re.fullmatch(r"[0-9a-f]{16}", p.name)]

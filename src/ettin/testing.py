@@ -32,8 +32,11 @@ def _worker(rank, fn, world_size, backend, port, args, timeout_s):
 
 
 def write_mds_source(path, samples, compression: str | None = "zstd", size_limit: int = 1 << 14,
-                     stats: dict | None = None) -> None:
-    """Write ``samples`` (lists of token ids) as a real MDS source folder with streaming's MDSWriter."""
+                     stats: dict | None = None, hashes: tuple[str, ...] = ("xxh3_64",)) -> None:
+    """Write ``samples`` (lists of token ids) as a real MDS source folder with streaming's MDSWriter.
+
+    Shards carry ``hashes`` in index.json as prepare writes them; ``hashes=()`` gives a folder
+    without any, like some of Ettin's released ones."""
     import json
     from pathlib import Path
 
@@ -41,7 +44,8 @@ def write_mds_source(path, samples, compression: str | None = "zstd", size_limit
     from streaming import MDSWriter
 
     columns = {"input_ids": "ndarray:uint32", "id": "str"}
-    with MDSWriter(out=str(path), columns=columns, compression=compression, size_limit=size_limit) as writer:
+    with MDSWriter(out=str(path), columns=columns, compression=compression, size_limit=size_limit,
+                   hashes=list(hashes)) as writer:
         for i, ids in enumerate(samples):
             writer.write({"input_ids": np.asarray(ids, dtype=np.uint32), "id": f"doc{i}#0"})
     tokens = int(sum(len(s) for s in samples))

@@ -3,7 +3,8 @@
 The fingerprint covers what changes the meaning of a sample position: every source's name,
 shard names, byte sizes and sample counts, its weight, the tokenizer identity and vocab, the
 sequence length and the order algorithm version. A resume that finds another fingerprint stops
-(unless ``data.allow_fingerprint_change``).
+(unless ``data.allow_fingerprint_change``). Shard hashes are not in it (they check the bytes, they
+do not place samples), and stats.json must agree with index.json (:func:`check_stats`).
 """
 from __future__ import annotations
 
@@ -65,6 +66,30 @@ def resolve_path(root: str, path: str) -> str:
     return f"{root.rstrip('/')}/{path}" if is_remote(root) else str(Path(root) / path)
 
 
+def check_stats(stats: dict, stats_file: str, reader: MDSSource) -> None:
+    """stats.json (prepare's counts) against index.json (the shards): written by one run, they must
+    agree. Sample and shard counts exactly; the token total at most what the shards' bytes can hold
+    (each token takes its dtype's bytes, besides the fixed offsets and sizes of every sample). A
+    folder that mixes two runs, or a hand-edited stats.json, would otherwise skew the mixture (its
+    weights are token shares) without a word. Keys stats.json lacks are not checked."""
+    index_file = f"{reader.path}/index.json"
+
+    def disagree(what: str) -> DataError:
+        return DataError(f"{stats_file} and {index_file} disagree: {what}; they come from different prepare runs "
+                         "or one was edited: re-run prepare or restore both")
+
+    try:
+        if "chunks" in stats and int(stats["chunks"]) != len(reader):
+            raise disagree(f"{stats['chunks']} samples (chunks) against {len(reader)} in the shards")
+        if "shards" in stats and int(stats["shards"]) != len(reader.shards):
+            raise disagree(f"{stats['shards']} shards against {len(reader.shards)}")
+        if "tokens" in stats and not 0 <= int(stats["tokens"]) <= reader.max_tokens():
+            raise disagree(f"{stats['tokens']} tokens, but the shards' {sum(s.raw_bytes for s in reader.shards)} bytes "
+                           f"hold at most {reader.max_tokens()}")
+    except (TypeError, ValueError):
+        raise DataError(f"{stats_file}: chunks, shards and tokens must be integers; re-run prepare") from None
+
+
 def _stats(path: str, reader: MDSSource) -> dict:
     if is_remote(path):
         f = reader.cache / "stats.json"
@@ -76,9 +101,13 @@ def _stats(path: str, reader: MDSSource) -> dict:
     else:
         f = Path(path) / "stats.json"
     try:
-        return json.loads(f.read_text()) if f.is_file() else {}
+        stats = json.loads(f.read_text()) if f.is_file() else {}
     except json.JSONDecodeError as e:
         raise DataError(f"{f}: unreadable stats.json ({e})") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{f}: stats.json is not a JSON object; re-run prepare")
+    check_stats(stats, f"{path.rstrip('/')}/stats.json", reader)
+    return stats
 
 
 def build_manifest(data_cfg, seq_len: int, cache_dir: str | None = None) -> tuple[Manifest, list[MDSSource]]:

@@ -5,21 +5,33 @@ A source folder holds ``index.json`` and shards written by mosaicml-streaming's 
 remote shards are fetched (streaming's downloaders) and decompressed once into a cache folder,
 written aside and renamed, so concurrent ranks and workers never see half a file. Samples are then
 read straight from the memory-mapped raw shard. Decoding uses streaming's own MDS decoders.
+
+Integrity: where index.json records shard hashes (``MDSWriter(hashes=...)``; prepare writes
+xxh3_64), each process checks a shard once, when it first opens it: the compressed file before
+decompressing it, the raw file (or the cached decompressed copy) before mapping it. A cached copy
+is named after what it was made from (the compressed file's size and mtime and the index's
+hashes), so a shard edited after a run is decompressed again, never served from a stale copy.
+A source without hashes is said to be unchecked, once per process, and read as before.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
+import mmap
 import os
+import re
 import shutil
+import sys
 import tempfile
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 from ettin.errors import EttinError
 
 
@@ -35,6 +47,45 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ETTIN_DATA_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ettin" / "mds"))
 
 
+# Shard hash algorithms we check, fastest first; any other hashlib name streaming may have
+# recorded (sha1, md5, ...) is checked too, after these.
+FAST_HASHES = ("xxh3_64", "xxh64", "xxh3_128", "xxh128", "xxh32")
+
+
+def _hasher(algo: str):
+    """A fresh hash object for ``algo``, or None for a name we cannot compute."""
+    if algo in xxhash.algorithms_available:
+        return getattr(xxhash, algo)()
+    if algo in hashlib.algorithms_available and not algo.startswith("shake_"):
+        return hashlib.new(algo)
+    return None
+
+
+def pick_hash(file_info: dict | None) -> tuple[str, str] | None:
+    """(algorithm, hex digest) to check a file against: the fastest of those index.json records."""
+    hashes = (file_info or {}).get("hashes") or {}
+    for algo in [*FAST_HASHES, *sorted(hashes)]:
+        if algo in hashes and _hasher(algo) is not None:
+            return algo, str(hashes[algo])
+    return None
+
+
+def digest_bytes(algo: str, data) -> str:
+    h = _hasher(algo)
+    h.update(data)
+    return h.hexdigest()
+
+
+def digest_file(algo: str, path: Path) -> str:
+    """Hash a file through a read-only map: no copy, and its pages stay cached for the reads after."""
+    h = _hasher(algo)
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                h.update(mapped)
+    return h.hexdigest()
+
+
 @dataclass(frozen=True)
 class Shard:
     raw_name: str
@@ -43,6 +94,29 @@ class Shard:
     zip_bytes: int | None
     compression: str | None
     samples: int
+    raw_hash: tuple[str, str] | None = None  # (algorithm, hex digest) from index.json
+    zip_hash: tuple[str, str] | None = None
+
+    @property
+    def checked(self) -> bool:
+        """Whether index.json lets us check the file we read first (compressed, else raw)."""
+        return (self.zip_hash if self.zip_name else self.raw_hash) is not None
+
+
+_SAID_UNCHECKED: set[str] = set()  # sources already reported as unchecked by this process
+
+
+def say_unchecked_once(path: str, count: int, total: int) -> None:
+    """One stderr line per source and process: Ettin's released folders may carry no hashes."""
+    if path in _SAID_UNCHECKED:
+        return
+    _SAID_UNCHECKED.add(path)
+    which = "its shards" if count == total else f"{count} of its {total} shards"
+    print(f"warning: {path}/index.json records no hashes for {which}: their integrity is unchecked "
+          "(prepare writes them)", file=sys.stderr, flush=True)
+
+
+_CACHED_COPY = re.compile(r"\.[0-9a-f]{16}$")  # the identity suffix of a cached decompressed copy
 
 
 @contextlib.contextmanager
@@ -72,7 +146,8 @@ class MDSSource:
                 raise DataError(f"{self.path}/index.json: shard {i} is format {s.get('format')!r}, expected 'mds'")
             zip_data = s.get("zip_data") or {}
             self.shards.append(Shard(s["raw_data"]["basename"], int(s["raw_data"]["bytes"]), zip_data.get("basename"),
-                                     zip_data.get("bytes"), s.get("compression"), int(s["samples"])))
+                                     zip_data.get("bytes"), s.get("compression"), int(s["samples"]),
+                                     pick_hash(s["raw_data"]), pick_hash(zip_data)))
             if i == 0:
                 self.columns = list(zip(s["column_names"], s["column_encodings"], s["column_sizes"]))
         if not self.shards:
@@ -86,6 +161,10 @@ class MDSSource:
         self._fast_ids = len(variable) == len(self.columns) and ("input_ids", "ndarray:uint32", None) in self.columns
         self._ids_column = names.index("input_ids")
         self._open: dict[int, np.ndarray] = {}
+        self._ready: dict[int, Path] = {}  # shard -> its raw file, checked by this process
+        unchecked = sum(not s.checked for s in self.shards)
+        if unchecked:
+            say_unchecked_once(self.path, unchecked, len(self.shards))
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -105,41 +184,89 @@ class MDSSource:
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"{local}: unreadable index.json ({e})") from None
 
-    def _download(self, name: str, local: Path) -> None:
-        """Fetch remote ``name`` into a private folder, then rename it to ``local``: ranks and workers
-        fetching the same file at once never share or see a half-written one."""
+    def _download(self, name: str, local: Path, expected: tuple[str, str] | None = None) -> None:
+        """Fetch remote ``name`` into a private folder, check it against ``expected`` (algorithm,
+        digest), then rename it to ``local``: ranks and workers fetching the same file at once never
+        share or see a half-written one, and a bad download never lands in the cache."""
         from streaming.base.storage import CloudDownloader
 
         local.parent.mkdir(parents=True, exist_ok=True)
         private = Path(tempfile.mkdtemp(dir=local.parent, prefix=".fetch-"))
+        remote = f"{self.path.rstrip('/')}/{name}"
         try:
-            CloudDownloader.direct_download(f"{self.path.rstrip('/')}/{name}", str(private / name))
+            try:
+                CloudDownloader.direct_download(remote, str(private / name))
+            except Exception as e:  # noqa: BLE001 - any transport failure is the same user-facing problem
+                raise DataError(f"{remote}: download failed ({e})") from None
+            if expected and digest_file(expected[0], private / name) != expected[1]:
+                raise self._hash_error(remote, expected[0])
             os.replace(private / name, local)
-        except Exception as e:  # noqa: BLE001 - any transport failure is the same user-facing problem
-            raise DataError(f"{self.path}/{name}: download failed ({e})") from None
         finally:
             shutil.rmtree(private, ignore_errors=True)
 
     def shard_file(self, k: int) -> Path:
-        """The raw (decompressed) file of shard ``k``, fetched and decompressed on first use."""
+        """The raw (decompressed) file of shard ``k``, fetched, decompressed and checked on first use
+        (in this process); later calls return it without touching the disk."""
+        ready = self._ready.get(k)
+        if ready is not None:
+            return ready
         shard = self.shards[k]
         if not is_remote(self.path):
             raw = Path(self.path) / shard.raw_name
             if raw.is_file():
-                return self._checked(raw, shard)
-        raw = self.cache / shard.raw_name
+                self._check_size(raw, shard)
+                if shard.raw_hash and digest_file(shard.raw_hash[0], raw) != shard.raw_hash[1]:
+                    raise self._hash_error(raw, shard.raw_hash[0])
+                self._ready[k] = raw
+                return raw
+        raw = self.cache / f"{shard.raw_name}.{self._made_from(shard)}"
+        lock = self.cache / f".{shard.raw_name}.lock"
+        filled = False
         if not raw.is_file():
-            with _exclusive(self.cache / f".{shard.raw_name}.lock"):  # the ranks and workers sharing a cache
+            with _exclusive(lock):  # the ranks and workers sharing a cache
                 if not raw.is_file():  # wait for the one that fetches, then find the file
                     self._materialize(shard, raw)
-        return self._checked(raw, shard)
+                    filled = True
+        if not filled and not self._intact(raw, shard):
+            with _exclusive(lock):  # the cached copy rotted or was cut short: it is ours to rebuild
+                self._materialize(shard, raw)
+        self._check_size(raw, shard)
+        self._ready[k] = raw
+        return raw
+
+    @staticmethod
+    def _intact(raw: Path, shard: Shard) -> bool:
+        """Whether a cached copy still holds what it held when it was made (size, then hash)."""
+        if raw.stat().st_size != shard.raw_bytes:
+            return False
+        return shard.raw_hash is None or digest_file(shard.raw_hash[0], raw) == shard.raw_hash[1]
+
+    def _made_from(self, shard: Shard) -> str:
+        """What a cached decompressed copy is made from, as 16 hex digits in its file name: the
+        index's sizes and hashes and, for a local compressed file, its size and mtime. A shard edited
+        in place (same length) gets a new mtime and so a new copy; the stale one is never read."""
+        identity = [shard.raw_name, shard.raw_bytes, shard.raw_hash, shard.zip_name, shard.zip_bytes, shard.zip_hash]
+        if shard.zip_name is not None and not is_remote(self.path):
+            zipped = Path(self.path) / shard.zip_name
+            try:
+                st = zipped.stat()
+            except FileNotFoundError:
+                raise DataError(f"{zipped}: missing shard listed in index.json; re-run prepare or restore it") from None
+            identity += [st.st_size, st.st_mtime_ns, st.st_ino]
+        return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+    def _hash_error(self, where, algo: str) -> DataError:
+        return DataError(f"{where}: contents do not match the {algo} hash in {self.path}/index.json (source "
+                         f"{self.path}); the shard is corrupt or was changed after it was written: restore it")
 
     def _materialize(self, shard: Shard, raw: Path) -> None:
-        """Fetch and/or decompress ``shard`` into the cache file ``raw`` (written aside, then renamed)."""
+        """Fetch and/or decompress ``shard`` into the cache file ``raw`` (checked, written aside, then
+        renamed) and remove the copies made from earlier versions of it."""
         if shard.zip_name is None:
             if not is_remote(self.path):
                 raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
-            self._download(shard.raw_name, raw)
+            self._download(shard.raw_name, raw, shard.raw_hash)
+            self._drop_stale_copies(shard, raw)
             return
         if is_remote(self.path):  # the compressed copy is fetched into a private folder, gone once read
             self.cache.mkdir(parents=True, exist_ok=True)
@@ -152,24 +279,36 @@ class MDSSource:
             if not where.is_file():
                 raise DataError(f"{where}: missing shard listed in index.json; re-run prepare or restore it")
             compressed = where.read_bytes()
+        if shard.zip_hash and digest_bytes(shard.zip_hash[0], compressed) != shard.zip_hash[1]:
+            raise self._hash_error(where, shard.zip_hash[0])
         from streaming.base.compression import decompress
 
         try:
             data = decompress(shard.compression, compressed)
         except Exception as e:  # noqa: BLE001 - zstd raises its own error types
             raise DataError(f"{where}: cannot decompress ({e}); the shard is corrupt, restore it") from None
+        if shard.raw_hash and digest_bytes(shard.raw_hash[0], data) != shard.raw_hash[1]:
+            raise self._hash_error(f"{where} (decompressed)", shard.raw_hash[0])
         raw.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=raw.parent, prefix=f".{shard.raw_name}.")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, raw)  # atomic: other ranks see the whole file or none
+        self._drop_stale_copies(shard, raw)
 
-    def _checked(self, raw: Path, shard: Shard) -> Path:
+    def _drop_stale_copies(self, shard: Shard, current: Path) -> None:
+        """Copies made from earlier versions of this shard (or by an ettin that named them plainly)
+        are never read again; a process that still maps one keeps its pages until it closes them."""
+        (current.parent / shard.raw_name).unlink(missing_ok=True)
+        for old in current.parent.glob(f"{glob.escape(shard.raw_name)}.*"):
+            if old != current and _CACHED_COPY.search(old.name) and old.name[:-17] == shard.raw_name:
+                old.unlink(missing_ok=True)
+
+    def _check_size(self, raw: Path, shard: Shard) -> None:
         size = raw.stat().st_size
         if size != shard.raw_bytes:
             raise DataError(f"{raw}: {size} bytes, index.json says {shard.raw_bytes}; the shard is corrupt or "
                             "from another dataset, restore it (and clear the cache folder if it is there)")
-        return raw
 
     def _mapped(self, k: int) -> np.ndarray:
         mm = self._open.get(k)
@@ -182,6 +321,22 @@ class MDSSource:
                 raise DataError(f"{self.shard_file(k)}: holds {count} samples, index.json says {self.shards[k].samples}")
             self._open[k] = mm
         return mm
+
+    def max_tokens(self) -> int:
+        """The most tokens the shards' raw bytes can hold: each shard spends 4 bytes on its sample
+        count and 4 per sample offset (plus one), each sample 4 per variable-size column and at
+        least 2 on the ids' header and shape; the rest, at the ids' dtype size per token, is the bound."""
+        encoding = dict((name, enc) for name, enc, _ in self.columns)["input_ids"]
+        try:
+            itemsize = np.dtype(encoding.split(":", 1)[1]).itemsize if ":" in encoding else 1
+        except TypeError:
+            itemsize = 1
+        variable = sum(size is None for _, _, size in self.columns)
+        others = sum(size or 0 for name, _, size in self.columns if name != "input_ids")
+        header = 2 if encoding.startswith("ndarray") and self.columns[self._ids_column][2] is None else 0
+        per_sample = 4 * variable + others + header
+        room = sum(s.raw_bytes - 4 - 4 * (s.samples + 1) - s.samples * per_sample for s in self.shards)
+        return max(room, 0) // itemsize
 
     def locate(self, i: int) -> tuple[int, int]:
         if not 0 <= i < len(self):
@@ -255,7 +410,8 @@ class MDSSource:
             pos += size
         return out
 
-    def __getstate__(self):  # workers reopen their own memory maps
+    def __getstate__(self):  # workers reopen their own memory maps (of files already checked)
         state = dict(self.__dict__)
         state["_open"] = {}
         return state
+

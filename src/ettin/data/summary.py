@@ -4,6 +4,10 @@ Samples are read through streaming's own shard reader (``MDSReader``), so the su
 data exactly as training will. Compressed shards are decompressed into a temporary directory,
 never into the dataset: reading with ``remote=None`` would decompress them *into* the dataset
 directory and double its size (shared/notes/streaming.md).
+
+It is also the integrity check of a dataset: every shard is checked against the hashes index.json
+records (compressed and raw; a mismatch is an error naming the shard), and stats.json's counts
+against what was read (a disagreement is printed as a warning).
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ class DatasetSummary:
     max_length: int = 0
     stats: Optional[dict] = None  # stats.json, if present
     examples: list = field(default_factory=list)  # the first few Samples
+    hashed: list = field(default_factory=list)  # the hash algorithms shards were checked with
 
 
 def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
@@ -76,11 +81,23 @@ def summarize(directory: Union[str, Path], *, examples: int = 1,
     from streaming.base.format import reader_from_json
     from tqdm import tqdm
 
+    from ettin.data.mds import digest_bytes, pick_hash
+
+    def check(data: bytes, info: Optional[dict], where: Path) -> bytes:
+        expected = pick_hash(info)
+        if expected is not None:
+            if digest_bytes(expected[0], data) != expected[1]:
+                raise SummaryError(f"{where}: contents do not match the {expected[0]} hash in "
+                                   f"{directory / INDEX_FILE}; the shard is corrupt or was changed after it "
+                                   "was written: restore it")
+            hashed.append(expected[0])
+        return data
+
     directory = Path(directory)
     index = _read_index(directory)
     stats_path = directory / STATS_FILE
     stats = json.loads(stats_path.read_text()) if stats_path.exists() else None
-    lengths, kept, compressed_bytes = [], [], 0
+    lengths, kept, compressed_bytes, hashed = [], [], 0, []
     with tempfile.TemporaryDirectory(prefix="ettin-inspect-") as scratch:
         for shard in tqdm(index["shards"], desc="inspect", unit="shard", disable=not progress):
             raw, zipped = shard["raw_data"], shard.get("zip_data")
@@ -89,10 +106,16 @@ def summarize(directory: Union[str, Path], *, examples: int = 1,
                 raise SummaryError(f"shard {stored} listed in {INDEX_FILE} is missing")
             compressed_bytes += stored.stat().st_size
             dirname = directory
-            if not (directory / raw["basename"]).exists():
+            if (directory / raw["basename"]).exists():
+                check((directory / raw["basename"]).read_bytes(), raw, directory / raw["basename"])
+            else:
                 dirname = Path(scratch)
-                (dirname / raw["basename"]).write_bytes(
-                    decompress(shard["compression"], stored.read_bytes()))
+                data = check(stored.read_bytes(), zipped, stored)
+                try:
+                    data = decompress(shard["compression"], data)
+                except Exception as e:  # noqa: BLE001 - zstd raises its own error types
+                    raise SummaryError(f"{stored}: cannot decompress ({e}); the shard is corrupt, restore it") from None
+                (dirname / raw["basename"]).write_bytes(check(data, raw, stored))
             reader = reader_from_json(str(dirname), None, shard)
             for i in range(reader.samples):
                 sample = reader.get_item(i)
@@ -108,7 +131,7 @@ def summarize(directory: Union[str, Path], *, examples: int = 1,
         histogram=length_histogram(lengths),
         min_length=int(lengths.min()) if len(lengths) else 0,
         max_length=int(lengths.max()) if len(lengths) else 0,
-        stats=stats, examples=kept)
+        stats=stats, examples=kept, hashed=hashed)
 
 
 def format_summary(summary: DatasetSummary, tokenizer=None, *, tokenizer_sha256: str = "",
@@ -121,6 +144,9 @@ def format_summary(summary: DatasetSummary, tokenizer=None, *, tokenizer_sha256:
              f"samples  {s.samples:,}",
              f"tokens   {s.tokens:,} (per sample: mean {mean:.1f}, min {s.min_length}, "
              f"max {s.max_length})"]
+    algos = sorted(set(s.hashed))
+    lines.append(f"hashes   {len(s.hashed)} shard files match their {', '.join(algos)} hashes in {INDEX_FILE}"
+                 if s.hashed else f"hashes   none in {INDEX_FILE}: the shards' integrity is unchecked")
     if s.histogram:
         lines.append("sample lengths (tokens)")
         peak = max(count for _, _, count in s.histogram)
@@ -136,6 +162,11 @@ def format_summary(summary: DatasetSummary, tokenizer=None, *, tokenizer_sha256:
         lines.append(f"  seq_len {st.get('seq_len')}, [CLS] {st.get('cls_id')}, [SEP] "
                      f"{st.get('sep_id')}, tokenizer sha256 {tok.get('sha256', '?')[:16]}… "
                      f"vocab {tok.get('vocab_size')}, {len(st.get('inputs', []))} input files")
+        counted = {"chunks": s.samples, "tokens": s.tokens, "shards": s.shards}
+        for name, value in counted.items():
+            if name in st and st[name] != value:
+                lines.append(f"  warning: stats.json says {name} {st[name]}, the shards hold {value:,}; "
+                             "they are from different prepare runs or were edited")
         bad = {k: v["count"] for k, v in st.get("bad_records", {}).items() if v["count"]}
         lines.append("  bad records: " + (", ".join(f"{k} {v:,}" for k, v in bad.items())
                                           if bad else "none"))
