@@ -21,7 +21,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to decode samples with")
     p.add_argument("--max-chars", type=int, default=400, metavar="N",
                    help="cut each decoded sample after N characters (default: 400)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     return p
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             tokenizer = load_tokenizer(args.tokenizer)
             sha = tokenizer_identity(args.tokenizer).sha256
         summary = summarize(args.directory, examples=max(args.decode, 0),
-                            progress=not args.quiet)
+                            progress=not args.quiet and sys.stderr.isatty())
     except EttinError as e:
         return report(e)
     print(format_summary(summary, tokenizer, tokenizer_sha256=sha, max_chars=args.max_chars))

@@ -34,7 +34,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "depend on it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a finished or unfinished dataset in --out")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     return p
 
 
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         include=args.include, seq_len=args.seq_len, text_field=args.text_field,
                         cls_id=args.cls_id, sep_id=args.sep_id, shard_size=args.shard_size,
                         workers=args.workers, overwrite=args.overwrite,
-                        progress=not args.quiet, log=print)
+                        progress=not args.quiet and sys.stderr.isatty(), log=print)
     except EttinError as e:
         return report(e)
     except KeyboardInterrupt:

@@ -25,7 +25,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="vocabulary size, special tokens included (at least 261)")
     p.add_argument("--min-frequency", type=int, default=2, metavar="N",
                    help="merge only pairs seen at least N times (default: 2)")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar (there is none when stderr is not a terminal)")
     return p
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                           plain_text=args.plain_text, include=args.include,
                                           text_field=args.text_field,
                                           min_frequency=args.min_frequency,
-                                          progress=not args.quiet)
+                                          progress=not args.quiet and sys.stderr.isatty())
         out = Path(args.out)
         if out.is_dir():
             raise TokenizerError(f"--out {out} is a directory; name the tokenizer.json file")
