@@ -174,6 +174,9 @@ class TrainConfig:
     # torch.use_deterministic_algorithms: a rerun or a resume on a GPU is bit-equal (attention and
     # embedding backwards without atomics), at some cost in speed; CPU runs are deterministic anyway
     deterministic: bool = False
+    # what a resume or a phase start checks of a checkpoint against its manifest.json: "small" (sizes,
+    # safetensors headers, digests of files up to 64 MiB) or "all" (the weights' digests too: reads it twice)
+    verify_checkpoints: str = "small"
 
 
 @dataclass
@@ -486,6 +489,8 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
                          *((f"data.sources[{i}].validation", s.validation) for i, s in enumerate(cfg.data.sources))]:
         need(value is None or (value >= 0 and (value < 1 or float(value).is_integer())),
              f"{where} must be a fraction in (0, 1), a whole count >= 1, or 0, got {value}")
+    need(cfg.train.verify_checkpoints in ("small", "all"),
+         f"train.verify_checkpoints must be small or all, got '{cfg.train.verify_checkpoints}'")
     need(cfg.metrics.wandb.mode in ("disabled", "online", "offline"),
          f"metrics.wandb.mode must be disabled, online or offline, got '{cfg.metrics.wandb.mode}'")
     need(cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),

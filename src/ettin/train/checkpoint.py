@@ -17,7 +17,7 @@ catches any truncation; the digests of files up to ``SMALL_FILE_BYTES`` always (
 files); the digests of the large tensor files only when asked, because that reads the whole
 checkpoint once more (about 0.5 s per GiB from the page cache, more from a network file system):
 ``ettin checkpoint verify`` always does, ``ettin hf export --verify-all`` does, and a resume does
-when ``ETTIN_VERIFY_CHECKPOINTS=all`` is set. A checkpoint from before manifests loads, unverified.
+with ``train.verify_checkpoints=all``. A checkpoint from before manifests loads, unverified.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ PREFIX = "step_"
 MANIFEST = "manifest.json"
 DIGEST = "xxh3_128"
 SMALL_FILE_BYTES = 64 << 20  # files up to this size are always hashed when a checkpoint is verified
-VERIFY_ENV = "ETTIN_VERIFY_CHECKPOINTS"  # "all": a resume also hashes the large tensor files
 # what the user can do about a damaged checkpoint file
 RESTORE = "restore it from a copy or start from an earlier checkpoint (`ettin checkpoint verify RUN` lists the sound ones)"
 
@@ -189,9 +188,9 @@ def _check_listed(f: Path, entry: dict, hash_limit: int | None) -> None:
         raise FileError(f, f"cannot be read ({e.strerror or e})", RESTORE) from None
 
 
-def resume_hash_limit() -> int | None:
-    """How much a resume hashes: the small files, or everything with ``ETTIN_VERIFY_CHECKPOINTS=all``."""
-    return None if os.environ.get(VERIFY_ENV, "").strip().lower() == "all" else SMALL_FILE_BYTES
+def resume_hash_limit(cfg) -> int | None:
+    """How much a resume hashes: the small files, or everything with ``train.verify_checkpoints=all``."""
+    return None if cfg.train.verify_checkpoints == "all" else SMALL_FILE_BYTES
 
 
 def unverified_note(path: Path) -> str:

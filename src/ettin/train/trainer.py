@@ -170,7 +170,7 @@ class Trainer:
 
         cfg = self.cfg
         # rank 0 picks the newest sound checkpoint (hashing it once), every rank loads that one
-        resume = self._on_main(lambda: resume_point(self.run_dir, self._say, resume_hash_limit()))
+        resume = self._on_main(lambda: resume_point(self.run_dir, self._say, resume_hash_limit(cfg)))
         if resume is not None:  # our own run: everything, clock included
             meta, weights, moments = read_checkpoint(resume)
             if meta["fingerprint"] != self.fingerprint and not cfg.data.allow_fingerprint_change:
@@ -201,7 +201,7 @@ class Trainer:
         source = latest_checkpoint(cfg.phase.init_checkpoint)
         if source is None:
             raise ConfigError(f"phase.init_checkpoint={cfg.phase.init_checkpoint} holds no complete checkpoint")
-        if not self._on_main(lambda: verify_checkpoint(source, resume_hash_limit())):  # named, not passed over
+        if not self._on_main(lambda: verify_checkpoint(source, resume_hash_limit(cfg))):  # named, not passed over
             self._say(unverified_note(source))
         carry = cfg.phase.init == "previous"  # the next phase keeps the optimizer; cross-objective starts fresh
         meta, weights, moments = read_checkpoint(source, moments=carry)
