@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -62,6 +63,11 @@ def train(corpus, run_dir, world=2, expect=0, *overrides):
 def metrics(run_dir):
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows}
+
+
+def logged(text: str) -> list[str]:
+    """A training process's log lines without their timestamps."""
+    return [re.sub(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ", "", line) for line in text.splitlines()]
 
 
 def ledger(run_dir):
@@ -402,7 +408,7 @@ def test_a_truncated_newest_checkpoint_is_passed_over_on_resume_and_named_as_ini
 
     proc = ettin_cli("train", corpus["exp"], f"run_dir={run}", "train.max_steps=6", "phase.checkpoint_every_tokens=250")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in logged(proc.stdout) if line.startswith("warning:")]
     assert warnings == [f"warning: {damaged} is damaged (has 1,000 bytes, its manifest says {size:,} (truncated or "
                         f"replaced)); moved {ckpts[-1].name} aside to damaged-{ckpts[-1].name}, resuming from "
                         f"{ckpts[-2].name}"], proc.stdout

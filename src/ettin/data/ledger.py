@@ -1,4 +1,4 @@
-"""The data-order ledger (contract 5) and the tools that read it back.
+"""The data-order ledger (contract 5, docs/DESIGN.md) and the tools that read it back.
 
 The trainer records, for every step, the positions it consumed, its real token count and the
 hash of its global batch (every sample's input ids and labels, masks included). Each checkpoint

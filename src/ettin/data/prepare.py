@@ -15,7 +15,7 @@ Document and sample ids
     is the 1-based line (JSONL) or row (parquet) number; a plain-text document's id is its name.
     Sample ``k`` of a document has id ``<doc id>#<k>``.
 
-Chunking (RECIPE.md "Data"; :func:`plan_chunks`, :func:`chunk_document`), ``body = seq_len - 2``
+Chunking (docs/RECIPE.md "Data"; :func:`plan_chunks`, :func:`chunk_document`), ``body = seq_len - 2``
     1. The document's tokens are cut into consecutive pieces of ``body`` tokens; only the last
        piece (the tail) can be shorter.
     2. Drop: a piece under 128 tokens is dropped unless it is the document's first piece. Only a

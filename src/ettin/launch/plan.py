@@ -2,7 +2,7 @@
 
 Per size, objective and phase: planned tokens, optimizer steps (the batch-size warmup included),
 checkpoints, and GPU-hours / days from a per-GPU throughput. The default throughput is the one
-RECIPE.md's published timings imply (4 x H100, wall-clock hours for 2T tokens); give your own
+docs/RECIPE.md's published timings imply (4 x H100, wall-clock hours for 2T tokens); give your own
 with ``--tokens-per-gpu-s`` or measure it from a run with ``--from-run``. The figure is scaled to
 each phase's sequence length by the training FLOPs per token (long sequences cost more
 attention per token; the head runs on the labelled tokens). Steps assume a sample holds about
@@ -23,7 +23,7 @@ from pathlib import Path
 from ettin.config import ConfigError, load_config
 from ettin.errors import EttinError, report
 
-# RECIPE.md "Published timings": 4 x H100 per model, wall-clock hours for 2T tokens
+# docs/RECIPE.md "Published timings": 4 x H100 per model, wall-clock hours for 2T tokens
 PUBLISHED_HOURS_2T = {"17m": 141, "32m": 212, "68m": 300, "150m": 470, "400m": 950, "1b": 2170}
 PUBLISHED_GPUS = 4
 PUBLISHED_SEQ_LEN = 1024  # most of those 2T tokens were pretraining at 1024

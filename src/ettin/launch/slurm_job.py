@@ -7,7 +7,7 @@ directly and the task's exit code is the trainer's. The trainer reads its rank a
 from the Slurm environment (first node of the allocation, a port derived from the job id).
 
 Why not submitit's own requeue: submitit catches USR2 in rank 0 only and calls ``checkpoint()``
-inside the signal handler, mid-step, then requeues. Contract 7 wants every rank to stop at the
+inside the signal handler, mid-step, then requeues. Contract 7 (docs/DESIGN.md) wants every rank to stop at the
 same step boundary and save collectively. So the trainer handles USR2 itself, saves, and exits
 75 ("requeue me"); the batch script (:func:`requeue_lines`, the same text as in
 ``slurm/ettin-train.sbatch``) then runs ``scontrol requeue`` while ``SLURM_RESTART_COUNT`` is

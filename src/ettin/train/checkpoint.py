@@ -1,4 +1,4 @@
-"""Checkpoints (contract 6): written aside, committed by one rename, newest complete one wins.
+"""Checkpoints (contract 6, docs/DESIGN.md): written aside, committed by one rename, newest complete one wins.
 
 A checkpoint folder ``checkpoints/step_NNNNNNNN/`` holds
 - ``model.safetensors`` + ``model.json``: fp32 weights by name, whole (any TP size), and the model

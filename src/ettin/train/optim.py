@@ -160,7 +160,7 @@ class StableAdamW(torch.optim.Optimizer):
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms and biases (RECIPE: optimizer)."""
+    """No weight decay on norms and biases (docs/RECIPE.md "Shared by every run")."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if "norm" in name or "bias" in name else decay).append(p)
@@ -168,7 +168,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_factor(tokens: float, schedule, phase_tokens: int) -> float:
-    """LR as a fraction of optim.lr after ``tokens`` real tokens of the phase (RECIPE "Phases")."""
+    """LR as a fraction of optim.lr after ``tokens`` real tokens of the phase (docs/RECIPE.md "Per phase")."""
     t = min(max(tokens, 0.0), phase_tokens)
     warmup = schedule.warmup_tokens
     if warmup and t < warmup:
