@@ -9,7 +9,7 @@ import pytest
 
 from ettin.config import ConfigError, load_config
 from ettin.data.loader import DataPipeline
-from ettin.data.order import HeldOut, validation_count
+from ettin.data.order import GlobalOrder, HeldOut, validation_count
 from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
 
 
@@ -79,6 +79,9 @@ def test_the_training_order_never_yields_a_validation_sample(experiment):
     # a source without a validation part keeps its order exactly
     plain = DataPipeline.from_config(load_config(experiment, ["data.validation=0", PLAIN_SOURCES]))
     assert plain.held_out.counts == [0, 0]
+    alone = GlobalOrder([150, 60], plain.manifest.sample_shares(), 21, plain.order.block, plain.order.shuffle_block)
+    for got, want in zip(plain.locate(0, 500), alone(0, 500)):
+        assert np.array_equal(got, want)
 
 
 PLAIN_SOURCES = "data.sources=[{name: a, path: a, weight: 2}, {name: b, path: b}]"

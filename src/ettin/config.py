@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,7 +184,9 @@ class TrainConfig:
 class EvalConfig:
     """Held-out evaluation: the sources' validation parts (data.validation) and separate MDS folders."""
     every_tokens: int = 0  # evaluate every N training tokens (0: only at checkpoints and the phase's end)
-    max_tokens: int = 0  # per set, the first N tokens of it (0: all of it)
+    # per set, about this many tokens, from shards spread over the source (0: all of it, which on a
+    # large corpus reads every shard at start-up)
+    max_tokens: int = 2_000_000
     seed: int = 0  # keys the held-out choice and the validation masks, never the step
     sets: Dict[str, str] = field(default_factory=dict)  # name -> MDS folder (relative to data.root)
 
@@ -495,6 +498,9 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
          f"metrics.wandb.mode must be disabled, online or offline, got '{cfg.metrics.wandb.mode}'")
     need(cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),
          "metrics.wandb.mode is set: name the W&B project with metrics.wandb.project=NAME")
+    need(cfg.metrics.wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
+         f"metrics.wandb.mode={cfg.metrics.wandb.mode} needs the wandb package: pip install '.[wandb]', "
+         "or set metrics.wandb.mode=disabled")
     need(cfg.phase.init in ("scratch", "pretrained") or cfg.phase.previous,
          f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
     for key in ("warmup_tokens", "decay_tokens"):

@@ -30,8 +30,17 @@ class FileError(EttinError):
         return type(self), (self.path, self.problem, self.fix)
 
 
+class UnreadableFile(FileError):
+    """The file is there but the system will not read it (an I/O or permission error): maybe passing,
+    so not a sign that the file is damaged."""
+
+
 def _fail(path: Path, problem: str, fix: str | None) -> FileError:
     return FileError(path, problem, fix)
+
+
+def _unreadable(path: Path, e: OSError, fix: str | None) -> UnreadableFile:
+    return UnreadableFile(path, f"cannot be read ({e.strerror or e})", fix)
 
 
 def read_text(path: str | Path, fix: str | None = None) -> str:
@@ -41,8 +50,10 @@ def read_text(path: str | Path, fix: str | None = None) -> str:
         return path.read_text()
     except FileNotFoundError:
         raise _fail(path, "not found", fix) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise _fail(path, f"cannot be read ({getattr(e, 'strerror', None) or e})", fix) from None
+    except UnicodeDecodeError as e:
+        raise _fail(path, f"is not text ({e})", fix) from None
+    except OSError as e:
+        raise _unreadable(path, e, fix) from None
 
 
 def read_json(path: str | Path, fix: str | None = None, expect: type = dict) -> Any:
@@ -86,7 +97,7 @@ def open_safetensors(path: str | Path, fix: str | None = None):
     except SafetensorError as e:
         raise _fail(path, f"is damaged or truncated ({e})", fix) from None
     except OSError as e:
-        raise _fail(path, f"cannot be read ({e.strerror or e})", fix) from None
+        raise _unreadable(path, e, fix) from None
 
 
 def load_safetensors(path: str | Path, fix: str | None = None) -> dict:

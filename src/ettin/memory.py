@@ -58,6 +58,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ettin.config import ConfigError, ModelConfig
+from ettin.errors import EttinError
 from ettin.flops import label_fraction
 
 GB = 1e9
@@ -111,7 +112,7 @@ def attention_saved_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int,
         return lse
     if attention == "sdpa":
         return lse + cfg.hidden_size * dtype_bytes / tp
-    raise ValueError(f"attention must be flash or sdpa, got {attention!r}")
+    raise EttinError(f"attention must be flash or sdpa, got {attention!r}")
 
 
 def activation_bytes_per_token(model_cfg: ModelConfig, dtype_bytes: int, tp: int, label_fraction: float,
@@ -134,7 +135,7 @@ def activation_bytes_per_token(model_cfg: ModelConfig, dtype_bytes: int, tp: int
     m, b = model_cfg, dtype_bytes
     h, stats = m.hidden_size, 2 * 4
     if attention == "sdpa" and not all(m.is_global(layer) for layer in range(m.num_layers)):
-        raise ValueError("attention='sdpa' models SDPA's per-document (global) path only: set model.global_every=1")
+        raise EttinError("attention='sdpa' models SDPA's per-document (global) path only: set model.global_every=1")
     layers = sum(layer_bytes_per_token(m, b, tp, first=layer == 0, attention=attention) for layer in range(m.num_layers))
     once = 8 + 2 * (h * b + stats)  # ids; embedding (embed_norm's input) and the last block's output (final_norm's input)
     if tp > 1:

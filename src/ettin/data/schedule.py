@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+from ettin.errors import EttinError
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class BatchSchedule:
 
     def __post_init__(self):
         if self.global_size <= 0:
-            raise ValueError(f"global batch size must be positive, got {self.global_size}")
+            raise EttinError(f"global batch size must be positive, got {self.global_size}")
         table, step, pos = [], 0, 0
         if self.warmup_samples > 0:
             start = max(1, min(self.start_size, self.global_size))
@@ -55,7 +56,7 @@ class BatchSchedule:
             return cls(b.global_size, 0, b.warmup_start_size, b.warmup_stages)
         per_sample = cfg.phase.seq_len if tokens_per_sample is None else tokens_per_sample
         if not per_sample > 0:
-            raise ValueError(f"tokens per sample must be positive, got {per_sample}")
+            raise EttinError(f"tokens per sample must be positive, got {per_sample}")
         return cls(b.global_size, warmup_samples(b.warmup_tokens, per_sample), b.warmup_start_size, b.warmup_stages,
                    per_sample)
 
@@ -63,7 +64,7 @@ class BatchSchedule:
         for first_step, first_pos, size in reversed(self._table):
             if step >= first_step:
                 return first_step, first_pos, size
-        raise ValueError(f"step must be >= 0, got {step}")
+        raise EttinError(f"step must be >= 0, got {step}")
 
     def size(self, step: int) -> int:
         return self._stage(step)[2]
@@ -78,7 +79,7 @@ class BatchSchedule:
         for first_step, first_pos, size in reversed(self._table):
             if position >= first_pos:
                 return first_step + (position - first_pos) // size
-        raise ValueError(f"position must be >= 0, got {position}")
+        raise EttinError(f"position must be >= 0, got {position}")
 
     def rank_bounds(self, step: int, rank: int, world: int) -> tuple[int, int]:
         """Data-parallel rank ``rank`` of ``world`` takes a contiguous slice of the global batch."""

@@ -126,7 +126,8 @@ def is_complete(run_dir: str | Path) -> bool:
 
 
 def last_metrics(run_dir: str | Path) -> dict | None:
-    """The last line of ``metrics.jsonl`` (read from the end: the file grows for weeks)."""
+    """The last training row of ``metrics.jsonl`` (read from the end: the file grows for weeks),
+    with the newest validation loss before it, when there is one (``eval_loss``)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return None
@@ -135,9 +136,16 @@ def last_metrics(run_dir: str | Path) -> dict | None:
         size = f.tell()
         f.seek(max(0, size - 65536))
         lines = [line for line in f.read().splitlines() if line.strip()]
+    row, eval_loss = None, None
     for line in reversed(lines):
         try:
-            return json.loads(line)
+            body = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a kill, or the cut start of the window
             continue
-    return None
+        if "loss" in body:  # evaluation rows carry eval/<set>/... instead
+            row = row or body
+        elif eval_loss is None:
+            eval_loss = body.get("eval/total/loss", next((v for k, v in body.items() if k.endswith("/loss")), None))
+        if row is not None and eval_loss is not None:
+            break
+    return None if row is None else {**row, **({"eval_loss": eval_loss} if eval_loss is not None else {})}

@@ -57,7 +57,8 @@ def collect(run_root: str | Path, query_slurm: bool = True) -> list[dict]:
             "exit_code": info.exit_code if info else "",
             "tokens": done, "planned_tokens": planned,
             "checkpoint": newest[0].name if newest else None, "checkpoint_tokens": newest[1]["tokens"] if newest else 0,
-            "final": bool(newest and newest[1].get("final")), "step": metrics.get("step", 0), "loss": metrics.get("loss")})
+            "final": bool(newest and newest[1].get("final")), "step": metrics.get("step", 0), "loss": metrics.get("loss"),
+            "eval_loss": metrics.get("eval_loss")})
     rows.sort(key=lambda r: (size_order(r["size"]), r["objective"], PHASE_ORDER.get(r["phase"], 9)))
     return rows
 
@@ -72,7 +73,7 @@ def _tokens(n: int | None) -> str:
 
 
 def format_status(rows: list[dict]) -> str:
-    header = ("run", "phase", "job", "state", "requeues", "tokens done / planned", "last checkpoint", "loss")
+    header = ("run", "phase", "job", "state", "requeues", "tokens done / planned", "last checkpoint", "loss", "val loss")
     table = []
     for r in rows:
         pct = f" ({100 * r['tokens'] / r['planned_tokens']:.0f}%)" if r["planned_tokens"] else ""
@@ -80,7 +81,8 @@ def format_status(rows: list[dict]) -> str:
         state = r["state"] + (f" ({r['reason']})" if r["reason"] not in ("", "None") and r["state"] == "PENDING" else "")
         table.append((r["run"], r["phase"], r["job_id"] or "-", state, str(r["restarts"]),
                       f"{_tokens(r['tokens'])} / {_tokens(r['planned_tokens'])}{pct}", ckpt,
-                      f"{r['loss']:.4f}" if r["loss"] is not None else "-"))
+                      f"{r['loss']:.4f}" if r["loss"] is not None else "-",
+                      f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"))
     widths = [max(len(x) for x in col) for col in zip(header, *table)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *table]) + "\n"
 

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from safetensors.torch import save_file
 
-from ettin.fileio import FileError, open_safetensors, read_json, write_json_atomic
+from ettin.fileio import FileError, UnreadableFile, open_safetensors, read_json, write_json_atomic
 
 PREFIX = "step_"
 MANIFEST = "manifest.json"
@@ -185,7 +185,7 @@ def _check_listed(f: Path, entry: dict, hash_limit: int | None) -> None:
         if (hash_limit is None or size <= hash_limit) and file_digest(f) != entry[DIGEST]:
             raise FileError(f, f"its content differs from the {DIGEST} digest in manifest.json (corrupted)", RESTORE)
     except OSError as e:  # a disk error or a permission: the file is there but cannot be checked
-        raise FileError(f, f"cannot be read ({e.strerror or e})", RESTORE) from None
+        raise UnreadableFile(f, f"cannot be read ({e.strerror or e})", RESTORE) from None
 
 
 def resume_hash_limit(cfg) -> int | None:
@@ -208,6 +208,8 @@ def resume_point(run_dir: str | Path, say: Callable[[str], None], hash_limit: in
     for path in reversed(found):
         try:
             verified = verify_checkpoint(path, hash_limit)
+        except UnreadableFile:  # an I/O or permission error says nothing about the checkpoint: stop, move nothing
+            raise
         except FileError as e:
             damaged.append((path, e))
             continue

@@ -23,7 +23,7 @@ from ettin.config import SourceConfig
 from ettin.data.collate import Collator
 from ettin.data.manifest import build_manifest
 from ettin.data.mds import DataError, MDSSource
-from ettin.data.order import derive_key
+from ettin.data.order import derive_key, permute
 
 TOTAL = "total"  # the name under which all sets are summed
 
@@ -36,17 +36,27 @@ class EvalSet:
     tokens: int  # tokens in those samples
 
 
-def _capped(reader: MDSSource, indices: np.ndarray, max_tokens: int) -> tuple[np.ndarray, int]:
-    """The longest prefix of ``indices`` holding at most ``max_tokens`` tokens (0: all), and its tokens."""
-    total, chunk = 0, 4096
-    for start in range(0, len(indices), chunk):
-        lengths = np.array([len(x) for x in reader.input_ids_many(indices[start:start + chunk])], dtype=np.int64)
+def _capped(reader: MDSSource, indices: np.ndarray, max_tokens: int, key: int) -> tuple[np.ndarray, int]:
+    """The samples of ``indices`` to score under a cap of ``max_tokens`` (0: all), sorted, and their tokens.
+
+    Under a cap, whole shards' worth of the set are taken in a keyed shard order until the cap is
+    reached: the samples come from shards spread over the whole source (not only its first
+    files, which may all be one domain), and scoring them reads only those few shards."""
+    indices = np.sort(np.asarray(indices, dtype=np.int64))
+    if max_tokens:
+        shard = np.searchsorted(reader.offsets, indices, side="right") - 1
+        rank = permute(np.arange(len(reader.shards), dtype=np.uint64), len(reader.shards), key).astype(np.int64)
+        indices = indices[np.lexsort((indices, rank[shard]))]
+    total, kept = 0, len(indices)
+    for start in range(0, len(indices), 4096):
+        lengths = np.array([len(x) for x in reader.input_ids_many(indices[start:start + 4096])], dtype=np.int64)
         running = total + np.cumsum(lengths)
         if max_tokens and running[-1] > max_tokens:
-            keep = int(np.searchsorted(running, max_tokens, side="right"))
-            return indices[:start + keep], int(running[keep - 1]) if keep else total
+            kept = max(start + int(np.searchsorted(running, max_tokens, side="right")), 1)  # never empty
+            total = int(running[kept - start - 1]) if kept > start else total
+            break
         total = int(running[-1])
-    return indices, total
+    return np.sort(indices[:kept]), total
 
 
 def eval_sets(cfg, pipeline) -> list[EvalSet]:
@@ -54,7 +64,8 @@ def eval_sets(cfg, pipeline) -> list[EvalSet]:
     sets = []
     for s, source in enumerate(pipeline.manifest.sources):
         if pipeline.held_out.counts[s]:
-            indices, tokens = _capped(pipeline.readers[s], pipeline.held_out.validation[s], cfg.eval.max_tokens)
+            indices, tokens = _capped(pipeline.readers[s], pipeline.held_out.validation[s], cfg.eval.max_tokens,
+                                      derive_key(cfg.eval.seed, source.name, "eval shards"))
             sets.append(EvalSet(source.name, pipeline.readers[s], indices, tokens))
     taken = {s.name for s in sets}
     for name, path in cfg.eval.sets.items():
@@ -66,7 +77,8 @@ def eval_sets(cfg, pipeline) -> list[EvalSet]:
         if theirs and ours and theirs != ours:
             raise DataError(f"eval.sets.{name} ({path}) was tokenized with {theirs}, the training data with {ours}; "
                             "prepare it with the training tokenizer")
-        indices, tokens = _capped(reader, np.arange(len(reader), dtype=np.int64), cfg.eval.max_tokens)
+        indices, tokens = _capped(reader, np.arange(len(reader), dtype=np.int64), cfg.eval.max_tokens,
+                                  derive_key(cfg.eval.seed, name, "eval shards"))
         sets.append(EvalSet(name, reader, indices, tokens))
     return sets
 

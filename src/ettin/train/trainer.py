@@ -160,8 +160,10 @@ class Trainer:
         # the last evaluation (for the checkpoint at that step) and its loss until a progress line shows it
         self.last_evaluation, self.evaluated_at, self.fresh_eval_loss, self.eval_seconds = {}, -1, None, 0.0
         self.ledger = Ledger.for_pipeline(self.pipeline, cfg)
-        self.metrics = MetricsLogger.for_run(self.run_dir, self.main, cfg.metrics, name=self.run_dir.name,
-                                             config={**asdict(cfg), "data_fingerprint": self.fingerprint})
+        # rank 0's sinks (a W&B login that fails there must fail every rank, not leave them waiting)
+        self.metrics = self._on_main(lambda: MetricsLogger.for_run(
+            self.run_dir, True, cfg.metrics, name=self.run_dir.name,
+            config={**asdict(cfg), "data_fingerprint": self.fingerprint}), share=False) or MetricsLogger([])
 
     # ------------------------------------------------------------------ starting points
 
@@ -213,18 +215,21 @@ class Trainer:
         return TrainState(optimizer_step=meta["optimizer_step"] if carry else 0), None
 
     def _say(self, text: str) -> None:
-        """Rank 0 tells the user; a line starting with warning:/error: is logged at that level."""
-        level = logging.ERROR if text.startswith("error:") else logging.WARNING if text.startswith("warning:") else logging.INFO
-        if self.main or level >= logging.WARNING:
+        """Rank 0 tells the user (what it says holds for every rank); a line starting with warning: or
+        error: is logged at that level. A rank's own trouble goes to ``self.log``, which names the rank."""
+        if self.main:
+            level = logging.ERROR if text.startswith("error:") else logging.WARNING if text.startswith("warning:") else logging.INFO
             self.log.log(level, text)
 
-    def _on_main(self, fn):
-        """``fn()`` run on rank 0 only, its result given to every rank. A failure there is raised on
-        every rank (rank 0 keeps the original, with its traceback), so none waits at a collective."""
-        box, failure = [None, None, False], None
+    def _on_main(self, fn, share: bool = True):
+        """``fn()`` run on rank 0 only, its result given to every rank (``share=False``: kept on rank 0,
+        the others get None). A failure there is raised on every rank (rank 0 keeps the original, with
+        its traceback), so none waits at a collective."""
+        box, failure, result = [None, None, False], None, None
         if self.main:
             try:
-                box[0] = fn()
+                result = fn()
+                box[0] = result if share else None
             except Exception as e:  # re-raised below, on every rank
                 failure, box[1], box[2] = e, str(e), isinstance(e, EttinError)
         dist.broadcast_object_list(box, src=0, group=self.host_world)
@@ -232,7 +237,7 @@ class Trainer:
             raise failure
         if box[1] is not None:
             raise EttinError(box[1]) if box[2] else RuntimeError(f"rank 0 failed: {box[1]}")
-        return box[0]
+        return result if self.main else box[0]
 
     # ------------------------------------------------------------------ the loop
 
@@ -364,7 +369,8 @@ class Trainer:
 
         weights, moments = full_state(self.model, keep=self.main)  # collective: every rank takes part
         window = self.ledger.take_window(self.last_checkpoint)  # every rank recorded it; rank 0 writes it
-        if self.main:
+
+        def write() -> str:
             path = write_checkpoint(
                 self.run_dir, self.state, weights, moments,
                 {"config.yaml": to_yaml(self.cfg), "ledger.json": json.dumps(window, indent=1) + "\n"},
@@ -375,12 +381,9 @@ class Trainer:
                  "rng": "dropout reseeded every step from (phase.seed, step, DP rank): no state to save",
                  **({"eval": self.last_evaluation} if self.evaluated_at == self.state.step else {})})
             prune(self.run_dir, self.cfg.phase.keep_checkpoints)
-            name = path.name
-        else:
-            name = None
-        names = [name]
-        dist.broadcast_object_list(names, src=0)
-        self.last_checkpoint = names[0]
+            return path.name
+
+        self.last_checkpoint = self._on_main(write)  # a full disk on rank 0 fails every rank, none waits
 
     def _memory_gb(self) -> float:
         if self.device.type == "cuda":
