@@ -34,9 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ettin.config import ConfigError, ExperimentConfig, ModelConfig
+from ettin.config import FROM_CHECKPOINT, ConfigError, ExperimentConfig, ModelConfig
 
-FROM_CHECKPOINT = "from_checkpoint"  # model=from_checkpoint: the model group that takes the checkpoint's
 HF, RUN = "Hugging Face folder", "run folder"
 HF_MODEL_TYPES = ("modernbert", "modernbert-decoder")
 

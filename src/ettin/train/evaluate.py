@@ -220,13 +220,14 @@ def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: 
 
     ``target`` may also be an exported Hugging Face folder, scored through transformers; ``like``
     (a checkpoint or run folder) then says which sets, masks and budget to use."""
-    import json
     from pathlib import Path
 
     from megatron.core import parallel_state as ps
 
     from ettin.data.ledger import checkpoint_config
     from ettin.data.loader import DataPipeline
+    from ettin.fileio import read_json
+    from ettin.train.checkpoint import RESTORE
     from ettin.memory import resolve_micro_tokens
     from ettin.parallel import init_process_groups
     from ettin.train.env import setup_distributed_env
@@ -264,7 +265,7 @@ def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: 
         model = model.to(torch.bfloat16)
     rows = []
     for ckpt in checkpoints:
-        state = json.loads((ckpt / "state.json").read_text())
+        state = read_json(ckpt / "state.json", RESTORE)
         _load_weights(model, ckpt)
         rows.append({"checkpoint": ckpt.name, "step": state["step"], "tokens": state["tokens"], **evaluator(model)})
     return rows
