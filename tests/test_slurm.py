@@ -1,22 +1,20 @@
 """Slurm integration: a real Slurm cluster of 2 emulated nodes, started here by slurm/local/up.sh.
 
 Jobs are tiny CPU runs (gloo) of real MDS data: a 2-node x 2-task run, the same run on 1 node x 2
-tasks from the sbatch template (identical ledgers), a run warned by its time limit that saves,
-requeues itself and finishes, and a 2 sizes x 2 objectives x 2 phases chain. The cluster is
-stopped at the end of the session (slurm/local/down.sh). Skipped, with the reason, only when
+tasks from the sbatch template (identical ledgers; started together with an empty extensions
+folder, they compile nothing), a run warned by its time limit that saves, requeues itself and
+finishes, a run whose rank is killed (-9) that fails within seconds and resumes when resubmitted,
+and a 2 sizes x 2 objectives x 2 phases chain. The cluster (the ``slurm`` fixture, conftest.py)
+is stopped at the end of the session (slurm/local/down.sh). Skipped, with the reason, only when
 Slurm cannot be installed on this machine.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -31,57 +29,9 @@ from ettin.launch.status import cancel_main, collect, status_main
 from ettin.launch.submit import DRY_RUN_MARK, main as submit_main
 from ettin.testing import synthetic_corpus, write_mds_source
 
-REPO = Path(__file__).resolve().parents[1]
-LOCAL = REPO / "slurm" / "local"
+from conftest import REPO, free_port_block, job_pids
 
-
-def _free_port_block(n: int) -> int:
-    """A base port with n free ports after it (slurmctld, then one slurmd per node)."""
-    for _ in range(200):
-        base = random.randrange(41000, 48000)
-        try:
-            for port in range(base, base + n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free block of ports for Slurm")
-
-
-@pytest.fixture(scope="session")
-def slurm():
-    """Install (apt-get) and start a private 2-node cluster; export its SLURM_CONF; stop it afterwards."""
-    state = Path(tempfile.mkdtemp(prefix="ettin-slurm-"))  # short: the munge socket path must be < 108 bytes
-    env = {**os.environ, "ETTIN_SLURM_DIR": str(state), "ETTIN_SLURM_NODES": "2",
-           "ETTIN_SLURM_PORT": str(_free_port_block(3)), "ETTIN_SLURM_CPUS": "2"}
-    installed = subprocess.run([str(LOCAL / "install.sh")], env=env, capture_output=True, text=True)
-    if installed.returncode != 0:  # in CI (this kind of machine, apt reachable) it must work: fail, don't skip
-        why = f"Slurm cannot be installed on this machine: {(installed.stderr or installed.stdout).strip()[-300:]}"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
-    up = subprocess.run([str(LOCAL / "up.sh")], env=env, capture_output=True, text=True, timeout=120)
-    try:
-        assert up.returncode == 0, up.stderr
-        exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines() if line.startswith("export "))
-        assert set(exports) == {"SLURM_CONF", "PATH"}, up.stdout
-        again = subprocess.run([str(LOCAL / "up.sh")], env=env, capture_output=True, text=True, timeout=60)
-        assert again.returncode == 0 and "already running" in again.stderr  # idempotent
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("SLURM_CONF", exports["SLURM_CONF"])
-            mp.setenv("PATH", f"{LOCAL / 'bin'}:{os.environ['PATH']}")  # the sacct stand-in
-            mp.setenv("OMP_NUM_THREADS", "1")  # 2 cores, up to 4 ranks
-            mp.setenv("ETTIN_PYTHON", sys.executable)  # for the sbatch template
-            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-                mp.delenv(name, raising=False)
-            yield {"state": state, "env": env}
-    finally:
-        down = subprocess.run([str(LOCAL / "down.sh")], env=env, capture_output=True, text=True, timeout=120)
-        print(down.stderr, end="")
-        leftovers = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True).stdout.split()
-        assert not leftovers, f"processes of the test cluster left running: {leftovers}"
-        shutil.rmtree(state, ignore_errors=True)
+pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +137,7 @@ def test_dry_run_emits_48_valid_scripts_with_the_right_dependencies(slurm, tmp_p
         assert f"phase={phase}" in script and f"run_dir={root / key}" in script
         assert (f"phase.init_checkpoint={root / source}" in script) if source else "phase.init_checkpoint" not in script
         assert 'scontrol requeue "$SLURM_JOB_ID"' in script and '"$attempt" -lt 200' in script
+        assert "--kill-on-bad-exit=1" in next(line for line in script.splitlines() if line.startswith("srun "))
         assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0, key
     # and sbatch itself accepts them (without the placeholder dependency; this cluster has no GPUs: 2 CPU ranks per node)
     for key, script in scripts.items():
@@ -205,7 +156,7 @@ def test_bad_input_is_one_line_and_submits_nothing(slurm, corpus, tmp_path, caps
     dead_conf = tmp_path / "dead.conf"
     conf = Path(os.environ["SLURM_CONF"]).read_text()
     port = next(line.split("=")[1] for line in conf.splitlines() if line.startswith("SlurmctldPort="))
-    dead_conf.write_text(conf.replace(f"SlurmctldPort={port}", f"SlurmctldPort={_free_port_block(1)}"))
+    dead_conf.write_text(conf.replace(f"SlurmctldPort={port}", f"SlurmctldPort={free_port_block(1)}"))
     base = ["--experiment", corpus["exp"], "--cpu", "--run-root", str(tmp_path / "runs"), "--time", "00:05:00"]
     cases = [
         (["--sizes", "17m,99m"], {}, "--sizes: unknown size '99m'; known: 17m, 32m, 68m, 150m, 400m, 1b (or all)"),
@@ -242,21 +193,25 @@ def test_bad_input_is_one_line_and_submits_nothing(slurm, corpus, tmp_path, caps
 def two_topologies(slurm, corpus, tmp_path_factory):
     """The same tiny run at 2 nodes x 2 tasks (launch.submit, submitit) and 1 node x 2 tasks (the sbatch template)."""
     root = tmp_path_factory.mktemp("topologies")
-    code = submit_main(["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--nodes", "2", "--gpus-per-node", "2",
-                        "--cpu", "--time", "00:10:00", "--experiment", corpus["exp"], "--run-root", str(root / "dp4")])
-    assert code == 0
-    dp4 = read_jobs(root / "dp4")["17m-mlm-pretrain"]
-    dp2_dir = root / "dp2" / "17m-mlm-pretrain"
-    dp2_dir.mkdir(parents=True)
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                          "--time=10", "--job-name=ettin-dp2", f"--output={dp2_dir}/%x-%j.out", str(REPO / "slurm" / "ettin-train.sbatch"),
-                          corpus["exp"], "model=17m", f"run_dir={dp2_dir}", "train.device=cpu"],
-                         capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    dp2_job = out.stdout.strip().split(";")[0]
+    extensions = root / "torch_extensions"  # where torch would JIT-build a C++ op: empty, shared by both jobs
+    extensions.mkdir()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_EXTENSIONS_DIR", str(extensions))  # sbatch hands the environment to the job
+        code = submit_main(["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--nodes", "2", "--gpus-per-node", "2",
+                            "--cpu", "--time", "00:10:00", "--experiment", corpus["exp"], "--run-root", str(root / "dp4")])
+        assert code == 0
+        dp4 = read_jobs(root / "dp4")["17m-mlm-pretrain"]
+        dp2_dir = root / "dp2" / "17m-mlm-pretrain"
+        dp2_dir.mkdir(parents=True)
+        out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
+                              "--time=10", "--job-name=ettin-dp2", f"--output={dp2_dir}/%x-%j.out", str(REPO / "slurm" / "ettin-train.sbatch"),
+                              corpus["exp"], "model=17m", f"run_dir={dp2_dir}", "train.device=cpu"],
+                             capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        dp2_job = out.stdout.strip().split(";")[0]
     infos = wait_for([dp4["job_id"], dp2_job], 300, job_logs(Path(dp4["run_dir"])) + job_logs(dp2_dir))
     return {"dp4": Path(dp4["run_dir"]), "dp4_job": dp4["job_id"], "dp4_root": root / "dp4", "dp2": dp2_dir,
-            "dp2_job": dp2_job, "infos": infos}
+            "dp2_job": dp2_job, "infos": infos, "extensions": extensions}
 
 
 def test_two_nodes_two_tasks_train_checkpoint_and_complete(two_topologies, capsys):
@@ -291,6 +246,14 @@ def test_one_node_and_two_nodes_give_identical_ledgers(two_topologies):
     assert len(dp2) == len(dp4) > 3
     assert [(e.step, e.start, e.end, e.tokens, e.hash) for e in dp2] == [(e.step, e.start, e.end, e.tokens, e.hash) for e in dp4]
     assert_no_position_repeated_or_skipped(dp4)
+
+
+def test_jobs_started_together_compile_nothing(two_topologies):
+    """Both jobs (6 ranks) started at the same moment from an empty TORCH_EXTENSIONS_DIR: both
+    complete and nothing was built there (DeepSpeed's CPU shm comm op is not JIT-compiled)."""
+    t = two_topologies
+    assert t["infos"][t["dp4_job"]].state == t["infos"][t["dp2_job"]].state == "COMPLETED"
+    assert not any(t["extensions"].iterdir()), sorted(p.name for p in t["extensions"].rglob("*"))[:10]
 
 
 def test_time_limit_warns_saves_requeues_and_completes(slurm, corpus, two_topologies, tmp_path, capsys):
@@ -394,3 +357,43 @@ def test_template_chain_script_submits_phases_with_afterok(slurm, corpus, tmp_pa
             assert run_dir == str(tmp_path / "runs" / key)
     finally:
         subprocess.run(["scancel", *[r[1] for r in rows]])
+
+
+def test_a_killed_rank_ends_the_job_in_seconds_and_a_resubmission_resumes(slurm, corpus, tmp_path, capsys):
+    """kill -9 of one rank mid-run (2 nodes x 1 task), with the default 600 s collective timeout:
+    Slurm ends the step at once (srun --kill-on-bad-exit=1), the job fails within 2 minutes, and
+    the resubmitted run resumes from its newest complete checkpoint and finishes, its ledger whole."""
+    root = tmp_path / "runs"
+    args = ["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--nodes", "2", "--gpus-per-node", "1", "--cpu",
+            "--time", "00:10:00", "--experiment", corpus["exp"], "--run-root", str(root),
+            "phase.tokens=30000", "phase.checkpoint_every_tokens=2000", "train.collective_timeout_s=600"]
+    job = submit(capsys, *args)["17m-mlm-pretrain"]
+    run_dir = root / "17m-mlm-pretrain"
+    deadline = time.time() + 300
+    while newest_checkpoint(run_dir) is None or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 6:
+        assert time.time() < deadline and job_info([job])[job].active, "\n".join(p.read_text()[-2000:] for p in job_logs(run_dir))
+        time.sleep(0.2)
+    pids = job_pids(job)
+    assert sorted(pids) == [0, 1], pids
+    os.kill(pids[1], 9)
+    killed = time.time()
+    while job_info([job])[job].active:
+        assert time.time() - killed < 120, "the job still runs 2 minutes after one of its ranks died"
+        time.sleep(0.2)
+    detected = time.time() - killed
+    with capsys.disabled():
+        print(f"\nkill -9 of rank 1: the job ended {detected:.1f} s later", flush=True)
+    assert job_info([job])[job].state == "FAILED"
+    logs = "".join(p.read_text() for p in job_logs(run_dir))
+    assert "Terminating StepId" in logs, logs[-3000:]  # Slurm ended the step (not the transport, not a timeout)
+    newest, state = newest_checkpoint(run_dir)
+    assert not state["final"]
+    again = submit(capsys, *args)["17m-mlm-pretrain"]
+    info = wait_for([again], 300, job_logs(run_dir))[again]
+    log = (run_dir / "slurm" / f"{again}_0_log.out").read_text()
+    assert info.state == "COMPLETED", log[-3000:]
+    assert f"resumed from {newest}" in log
+    entries = ledger(run_dir)
+    assert_no_position_repeated_or_skipped(entries)
+    _, state = newest_checkpoint(run_dir)
+    assert state["final"] and state["tokens"] >= 30000 and state["samples"] == entries[-1].end

@@ -29,6 +29,7 @@ with warnings.catch_warnings():  # megatron-core announces, per module, that it 
 
 def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
     """Initialize torch.distributed (from RANK/WORLD_SIZE env, or a group of one) and TP x DP groups."""
+    skip_deepspeed_shm_op()
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         timeout = datetime.timedelta(seconds=timeout_s)
@@ -51,6 +52,34 @@ def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: f
                                              create_gloo_process_groups=False)
     _HOST_GROUPS.clear()
     _HOST_GROUPS_TIMEOUT[0] = datetime.timedelta(seconds=timeout_s)
+
+
+def skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed from compiling anything at job start on the CPU.
+
+    On the CPU accelerator DeepSpeed's comm backend (``TorchBackend.__init__``, reached from
+    ``deepspeed.initialize``) loads the ``deepspeed_shm_comm`` C++ op, building it with ninja into
+    ``$TORCH_EXTENSIONS_DIR`` (``~/.cache/torch_extensions``) the first time: slow, and concurrent
+    jobs race on that shared folder (a fresh ``make test`` failed with "Error building extension
+    'deepspeed_shm_comm'"). The op serves only ``inference_all_reduce``, which training never
+    calls: gloo carries every collective. DeepSpeed builds it only if its table
+    ``deepspeed.ops.__compatible_ops__`` says the op can be built; the table is filled on first
+    read by probing every op (the C compiler run on test programs, ~1 s per process), and that
+    check is its only reader (DeepSpeed 0.19.8). So the table is set here, before anything reads
+    it, with the op marked unusable: no probe, no build. DeepSpeed keeps one table per process so
+    that such edits persist. On CUDA the accelerator has no such builder and nothing is touched.
+    Idempotent."""
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None:
+        return
+    import deepspeed.ops
+
+    table = deepspeed.ops.__dict__.get("__compatible_ops__")
+    if table is None:  # not probed yet: an op missing from the table counts as not buildable
+        table = deepspeed.ops.__compatible_ops__ = {}
+    table[builder.NAME] = False
 
 
 _HOST_GROUPS: dict = {}  # ranks (or "world") -> a gloo group

@@ -13,6 +13,15 @@ same step boundary and save collectively. So the trainer handles USR2 itself, sa
 ``slurm/ettin-train.sbatch``) then runs ``scontrol requeue`` while ``SLURM_RESTART_COUNT`` is
 below the cap. Any other non-zero exit fails the job, and its dependents are cancelled
 (``--kill-on-invalid-dep=yes``).
+
+Failure detection: ``srun --kill-on-bad-exit=1``. When one rank dies (kill -9, OOM killer, a
+crash) or exits non-zero, slurmstepd sends TERM to the step's other tasks at once and KILL after
+the cluster's ``KillWait``, so the job ends within seconds, whatever the transport: NCCL does not
+notice a dead peer and would otherwise wait for ``train.collective_timeout_s`` (600 s). That
+timeout stays the backstop for a rank that hangs without exiting. It does not break the requeue:
+a rank leaves with 75 only after the collective save has committed the checkpoint (rank 0 renames
+it into place before it sends the checkpoint's name to the others), and from then on the trainer
+ignores TERM, so the peers that Slurm signals finish their own exit 75 and srun reports 75.
 """
 from __future__ import annotations
 
@@ -154,7 +163,7 @@ def submitit_parameters(spec: JobSpec, key: str, task: TrainTask, dependency: st
         "signal_delay_s": spec.signal_s,
         "stderr_to_stdout": True,
         "wckey": None,  # submitit's default "submitit" is rejected where wckeys are tracked
-        "srun_args": ["--open-mode=append", "--kill-on-bad-exit=0"],
+        "srun_args": ["--open-mode=append", "--kill-on-bad-exit=1"],  # a dead rank ends the step (module docstring)
         "setup": [
             f"# ettin run {key}: every task runs  {train_command(task, spec.python)}",
             *(f"export {k}={shlex.quote(v)}" for k, v in task.env.items()),

@@ -10,8 +10,21 @@ loss and gradient norm at its end; DeepSpeed's overflow check adds a wait or two
 (``train.sync_debug`` counts and places them all). Checkpoint every
 ``phase.checkpoint_every_tokens`` and at the end. Signals (Slurm's USR2, TERM) and
 ``train.max_runtime_s`` only raise a flag; ranks agree on it at the step boundary, save, and exit
-with EXIT_REQUEUE. A dead rank makes the others' collectives fail after
-``train.collective_timeout_s``. A non-finite loss stops the run before anything is saved.
+with EXIT_REQUEUE. A non-finite loss stops the run before anything is saved.
+
+Failure detection. A rank that dies must end the job in bounded time, without cutting short a
+slow first step (compiles, warm-up) or a checkpoint write. Under Slurm this is srun's
+``--kill-on-bad-exit=1`` (ettin.launch.slurm_job): the first rank to exit non-zero or die gets
+the others TERM at once and KILL after the cluster's KillWait: seconds, at any point of the run,
+with no timeout to tune against the slowest step. gloo notices a peer's closed sockets by itself,
+but NCCL does not, and a process on another node that has not died (hung) sends nothing at all:
+``train.collective_timeout_s`` on every process group remains the backstop for hangs. torchrun
+does the same as kill-on-bad-exit by itself (it stops a node's workers when one fails).
+Exit 75 stays safe under it: a rank returns EXIT_REQUEUE only after ``_save``, whose last
+collective follows rank 0's commit (the rename), so the checkpoint is complete before any rank
+leaves; and each rank ignores TERM from then on. Until then TERM only raises the flag, but
+Python resets its handlers while the interpreter shuts down, so the TERM Slurm sends when the
+first rank leaves could otherwise turn a peer's 75 into 143 (a failed job, not a requeue).
 """
 from __future__ import annotations
 
@@ -21,6 +34,7 @@ import logging
 import math
 import os
 import resource
+import signal
 import time
 import warnings
 from dataclasses import asdict, fields
@@ -317,6 +331,8 @@ class Trainer:
             if flags.any():
                 why = f"signal {stop.signal}" if stop.signal else f"train.max_runtime_s={cfg.train.max_runtime_s:g}"
                 self._say(f"stopping for {why} at step {state.step}; saved {self.last_checkpoint}; exit {EXIT_REQUEUE} (requeue me)")
+                # saved: the TERM srun sends when the first rank leaves must not kill this one's 75
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 return EXIT_REQUEUE
 
     def _evaluate(self, started: float) -> None:
