@@ -144,7 +144,7 @@ def runs(experiment, tmp_path_factory):
 
 def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(runs, tmp_path):
     """In-loop numbers land in metrics.jsonl and the checkpoint; `ettin eval` on that checkpoint
-    gives them again on 1 process, and within 1e-6 on 2 DP ranks."""
+    gives them again on 1 process, and within 1e-6 on 2 DP ranks and on TP 2."""
     import json
 
     from ettin.train.metrics import read_all_metrics
@@ -161,12 +161,12 @@ def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(runs, tmp_path)
     saved = json.loads((ckpt / "state.json").read_text())["eval"]
     assert _scores(saved) == _scores(rows[-1])
 
-    for world in (1, 2):
-        out = tmp_path / f"eval{world}.json"
-        run_distributed_test(_eval_to_file, world, args=(str(ckpt), str(out)))
+    for world, tp in ((1, 1), (2, 1), (2, 2)):  # one process, DP 2, TP 2
+        out = tmp_path / f"eval{world}{tp}.json"
+        run_distributed_test(_eval_to_file, world, args=(str(ckpt), str(out), (f"parallel.tensor={tp}",)))
         (again,) = json.loads(out.read_text())
         for key, value in _scores(saved).items():
-            assert again[key] == pytest.approx(value, rel=1e-6 if world > 1 else 1e-12), (world, key)
+            assert again[key] == pytest.approx(value, rel=1e-6 if world > 1 else 1e-12), (world, tp, key)
 
 
 def test_ettin_eval_on_a_run_writes_a_table_and_a_plot_and_compares_runs(runs, tmp_path, capsys):
