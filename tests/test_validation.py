@@ -93,19 +93,18 @@ def _train(exp, overrides, expect):
     assert train(load_config(exp, overrides)) == expect
 
 
-def _resume_refused(exp, overrides):
+def _resumes_refused(exp, run_dir, changes):
     from ettin.train.trainer import train
 
-    with pytest.raises(ConfigError, match="validation"):
-        train(load_config(exp, overrides))
+    for change in changes:
+        with pytest.raises(ConfigError, match="validation"):
+            train(load_config(exp, [f"run_dir={run_dir}", *change]))
 
 
-def test_a_resume_refuses_a_changed_validation_part(experiment, tmp_path):
-    run = f"run_dir={tmp_path / 'run'}"
-    run_distributed_test(_train, 1, args=(experiment, [run, "train.max_steps=2"], 0))
-    run_distributed_test(_resume_refused, 1, args=(experiment, [run, "data.validation=0.2"]))
-    run_distributed_test(_resume_refused, 1, args=(experiment, [run, "data.validation=0", PLAIN_SOURCES]))
-    run_distributed_test(_resume_refused, 1, args=(experiment, [run, "eval.seed=1"]))
+def test_a_resume_refuses_a_changed_validation_part(experiment, runs):
+    run_distributed_test(_resumes_refused, 1, args=(experiment, str(runs / "clm"), [
+        ["objective=clm", "data.validation=0.2"], ["objective=clm", "data.validation=0", PLAIN_SOURCES],
+        ["objective=clm", "eval.seed=1"]]))
 
 
 def test_validation_settings_are_checked(experiment):
