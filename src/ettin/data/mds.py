@@ -107,8 +107,9 @@ _SAID_UNCHECKED: set[str] = set()  # sources already reported as unchecked by th
 
 
 def say_unchecked_once(path: str, count: int, total: int) -> None:
-    """One stderr line per source and process: Ettin's released folders may carry no hashes."""
-    if path in _SAID_UNCHECKED:
+    """One stderr line per source, from the first rank's process only (every rank reads the same
+    index): Ettin's released folders may carry no hashes."""
+    if path in _SAID_UNCHECKED or os.environ.get("RANK", "0") != "0":
         return
     _SAID_UNCHECKED.add(path)
     which = "its shards" if count == total else f"{count} of its {total} shards"
