@@ -330,6 +330,15 @@ def test_prepare_of_nothing_usable_exits_2_and_leaves_nothing_that_looks_finishe
                            "missing_text 1, non_utf8 0, empty_text 2); first: invalid_json at bad.jsonl:2: "), line
     assert list(out.iterdir()) == []  # no index.json, no stats.json, no staging folder
 
+    good = tmp_path / "good.jsonl"  # --overwrite keeps the old dataset until the new one exists
+    good.write_text('{"text": "hello there, a document"}\n')
+    assert main([str(good), "--out", str(out), "--tokenizer", str(tokenizer_path), "-q"]) == 0
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    capsys.readouterr()
+    assert main([str(bad), "--out", str(out), "--tokenizer", str(tokenizer_path), "-q", "--overwrite"]) == 2
+    assert "no usable documents in bad.jsonl" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before, "a failed --overwrite lost the old dataset"
+
 
 # ----------------------------------------------------------------------------- errors from loader workers
 

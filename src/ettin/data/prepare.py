@@ -612,9 +612,8 @@ def _open_output(out: Path, plan: dict, overwrite: bool) -> None:
         if others:
             raise PrepareError(f"--overwrite only replaces a dataset, but {out} also holds "
                                f"{others[0]!r}; choose another --out")
-        for name in (os.listdir(out) if out.exists() else []):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if staging.is_dir():  # the old dataset itself stays until the new one is written
+            shutil.rmtree(staging)
     elif staging.is_dir():
         try:
             previous = json.loads((staging / "plan.json").read_text())
@@ -710,9 +709,6 @@ def prepare(inputs: Sequence[Union[str, Path]], out: Union[str, Path],
     if merged.is_dir():
         log("resuming: the shards are written; moving them into place")
     else:
-        for name in os.listdir(out):  # left by an interrupted publication of other inputs
-            if name != STAGING_DIR and _is_dataset_file(name):
-                (out / name).unlink()
         try:
             _write_merged(sources, staging, merged, str(tokenizer_path), settings, identity,
                           size_limit, workers, progress, log)
@@ -721,6 +717,11 @@ def prepare(inputs: Sequence[Union[str, Path]], out: Union[str, Path],
             if created and not any(out.iterdir()):
                 out.rmdir()
             raise
+        # only now that the new shards exist: the dataset --overwrite replaces, or files left by
+        # an interrupted publication of other inputs
+        for name in os.listdir(out):
+            if name != STAGING_DIR and _is_dataset_file(name):
+                (out / name).unlink()
     _publish(merged, out)
     shutil.rmtree(staging)
     return json.loads((out / STATS_FILE).read_text())
