@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ettin.data.order import validation_settings
 from ettin.errors import EttinError
 from ettin.fileio import FileError, read_json, write_json_atomic
 
@@ -78,7 +79,7 @@ def order_key(cfg, schedule) -> dict:
 def held_out_key(cfg) -> dict:
     """The settings that choose each source's validation part; absent when no source sets one aside,
     so the keys of runs without one are what they were before validation existed."""
-    settings = {s.name: cfg.data.validation if s.validation is None else s.validation for s in cfg.data.sources}
+    settings = validation_settings(cfg.data)
     return {"validation": {"eval_seed": cfg.eval.seed, "sources": settings}} if any(settings.values()) else {}
 
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ettin.data.collate import Batch, Collator, mlm_kernel
 from ettin.data.manifest import Manifest, build_manifest
 from ettin.data.mds import DataError, MDSSource
-from ettin.data.order import GlobalOrder, HeldOut, derive_key, validation_count
+from ettin.data.order import GlobalOrder, HeldOut, derive_key, validation_count, validation_settings
 from ettin.data.schedule import BatchSchedule
 
 
@@ -72,7 +72,7 @@ class DataPipeline:
 
 def held_out_of(cfg, manifest: Manifest) -> HeldOut:
     """The validation part of each source (data.validation, or the source's own setting)."""
-    settings = {s.name: cfg.data.validation if s.validation is None else s.validation for s in cfg.data.sources}
+    settings = validation_settings(cfg.data)
     counts = []
     for source in manifest.sources:
         count = validation_count(settings.get(source.name, cfg.data.validation), source.samples)

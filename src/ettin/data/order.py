@@ -163,6 +163,11 @@ class GlobalOrder:
         return out
 
 
+def validation_settings(data_cfg) -> dict[str, float]:
+    """Source name -> its ``validation`` setting (the source's own, else ``data.validation``)."""
+    return {s.name: data_cfg.validation if s.validation is None else s.validation for s in data_cfg.sources}
+
+
 def validation_count(setting: float, samples: int) -> int:
     """``data.validation`` for a source of ``samples`` samples: 0 none, a fraction (0, 1) of them
     (at least one), or a count (>= 1)."""
