@@ -1,2 +1,2 @@
-"""Command lines over :mod:`ettin.launch` (run from the repo root): ``python -m launch.submit``,
-``python -m launch.status``, ``python -m launch.cancel``. The logic lives in the library."""
+"""``python -m launch.submit``, ``python -m launch.status``, ``python -m launch.cancel``: the old names of
+``ettin launch submit|status|cancel``, installed with ettin. The parsers and the logic live in :mod:`ettin.launch`."""

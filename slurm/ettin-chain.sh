@@ -7,7 +7,7 @@
 #
 # ETTIN_PHASES (default "pretrain extension decay") picks the phases; ETTIN_EXPERIMENT the
 # experiment (default ettin); ETTIN_AFTER a job id the first phase waits for. Run folders are
-# RUN_ROOT/SIZE-OBJECTIVE-PHASE, as python -m launch.submit makes them.
+# RUN_ROOT/SIZE-OBJECTIVE-PHASE, as ettin launch submit makes them.
 set -euo pipefail
 if [ $# -lt 3 ]; then
     sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//' >&2

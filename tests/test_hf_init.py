@@ -6,7 +6,8 @@ ModernBertDecoderForCausalLM (1,024 positions, θ 10k, as after Ettin's pretrain
 ``save_pretrained`` with the tokenizer, and the corpus prepared by the README's own command.
 The README journey ("Continue pretraining a released Ettin model on your corpus") is read from
 README.md and run as written, with two substitutions for this machine (``ettin`` runs
-``ettin.cli.main`` in this process, ``torchrun --nproc_per_node N`` is one ``python`` process) and the
+``ettin.cli.main`` in this process, ``ettin data prepare`` as ``python -m ettin.cli`` in its own;
+``torchrun --nproc_per_node N`` is one ``python`` process) and the
 overrides in ``TINY`` appended to the commands that take a config (a tiny phase on CPU), plus
 ``model=from_checkpoint`` for ``ettin plan``, whose ``--sizes 150m`` names the released model
 the folder stands in for.
@@ -48,6 +49,8 @@ def runnable(command: list[str]) -> list[str]:
     if command[0] == "torchrun":
         assert command[1] == "--nproc_per_node", command
         return [sys.executable, *command[3:]]
+    if command[0] == "ettin":
+        return [sys.executable, "-m", "ettin.cli", *command[1:]]
     assert command[0] == "python", command
     return [sys.executable, *command[1:]]
 
@@ -123,7 +126,7 @@ def work(tmp_path_factory):
         hf.save_tokenizer(str(root / "tokenizer.json"), ids, root / folder)
     yaml_block, commands = readme_journey()
     (root / "bio.yaml").write_text(yaml_block)
-    assert commands[0][:3] == ["python", "-m", "data_tools"], commands[0]
+    assert commands[0][:3] == ["ettin", "data", "prepare"], commands[0]
     ok(run(runnable(commands[0]), root))  # prepare, with the model folder's tokenizer
     return {"root": root, "commands": commands}
 

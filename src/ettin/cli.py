@@ -1,4 +1,9 @@
-"""The ``ettin`` command line. Every user mistake ends as one ``error:`` line and exit code 2."""
+"""The ``ettin`` command line. Every user mistake ends as one ``error:`` line and exit code 2.
+
+One ``add_<command>_parser(sub)`` per command, next to its handlers; the launch, plan and data commands keep their
+parsers beside their logic (ettin.launch, ettin.data.commands). Building the parser imports no torch (nor
+transformers, deepspeed, ...): ``ettin --help`` stays fast on a login node, and handlers import what they need.
+"""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +21,98 @@ from ettin.errors import EttinError, run_reporting
 
 def _overrides_help() -> str:
     return "key=value overrides (e.g. model=400m objective=clm optim.lr=1e-3)"
+
+
+def _checkpoints_of(path: str):
+    """The checkpoints a path names (itself, or a run folder's): shared by checkpoint verify and data-order export."""
+    from pathlib import Path
+
+    from ettin.train.checkpoint import latest_checkpoint, list_checkpoints
+
+    found = [Path(path)] if latest_checkpoint(path) == Path(path) else list_checkpoints(path)
+    if not found:
+        raise EttinError(f"{path} holds no complete checkpoints: pass a run folder or a checkpoint folder")
+    return found
+
+
+# ----------------------------------------------------------------------------- train
+
+
+def add_train_parser(sub) -> None:
+    tr = sub.add_parser("train", help="train one phase (launch with torchrun or srun; resumes by itself)",
+                        description="Train one phase of one model. Start one process per device with torchrun "
+                        "or srun; the run folder (run_dir) is resumed from its newest complete checkpoint. "
+                        "Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped early (requeue me).")
+    tr.add_argument("experiment")
+    tr.add_argument("overrides", nargs="*", help=_overrides_help())
+    tr.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from ettin.train.signals import StopFlag
+
+    stop = StopFlag()  # first: a USR2/TERM during the slow start-up must still lead to a clean stop
+    from ettin.train.trainer import train
+
+    return train(load_config(args.experiment, args.overrides), stop)
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def add_plot_parser(sub) -> None:
+    pl = sub.add_parser("plot", help="write a PNG of a run's loss and throughput")
+    pl.add_argument("run", help="run folder (with metrics.jsonl)")
+    pl.add_argument("--out", help="output PNG (default: RUN/metrics.png)")
+    pl.set_defaults(func=cmd_plot)
+
+
+def cmd_plot(args) -> int:
+    from ettin.train.metrics import plot
+
+    print(f"wrote {plot(args.run, args.out)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- launch
+
+
+def add_launch_parser(sub) -> None:
+    """``ettin launch submit|status|cancel``: the parsers of ettin.launch, which ``python -m launch.*`` use too."""
+    from ettin.launch.status import add_cancel_parser, add_status_parser
+    from ettin.launch.submit import add_submit_parser
+
+    launch = sub.add_parser("launch", help="submit, watch and cancel the Slurm jobs of the recipe",
+                            description="The recipe on a Slurm cluster: submit one chained job per (size, objective, "
+                            "phase), watch their state and progress, cancel them. Also runs as python -m "
+                            "launch.submit|status|cancel.").add_subparsers(dest="action", required=True)
+    add_submit_parser(launch)
+    add_status_parser(launch)
+    add_cancel_parser(launch)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def add_config_parser(sub) -> None:
+    config = sub.add_parser("config", help="list, show and diff configurations").add_subparsers(
+        dest="action", required=True)
+    config.add_parser("list", help="list experiments and group files").set_defaults(func=cmd_config_list)
+    show = config.add_parser("show", help="print the resolved config of an experiment")
+    show.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
+    show.add_argument("overrides", nargs="*", help=_overrides_help())
+    show.set_defaults(func=cmd_config_show)
+    diff = config.add_parser(
+        "diff", help="print what overrides change against the recipe",
+        description="Resolve the experiment twice, as the recipe and with the overrides, and print every key whose "
+        "value differs as 'key: recipe -> now' (or 'no differences'). Group choices (model=, objective=, phase=, "
+        "data=) pick the recipe point to compare against; the key=value overrides are the changes shown. "
+        "Example: ettin config diff ettin model=400m phase=decay optim.lr=1e-3")
+    diff.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
+    diff.add_argument("overrides", nargs="*", help=_overrides_help())
+    diff.add_argument("--bare", action="store_true",
+                      help="compare against the experiment with no overrides at all, so group choices show too")
+    diff.set_defaults(func=cmd_config_diff)
 
 
 def cmd_config_list(args) -> int:
@@ -90,6 +187,35 @@ def cmd_config_diff(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- hf
+
+
+def add_hf_parser(sub) -> None:
+    hfp = sub.add_parser("hf", help="Hugging Face export, import and parity check").add_subparsers(
+        dest="action", required=True)
+    exp = hfp.add_parser("export", help="write a ModernBertForMaskedLM / ModernBertDecoderForCausalLM directory")
+    exp.add_argument("--checkpoint", help="an ettin model folder (model.safetensors + model.json)")
+    exp.add_argument("--config", help="build from this experiment instead, randomly initialized")
+    exp.add_argument("--init-seed", type=int, default=21, help="seed for --config initialization (default 21)")
+    exp.add_argument("--tokenizer", help="tokenizer.json to ship with the model")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--verify-all", action="store_true",
+                     help="check the weights' digest against the checkpoint's manifest too (reads the file twice); "
+                     "sizes and the small files are always checked")
+    exp.add_argument("overrides", nargs="*", help=_overrides_help() + " (with --config)")
+    exp.set_defaults(func=cmd_hf_export)
+    imp = hfp.add_parser("import", help="read a Hugging Face ModernBERT(-decoder) directory into ettin weights")
+    imp.add_argument("dir", help="Hugging Face model directory")
+    imp.add_argument("--out", required=True, help="output ettin model folder")
+    imp.set_defaults(func=cmd_hf_import)
+    chk = hfp.add_parser("check", help="compare transformers' logits with ours on random documents")
+    chk.add_argument("dir", help="Hugging Face model directory")
+    chk.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| (default 1e-4)")
+    chk.add_argument("--lengths", type=int, nargs="+", default=[1, 5, 64, 129, 300], help="document lengths to test")
+    chk.add_argument("--seed", type=int, default=0)
+    chk.set_defaults(func=cmd_hf_check)
+
+
 def _build(cfg, seed: int):
     import torch
 
@@ -138,10 +264,22 @@ def cmd_hf_check(args) -> int:
     return 0 if ok else 1
 
 
-def cmd_demo(args) -> int:
-    from ettin.demo import main as demo
+# ----------------------------------------------------------------------------- data-order
 
-    return demo(["--out", args.out, "--steps", str(args.steps)])
+
+def add_data_order_parser(sub) -> None:
+    order = sub.add_parser("data-order", help="the global data order: predict it, or export a run's").add_subparsers(
+        dest="action", required=True)
+    oshow = order.add_parser("show", help="print the batches of steps A..B-1 without training")
+    oshow.add_argument("experiment")
+    oshow.add_argument("overrides", nargs="*", help=_overrides_help())
+    oshow.add_argument("--steps", required=True, help="A:B")
+    oshow.add_argument("--samples", action="store_true", help="list every sample (position, source, index, length, id)")
+    oshow.set_defaults(func=cmd_data_order_show)
+    oexp = order.add_parser("export", help="parquet rows (step, input_ids, source, sample_index, id) per checkpoint")
+    oexp.add_argument("path", help="a run folder or one checkpoint folder")
+    oexp.add_argument("--out", required=True)
+    oexp.set_defaults(func=cmd_data_order_export)
 
 
 def _step_range(text: str) -> range:
@@ -172,19 +310,31 @@ def cmd_data_order_show(args) -> int:
               f"hash {step_hash(batch.digests)[:16]} ({mix})")
         if args.samples:
             for r in rows:
-                print(f"  {r['position']:>10} {r['source']:<20} {r['sample_index']:>10} {len(r['input_ids']):>6} {r['id']}")
+                print(f"  {r['position']:>10} {r['source']:<20} {r['sample_index']:>10} {len(r['input_ids']):>6} "
+                      f"{r['id']}")
     return 0
 
 
-def _checkpoints_of(path: str):
-    from pathlib import Path
+def cmd_data_order_export(args) -> int:
+    from ettin.data.ledger import export_order
 
-    from ettin.train.checkpoint import latest_checkpoint, list_checkpoints
+    for folder in export_order(_checkpoints_of(args.path), args.out):
+        print(f"wrote {folder}")
+    return 0
 
-    found = [Path(path)] if latest_checkpoint(path) == Path(path) else list_checkpoints(path)
-    if not found:
-        raise EttinError(f"{path} holds no complete checkpoints: pass a run folder or a checkpoint folder")
-    return found
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+def add_checkpoint_parser(sub) -> None:
+    ckpt = sub.add_parser("checkpoint", help="check checkpoints").add_subparsers(dest="action", required=True)
+    verify = ckpt.add_parser(
+        "verify", help="check every file of a run's checkpoints against their manifests",
+        description="Check every file of each checkpoint (size and XXH3-128 digest) against its manifest.json and "
+        "print one line per checkpoint: OK, BAD with the damaged file, or unverified (written before manifests). "
+        "Exit 2 when any is damaged.")
+    verify.add_argument("path", help="a run folder or one checkpoint folder")
+    verify.set_defaults(func=cmd_checkpoint_verify)
 
 
 def cmd_checkpoint_verify(args) -> int:
@@ -208,12 +358,16 @@ def cmd_checkpoint_verify(args) -> int:
     return 0
 
 
-def cmd_data_order_export(args) -> int:
-    from ettin.data.ledger import export_order
+# ----------------------------------------------------------------------------- replay
 
-    for folder in export_order(_checkpoints_of(args.path), args.out):
-        print(f"wrote {folder}")
-    return 0
+
+def add_replay_parser(sub) -> None:
+    rep = sub.add_parser("replay", help="rebuild a step's batch from the data and check it against the ledger")
+    rep.add_argument("checkpoint")
+    rep.add_argument("--step", type=int, required=True)
+    rep.add_argument("--decode", action="store_true", help="print the batch's text")
+    rep.add_argument("--tokenizer", help="tokenizer.json for --decode")
+    rep.set_defaults(func=cmd_replay)
 
 
 def cmd_replay(args) -> int:
@@ -244,20 +398,23 @@ def cmd_replay(args) -> int:
     return 0 if r["match"] else 1
 
 
-def cmd_train(args) -> int:
-    from ettin.train.signals import StopFlag
-
-    stop = StopFlag()  # first: a USR2/TERM during the slow start-up must still lead to a clean stop
-    from ettin.train.trainer import train
-
-    return train(load_config(args.experiment, args.overrides), stop)
+# ----------------------------------------------------------------------------- demo
 
 
-def cmd_plot(args) -> int:
-    from ettin.train.metrics import plot
+def add_demo_parser(sub) -> None:
+    demo = sub.add_parser("demo", help="the main job end to end on this machine (what `make demo` runs)")
+    demo.add_argument("--out", default="demo_out", help="working folder (recreated)")
+    demo.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
+    demo.set_defaults(func=cmd_demo)
 
-    print(f"wrote {plot(args.run, args.out)}")
-    return 0
+
+def cmd_demo(args) -> int:
+    from ettin.demo import main as demo
+
+    return demo(["--out", args.out, "--steps", str(args.steps)])
+
+
+# ----------------------------------------------------------------------------- eval
 
 
 def add_eval_parser(sub) -> None:
@@ -268,7 +425,8 @@ def add_eval_parser(sub) -> None:
                                    "folder gets eval.csv, eval.md and eval.png. An exported Hugging Face folder "
                                    "is scored through transformers on the sets of --like RUN. --compare puts the "
                                    "in-loop validation curves of several runs side by side.")
-    p.add_argument("target", nargs="?", help="a checkpoint folder, a run folder, or a Hugging Face folder (with --like)")
+    p.add_argument("target", nargs="?",
+                   help="a checkpoint folder, a run folder, or a Hugging Face folder (with --like)")
     p.add_argument("overrides", nargs="*", help="key=value over the checkpoint's config (e.g. eval.max_tokens=100000)")
     p.add_argument("--sets", help="comma-separated set names (default: all)")
     p.add_argument("--out", help="where a run folder's table goes (default: the run folder)")
@@ -299,98 +457,27 @@ def cmd_eval(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- the parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ettin", description="Train paired encoder (MLM) / decoder (CLM) models.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    tr = sub.add_parser("train", help="train one phase (launch with torchrun or srun; resumes by itself)",
-                        description="Train one phase of one model. Start one process per device with torchrun "
-                        "or srun; the run folder (run_dir) is resumed from its newest complete checkpoint. "
-                        "Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped early (requeue me).")
-    tr.add_argument("experiment")
-    tr.add_argument("overrides", nargs="*", help=_overrides_help())
-    tr.set_defaults(func=cmd_train)
-    pl = sub.add_parser("plot", help="write a PNG of a run's loss and throughput")
-    pl.add_argument("run", help="run folder (with metrics.jsonl)")
-    pl.add_argument("--out", help="output PNG (default: RUN/metrics.png)")
-    pl.set_defaults(func=cmd_plot)
-
+    """The whole ``ettin`` parser; the order here is the order of ``ettin --help``."""
+    from ettin.data.commands import add_data_parser
     from ettin.launch.plan import add_plan_parser
 
+    p = argparse.ArgumentParser(prog="ettin", description="Train paired encoder (MLM) / decoder (CLM) models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_data_parser(sub)
+    add_train_parser(sub)
+    add_plot_parser(sub)
     add_plan_parser(sub)
-
-    config = sub.add_parser("config", help="list, show and diff configurations").add_subparsers(dest="action", required=True)
-    config.add_parser("list", help="list experiments and group files").set_defaults(func=cmd_config_list)
-    show = config.add_parser("show", help="print the resolved config of an experiment")
-    show.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
-    show.add_argument("overrides", nargs="*", help=_overrides_help())
-    show.set_defaults(func=cmd_config_show)
-    diff = config.add_parser(
-        "diff", help="print what overrides change against the recipe",
-        description="Resolve the experiment twice, as the recipe and with the overrides, and print every key whose "
-        "value differs as 'key: recipe -> now' (or 'no differences'). Group choices (model=, objective=, phase=, "
-        "data=) pick the recipe point to compare against; the key=value overrides are the changes shown. "
-        "Example: ettin config diff ettin model=400m phase=decay optim.lr=1e-3")
-    diff.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
-    diff.add_argument("overrides", nargs="*", help=_overrides_help())
-    diff.add_argument("--bare", action="store_true",
-                      help="compare against the experiment with no overrides at all, so group choices show too")
-    diff.set_defaults(func=cmd_config_diff)
-
-    hfp = sub.add_parser("hf", help="Hugging Face export, import and parity check").add_subparsers(dest="action", required=True)
-    exp = hfp.add_parser("export", help="write a ModernBertForMaskedLM / ModernBertDecoderForCausalLM directory")
-    exp.add_argument("--checkpoint", help="an ettin model folder (model.safetensors + model.json)")
-    exp.add_argument("--config", help="build from this experiment instead, randomly initialized")
-    exp.add_argument("--init-seed", type=int, default=21, help="seed for --config initialization (default 21)")
-    exp.add_argument("--tokenizer", help="tokenizer.json to ship with the model")
-    exp.add_argument("--out", required=True, help="output directory")
-    exp.add_argument("--verify-all", action="store_true",
-                     help="check the weights' digest against the checkpoint's manifest too (reads the file twice); "
-                     "sizes and the small files are always checked")
-    exp.add_argument("overrides", nargs="*", help=_overrides_help() + " (with --config)")
-    exp.set_defaults(func=cmd_hf_export)
-    imp = hfp.add_parser("import", help="read a Hugging Face ModernBERT(-decoder) directory into ettin weights")
-    imp.add_argument("dir", help="Hugging Face model directory")
-    imp.add_argument("--out", required=True, help="output ettin model folder")
-    imp.set_defaults(func=cmd_hf_import)
-    chk = hfp.add_parser("check", help="compare transformers' logits with ours on random documents")
-    chk.add_argument("dir", help="Hugging Face model directory")
-    chk.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed |logit difference| (default 1e-4)")
-    chk.add_argument("--lengths", type=int, nargs="+", default=[1, 5, 64, 129, 300], help="document lengths to test")
-    chk.add_argument("--seed", type=int, default=0)
-    chk.set_defaults(func=cmd_hf_check)
-
-    order = sub.add_parser("data-order", help="the global data order: predict it, or export a run's").add_subparsers(
-        dest="action", required=True)
-    oshow = order.add_parser("show", help="print the batches of steps A..B-1 without training")
-    oshow.add_argument("experiment")
-    oshow.add_argument("overrides", nargs="*", help=_overrides_help())
-    oshow.add_argument("--steps", required=True, help="A:B")
-    oshow.add_argument("--samples", action="store_true", help="list every sample (position, source, index, length, id)")
-    oshow.set_defaults(func=cmd_data_order_show)
-    oexp = order.add_parser("export", help="parquet rows (step, input_ids, source, sample_index, id) per checkpoint")
-    oexp.add_argument("path", help="a run folder or one checkpoint folder")
-    oexp.add_argument("--out", required=True)
-    oexp.set_defaults(func=cmd_data_order_export)
-    ckpt = sub.add_parser("checkpoint", help="check checkpoints").add_subparsers(dest="action", required=True)
-    verify = ckpt.add_parser(
-        "verify", help="check every file of a run's checkpoints against their manifests",
-        description="Check every file of each checkpoint (size and XXH3-128 digest) against its manifest.json and "
-        "print one line per checkpoint: OK, BAD with the damaged file, or unverified (written before manifests). "
-        "Exit 2 when any is damaged.")
-    verify.add_argument("path", help="a run folder or one checkpoint folder")
-    verify.set_defaults(func=cmd_checkpoint_verify)
-    rep = sub.add_parser("replay", help="rebuild a step's batch from the data and check it against the ledger")
-    rep.add_argument("checkpoint")
-    rep.add_argument("--step", type=int, required=True)
-    rep.add_argument("--decode", action="store_true", help="print the batch's text")
-    rep.add_argument("--tokenizer", help="tokenizer.json for --decode")
-    rep.set_defaults(func=cmd_replay)
-
-    demo = sub.add_parser("demo", help="the main job end to end on this machine (what `make demo` runs)")
-    demo.add_argument("--out", default="demo_out", help="working folder (recreated)")
-    demo.add_argument("--steps", type=int, default=200, help="optimizer steps per model")
-    demo.set_defaults(func=cmd_demo)
+    add_launch_parser(sub)
+    add_config_parser(sub)
+    add_hf_parser(sub)
+    add_data_order_parser(sub)
+    add_checkpoint_parser(sub)
+    add_replay_parser(sub)
+    add_demo_parser(sub)
     add_eval_parser(sub)
     return p
 

@@ -141,14 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True)
     bin_dir = Path(sys.executable).parent
     ettin = [sys.executable, "-m", "ettin.cli"]
-    tools = [sys.executable, "-m", "data_tools"]
+    data = [*ettin, "data"]  # ettin data prepare|train-tokenizer; python -m data_tools is the same
 
     print("== 1-2. corpus, tokenizer, MDS shards", flush=True)
     code, docs = build_corpus(out)
-    run([*tools, "train-tokenizer", docs, "--plain-text", code, "--vocab-size", VOCAB, "--out", out / "tokenizer.json", "-q"])
-    run([*tools, "prepare", "--plain-text", code, "--out", out / "data" / "code", "--tokenizer", out / "tokenizer.json",
+    run([*data, "train-tokenizer", docs, "--plain-text", code, "--vocab-size", VOCAB, "--out", out / "tokenizer.json", "-q"])
+    run([*data, "prepare", "--plain-text", code, "--out", out / "data" / "code", "--tokenizer", out / "tokenizer.json",
          "--seq-len", SEQ_LEN, "--workers", 2, "--quiet"])
-    run([*tools, "prepare", docs, "--out", out / "data" / "docs", "--tokenizer", out / "tokenizer.json",
+    run([*data, "prepare", docs, "--out", out / "data" / "docs", "--tokenizer", out / "tokenizer.json",
          "--seq-len", SEQ_LEN, "--quiet"])
     exp = experiment(out, args.steps)
 

@@ -207,7 +207,7 @@ def check_tokenizer(cfg: ExperimentConfig, manifest, path: str | Path) -> None:
     if bad:
         raise ConfigError(f"the data's tokenizer ({describe(data)}; {data_where}) does not match the model's "
                           f"({describe(model)}; {path}): prepare the data with the model's tokenizer "
-                          f"(python -m data_tools prepare ... --tokenizer {path})")
+                          f"(ettin data prepare ... --tokenizer {path})")
 
 
 class WholeTensors:

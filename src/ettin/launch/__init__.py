@@ -4,9 +4,28 @@
 - :mod:`ettin.launch.slurm_job`: the sbatch script of a run (through submitit) and its requeue rule;
 - :mod:`ettin.launch.cluster`: the few Slurm client calls (ping, job state, cancel);
 - :mod:`ettin.launch.registry`: ``jobs.json`` / ``jobs.txt`` in the run root;
-- :mod:`ettin.launch.submit`, :mod:`ettin.launch.status`: the ``launch.submit``, ``launch.status``
-  and ``launch.cancel`` command lines;
+- :mod:`ettin.launch.submit`, :mod:`ettin.launch.status`: ``ettin launch submit|status|cancel``
+  (also ``python -m launch.submit|status|cancel`` from the repo, or anywhere once installed);
 - :mod:`ettin.launch.plan`: ``ettin plan``, tokens, steps, checkpoints and GPU-hours per run.
 
 Nothing here imports torch: submitting and planning stay fast on a login node.
 """
+from __future__ import annotations
+
+import argparse
+from typing import Callable
+
+
+def run_alone(add_parser: Callable[[argparse._SubParsersAction], argparse.ArgumentParser], prog: str,
+              argv: list[str] | None = None) -> int:
+    """Run one ``ettin launch`` command as its own program (``python -m launch.submit`` and the like).
+
+    The parser is the very one ``ettin launch`` builds, so the two spellings cannot drift apart in flags,
+    help or exit codes; only the name in the usage line differs.
+    """
+    from ettin.errors import run_reporting
+
+    parser = add_parser(argparse.ArgumentParser(prog=prog).add_subparsers())
+    parser.prog = prog
+    args = parser.parse_args(argv)
+    return run_reporting(lambda: args.func(args))

@@ -1,9 +1,10 @@
-"""``python -m launch.status`` and ``python -m launch.cancel``: the runs of a run root, and stopping them.
+"""``ettin launch status`` and ``ettin launch cancel``: the runs of a run root, and stopping them.
 
 Status joins three sources per run: the job (``jobs.json`` -> Slurm's state and requeue count),
 the newest complete checkpoint (``state.json``: tokens, final), and the last line of
 ``metrics.jsonl`` (tokens and loss of the latest step, which may be past the checkpoint). Run
 folders without a recorded job (submitted with the sbatch templates, say) are listed too.
+``python -m launch.status`` and ``python -m launch.cancel`` are the same commands under their old names.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import json
 from pathlib import Path
 
 from ettin.config import ConfigError
+from ettin.launch import run_alone
 from ettin.launch.cluster import cancel, job_info
 from ettin.launch.registry import read_jobs
 from ettin.launch.runs import CHAIN, CROSS, OBJECTIVES, known_sizes, last_metrics, newest_checkpoint, parse_list, size_order
-from ettin.errors import EttinError, report
 from ettin.fileio import FileError, read_yaml
 
 PHASE_ORDER = {p: i for i, p in enumerate((*CHAIN, CROSS))}
@@ -92,48 +93,64 @@ def _check_root(run_root: Path) -> None:
         raise ConfigError(f"run root {run_root} does not exist: pass the --run-root you submitted with")
 
 
-def status_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.status", description="Job state and progress of every run of a run root.")
+def add_status_parser(subparsers) -> argparse.ArgumentParser:
+    """``status``: one parser for ``ettin launch status`` and ``python -m launch.status``."""
+    p = subparsers.add_parser("status", help="job state and progress of every run of a run root",
+                              description="Job state and progress of every run of a run root.")
     p.add_argument("--run-root", default="runs/ettin")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm for job states (progress only)")
-    args = p.parse_args(argv)
-    try:
-        root = Path(args.run_root).resolve()
-        _check_root(root)
-        rows = collect(root, query_slurm=not args.no_slurm)
-    except EttinError as e:
-        return report(e)
+    p.set_defaults(func=cmd_status)
+    return p
+
+
+def cmd_status(args) -> int:
+    root = Path(args.run_root).resolve()
+    _check_root(root)
+    rows = collect(root, query_slurm=not args.no_slurm)
     print(json.dumps(rows, indent=1) if args.json else format_status(rows), end="\n" if args.json else "")
     return 0
 
 
-def cancel_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.cancel",
-                                description="Cancel the live jobs of a run root (all of them, or those selected).")
+def add_cancel_parser(subparsers) -> argparse.ArgumentParser:
+    """``cancel``: one parser for ``ettin launch cancel`` and ``python -m launch.cancel``."""
+    p = subparsers.add_parser("cancel", help="cancel the live jobs of a run root",
+                              description="Cancel the live jobs of a run root (all of them, or those selected).")
     p.add_argument("--run-root", default="runs/ettin")
     p.add_argument("--sizes", default="all")
     p.add_argument("--objectives", default="all")
     p.add_argument("--phases", default="all", help="pretrain, extension, decay, cross (default all)")
     p.add_argument("--runs", help="run keys such as 17m-mlm-pretrain (instead of the filters)")
-    args = p.parse_args(argv)
-    try:
-        root = Path(args.run_root).resolve()
-        _check_root(root)
-        records = read_jobs(root)
-        if args.runs:
-            chosen = parse_list(args.runs, sorted(records), "run", "--runs")
-        else:
-            sizes = parse_list(args.sizes, known_sizes(), "size", "--sizes")
-            objectives = parse_list(args.objectives, OBJECTIVES, "objective", "--objectives")
-            phases = parse_list(args.phases, (*CHAIN, CROSS), "phase", "--phases")
-            chosen = [k for k, r in records.items() if r["size"] in sizes and r["objective"] in objectives and r["phase"] in phases]
-        infos = job_info([records[k]["job_id"] for k in chosen])
-        live = [k for k in chosen if infos[records[k]["job_id"]].active]
-        cancel([records[k]["job_id"] for k in live])
-    except EttinError as e:
-        return report(e)
+    p.set_defaults(func=cmd_cancel)
+    return p
+
+
+def cmd_cancel(args) -> int:
+    root = Path(args.run_root).resolve()
+    _check_root(root)
+    records = read_jobs(root)
+    if args.runs:
+        chosen = parse_list(args.runs, sorted(records), "run", "--runs")
+    else:
+        sizes = parse_list(args.sizes, known_sizes(), "size", "--sizes")
+        objectives = parse_list(args.objectives, OBJECTIVES, "objective", "--objectives")
+        phases = parse_list(args.phases, (*CHAIN, CROSS), "phase", "--phases")
+        chosen = [k for k, r in records.items()
+                  if r["size"] in sizes and r["objective"] in objectives and r["phase"] in phases]
+    infos = job_info([records[k]["job_id"] for k in chosen])
+    live = [k for k in chosen if infos[records[k]["job_id"]].active]
+    cancel([records[k]["job_id"] for k in live])
     for k in live:
         print(f"cancelled {k} (job {records[k]['job_id']}, was {infos[records[k]['job_id']].state})")
     print(f"{len(live)} job(s) cancelled; {len(chosen) - len(live)} selected run(s) had no live job")
     return 0
+
+
+def status_main(argv: list[str] | None = None) -> int:
+    """``python -m launch.status``: the parser of ``ettin launch status``, under its old name."""
+    return run_alone(add_status_parser, "python -m launch.status", argv)
+
+
+def cancel_main(argv: list[str] | None = None) -> int:
+    """``python -m launch.cancel``: the parser of ``ettin launch cancel``, under its old name."""
+    return run_alone(add_cancel_parser, "python -m launch.cancel", argv)

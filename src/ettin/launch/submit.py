@@ -1,11 +1,12 @@
-"""``python -m launch.submit``: one Slurm job per (size, objective, phase), chained, through submitit.
+"""``ettin launch submit``: one Slurm job per (size, objective, phase), chained, through submitit.
 
 Every input is checked before anything is submitted: sizes, objectives and phases exist, the
 rank count divides by the TP size, every run's config composes (so a typo fails here, not
 after a week in the queue), the run root is writable, Slurm answers, and no run already has a
 live job. Later phases wait for earlier ones (``afterok``), cross-objective runs for the other
 objective's decay run; all jobs also carry ``singleton`` (one job per run at a time). If a
-submission fails half way, the jobs it already submitted are cancelled.
+submission fails half way, the jobs it already submitted are cancelled. ``python -m launch.submit``
+is the same command under its old name.
 """
 from __future__ import annotations
 
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ettin.config import ConfigError, config_dir, load_config, validate
+from ettin.launch import run_alone
 from ettin.launch.cluster import SlurmError, cancel, job_info, require_slurm, vet_submission
 from ettin.launch.registry import JOBS_JSON, JOBS_TXT, format_table, read_jobs, record_jobs
 from ettin.launch.runs import (OBJECTIVES, Run, is_complete, known_sizes, parse_list, parse_phases, plan_runs)
 from ettin.launch.slurm_job import JobSpec, TrainTask, job_name, sbatch_text, submitit_parameters
-from ettin.errors import EttinError, report
 
 # set per run by the launcher; a user override of them would give every run the same value
 RESERVED = {"model": "--sizes", "objective": "--objectives", "phase": "--phases / --cross", "run_dir": "--run-root",
@@ -32,12 +33,13 @@ RESERVED = {"model": "--sizes", "objective": "--objectives", "phase": "--phases 
 DRY_RUN_MARK = "#### ettin dry-run:"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m launch.submit",
+def add_submit_parser(subparsers) -> argparse.ArgumentParser:
+    """``submit``: one parser for ``ettin launch submit`` and ``python -m launch.submit`` (the same flags)."""
+    p = subparsers.add_parser(
+        "submit", help="submit one Slurm job per (size, objective, phase), chained",
         description="Submit one Slurm job per (size, objective, phase) through submitit, each later phase "
         "waiting for the earlier one. Jobs requeue themselves when ettin train stops early (exit 75).",
-        epilog="Example: python -m launch.submit --sizes 17m,150m --objectives mlm,clm --cross --nodes 1 "
+        epilog="Example: ettin launch submit --sizes 17m,150m --objectives mlm,clm --cross --nodes 1 "
         "--gpus-per-node 4 --partition gpu --time 24:00:00 --run-root runs/ettin")
     p.add_argument("--sizes", required=True, help="comma-separated model sizes (17m,32m,68m,150m,400m,1b) or all")
     p.add_argument("--objectives", default="mlm,clm", help="mlm, clm or both (default mlm,clm)")
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="ettin", help="experiment name or YAML (default ettin)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
+    p.set_defaults(func=submit)
     return p
 
 
@@ -182,7 +185,7 @@ def prepare(args) -> Submission:
             old = recorded.get(run.key)
             if old and old["job_id"] in live:
                 raise ConfigError(f"{run.key} already has job {old['job_id']} ({infos[old['job_id']].state}); cancel it "
-                                  f"(python -m launch.cancel --run-root {run_root} --runs {run.key}) or leave it out")
+                                  f"(ettin launch cancel --run-root {run_root} --runs {run.key}) or leave it out")
     sub = Submission(spec, run_root, runs, argvs, planned, recorded, live, {"ETTIN_CONFIG_DIR": str(config_dir())})
     placeholders = {run.key: f"<{run.key}>" for run in runs}
     for run in runs:  # every run's starting point exists, or will
@@ -269,8 +272,5 @@ def _stderr_into(file):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return submit(args)
-    except EttinError as e:
-        return report(e)
+    """``python -m launch.submit``: the parser of ``ettin launch submit``, under its old name."""
+    return run_alone(add_submit_parser, "python -m launch.submit", argv)
