@@ -1,19 +1,14 @@
-"""``python -m data_tools TOOL ...``: dispatch to one tool's ``main``."""
+"""``python -m data_tools TOOL ...``: dispatch to one tool of :mod:`ettin.data.commands`."""
 from __future__ import annotations
 
-import importlib
 import sys
 
-TOOLS = {
-    "prepare": ("data_tools.prepare", "corpus files -> tokenized MDS shards + stats.json"),
-    "train-tokenizer": ("data_tools.train_tokenizer", "train a small byte-level BPE tokenizer"),
-    "inspect": ("data_tools.inspect", "summarize an MDS dataset directory"),
-}
+from ettin.data.commands import COMMANDS, run_tool
 
 
 def usage() -> str:
-    lines = ["usage: python -m data_tools {" + ",".join(TOOLS) + "} [--help] ...", "", "tools:"]
-    lines += [f"  {name:<16} {about}" for name, (_, about) in TOOLS.items()]
+    lines = ["usage: python -m data_tools {" + ",".join(COMMANDS) + "} [--help] ...", "", "tools:"]
+    lines += [f"  {name:<16} {command.about}" for name, command in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -22,13 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    tool = TOOLS.get(argv[0])
-    if tool is None:
-        print(f"error: unknown tool {argv[0]!r}; choose one of {', '.join(TOOLS)}",
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown tool {argv[0]!r}; choose one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    module = importlib.import_module(tool[0])
-    return module.main(argv[1:], prog=f"python -m data_tools {argv[0]}")
+    return run_tool(argv[0], argv[1:], prog=f"python -m data_tools {argv[0]}")
 
 
 if __name__ == "__main__":  # guarded: spawned workers import this module too

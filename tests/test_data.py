@@ -13,13 +13,14 @@ import torch
 
 from ettin.errors import EttinError
 from ettin.config import load_config, to_yaml
-from ettin.data.collate import IGNORE, Collator, step_hash, token_budget_cut
+from ettin.data.collate import Collator, step_hash, token_budget_cut
 from ettin.data.ledger import CONFIG_FILE, Ledger, read_ledger, replay
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.manifest import build_manifest
 from ettin.data.mds import DataError, MDSSource
 from ettin.data.order import GlobalOrder, derive_key, permute
 from ettin.data.schedule import BatchSchedule
+from ettin.model import IGNORE
 from ettin.testing import synthetic_corpus, write_mds_source
 
 VOCAB = 512

@@ -136,7 +136,7 @@ def step0_reference(cfg, folder: Path, **changes) -> float:
     ``changes`` replace config.json fields (what the phase changed, e.g. RoPE θ)."""
     from transformers import AutoConfig, ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
-    from ettin.data.collate import IGNORE
+    from ettin.model import IGNORE
     from ettin.data.loader import DataPipeline, RankSteps
 
     _, batch = RankSteps(DataPipeline.from_config(cfg))[0]

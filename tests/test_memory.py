@@ -5,7 +5,7 @@ import torch
 
 from ettin import memory
 from ettin.config import ConfigError, load_config
-from ettin.data.collate import IGNORE
+from ettin.model import IGNORE
 from ettin.parallel import init_process_groups
 
 SIZES = ("17m", "32m", "68m", "150m", "400m", "1b")

@@ -6,8 +6,8 @@ import torch
 
 from ettin import hf
 from ettin.config import ConfigError, load_config
-from ettin.data.collate import IGNORE, Collator
-from ettin.model import EMBEDDING_PADDING_IDX
+from ettin.data.collate import Collator
+from ettin.model import EMBEDDING_PADDING_IDX, IGNORE
 from ettin.parallel import full_state_dict, init_process_groups
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ettin.data.prepare import (STAGING_DIR, PrepareError, chunk_document, find_inputs,
-                                plan_chunks, prepare)
+from ettin.data.inputs import InputError, find_inputs
+from ettin.data.prepare import STAGING_DIR, PrepareError, chunk_document, plan_chunks, prepare
 from ettin.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_bpe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_input_names_must_be_unique(tmp_path):
     for d in ("x", "y"):
         (tmp_path / d).mkdir()
         (tmp_path / d / "a.jsonl").write_text('{"text": "a"}\n')
-    with pytest.raises(PrepareError, match="would both be named 'a.jsonl'"):
+    with pytest.raises(InputError, match="would both be named 'a.jsonl'"):
         find_inputs([tmp_path / "x" / "a.jsonl", tmp_path / "y" / "a.jsonl"])
     found = find_inputs([tmp_path / "y", tmp_path / "x"])
     assert [s.name for s in found] == ["x/a.jsonl", "y/a.jsonl"]
@@ -400,7 +400,7 @@ def test_unreadable_file_stops_the_run_and_a_rerun_without_it_reuses_the_rest(tm
     truncated = gzip.compress((tmp_path / "corpus" / "part-000.jsonl").read_bytes())[:-40]
     (tmp_path / "corpus" / "part-001.jsonl.gz").write_bytes(truncated)
     out = tmp_path / "out"
-    with pytest.raises(PrepareError, match=r"cannot read input .*part-001\.jsonl\.gz"):
+    with pytest.raises(InputError, match=r"cannot read input .*part-001\.jsonl\.gz"):
         prepare([tmp_path / "corpus"], out, tokenizer_path, workers=2)
     assert (out / STAGING_DIR).is_dir() and not (out / "stats.json").exists()
 
@@ -513,3 +513,56 @@ def test_help(command):
 
 def test_unknown_tool_is_an_error():
     assert "unknown tool 'prep'" in one_error_line(run_cli("data_tools", "prep"))
+
+
+# ---------------------------------------------------------------------------------------------
+# ettin data …: the same handlers behind the ettin command line
+
+
+def run_ettin_data(argv: list[str]) -> int:
+    """What the ettin command line does with ``ettin data …`` (ettin.cli wires add_data_parser)."""
+    import argparse
+
+    from ettin.data.commands import add_data_parser
+    from ettin.errors import run_reporting
+
+    parser = argparse.ArgumentParser(prog="ettin")
+    add_data_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["data", *argv])
+    return run_reporting(lambda: args.func(args))
+
+
+def test_ettin_data_runs_the_same_tools(tmp_path, tokenizer_path, capsys):
+    from data_tools.prepare import main
+
+    write_corpus(tmp_path / "corpus", files=3, docs_per_file=6, seed=8)
+    common = [str(tmp_path / "corpus"), "--tokenizer", str(tokenizer_path), "--shard-size",
+              "16kb", "-q"]
+    assert main([*common, "--out", str(tmp_path / "tools")]) == 0
+    tools = capsys.readouterr().out
+    assert run_ettin_data(["prepare", *common, "--out", str(tmp_path / "ettin")]) == 0
+    ettin = capsys.readouterr().out
+    assert dir_bytes(tmp_path / "ettin") == dir_bytes(tmp_path / "tools")
+    assert (tools.replace(str(tmp_path / "tools"), "OUT").splitlines()[:-1]
+            == ettin.replace(str(tmp_path / "ettin"), "OUT").splitlines()[:-1])  # not "done in"
+
+    assert run_ettin_data(["inspect", str(tmp_path / "ettin"), "-q"]) == 0
+    assert "samples  " in capsys.readouterr().out
+    assert run_ettin_data(["prepare", str(tmp_path / "missing.jsonl"), "--out",
+                           str(tmp_path / "x"), "--tokenizer", str(tokenizer_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing.jsonl" in err[0]
+
+
+def test_ettin_data_prepare_reports_ctrl_c_as_resumable(tmp_path, tokenizer_path, capsys,
+                                                        monkeypatch):
+    import ettin.data.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ettin.data.prepare, "prepare", interrupted)
+    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
+    assert run_ettin_data(["prepare", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
+                           "--tokenizer", str(tokenizer_path)]) == 130
+    assert capsys.readouterr().err == "error: interrupted; rerun the same command to resume\n"

@@ -23,8 +23,7 @@ import xxhash
 from ettin.attention import Documents
 from ettin.config import OBJECTIVE_CAUSAL
 from ettin.data.order import derive_key
-
-IGNORE = -100
+from ettin.model import IGNORE
 
 
 @dataclass

@@ -1,19 +1,9 @@
-"""Corpus files -> tokenized, chunked MDS shards plus ``stats.json`` (``data_tools prepare``).
+"""Corpus files -> tokenized, chunked MDS shards plus ``stats.json`` (``ettin data prepare``).
 
 Inputs
-    ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` (one JSON object per line) and ``.parquet`` files
-    hold one document per record, in the field ``text_field`` (default ``text``). A ``.txt``
-    file, or any file given with ``plain_text`` (itself or anywhere under a directory), is one
-    document. Directories are walked recursively, skipping hidden entries (names starting with
-    ``.``); ``include`` globs, if given, filter the files found there by base name. Each input
-    file gets a *name*: a file given directly is its base name, a file found under a directory
-    ``D`` is ``<D's name>/<path inside D>``. Names must be unique; samples are written in sorted
-    name order, then record order.
-
-Document and sample ids
-    A document's id is its record's ``id`` field when present, else ``<name>:<n>`` where ``n``
-    is the 1-based line (JSONL) or row (parquet) number; a plain-text document's id is its name.
-    Sample ``k`` of a document has id ``<doc id>#<k>``.
+    Which files are read and how, document ids and bad records: :mod:`ettin.data.inputs` (the
+    formats are its ``INPUT_FORMATS``). Samples are written in sorted input name order, then
+    record order. Sample ``k`` of a document has id ``<doc id>#<k>``.
 
 Chunking (docs/RECIPE.md "Data"; :func:`plan_chunks`, :func:`chunk_document`), ``body = seq_len - 2``
     1. The document's tokens are cut into consecutive pieces of ``body`` tokens; only the last
@@ -32,15 +22,13 @@ Chunking (docs/RECIPE.md "Data"; :func:`plan_chunks`, :func:`chunk_document`), `
     Documents are never packed together. ``seq_len`` must be at least 130 (a 128-token piece
     plus the two specials), so that only a tail can be under 128 tokens.
 
-Bad records are skipped and counted by kind, with file and line for the first few:
-    ``invalid_json`` (a JSONL line that does not parse), ``missing_text`` (no text field, or a
-    null / non-string one, or a JSON value that is not an object), ``non_utf8`` (bytes that are
-    not UTF-8, or a lone surrogate escape), ``empty_text`` (empty or whitespace-only text, or
-    text that gives no tokens). Blank JSONL lines are skipped silently (they still count in line
-    numbers). A file that cannot be read at all (a truncated ``.gz``, a broken ``.parquet``)
-    stops the run with one error naming it; finished files are kept for the rerun. Inputs that
-    give no sample at all (empty files, or every record bad) are an error, ``no usable
-    documents in …`` with the skip counts: nothing is written and the staging folder is removed.
+Bad records
+    Skipped and counted by kind (:mod:`ettin.data.inputs`), with file and line for the first
+    few; a document whose text gives no tokens is one more ``empty_text``. A file that cannot
+    be read at all (a truncated ``.gz``, a broken ``.parquet``) stops the run with one error
+    naming it; finished files are kept for the rerun. Inputs that give no sample at all (empty
+    files, or every record bad) are an error, ``no usable documents in …`` with the skip
+    counts: nothing is written and the staging folder is removed.
 
 Output, parallelism and resumability
     Each input file is tokenized by a worker process into a *part* in ``OUT/.prepare-staging/``
@@ -62,10 +50,7 @@ Output, parallelism and resumability
 from __future__ import annotations
 
 import ctypes
-import fnmatch
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -75,16 +60,19 @@ import signal
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
-import numpy as np
-
+from ettin.data.inputs import (BAD_RECORD_KINDS, BadRecord, Document, InputFile, find_inputs,
+                               iter_records)
 from ettin.data.tokenizer import (load_tokenizer, resolve_tokenizer_path, special_token_ids,
                                   tokenizer_identity)
 from ettin.errors import EttinError
+from ettin.fileio import write_json_atomic
+
+# numpy is imported where tokens are handled: ``ettin data``'s parser reads this module's
+# defaults and must stay light.
 
 MIN_CHUNK_TOKENS = 128  # shorter pieces are dropped, except a document's first
 BACKFILL_TOKENS = 512  # a shorter tail is back-filled to this many tokens
@@ -96,13 +84,11 @@ COMPRESSION = "zstd"
 # Shard hashes streaming records in index.json, for the compressed and the raw file: xxh3_64 is
 # the fastest streaming knows (GB/s, ~10 ms for a 64 MB shard), and the reader checks it once.
 SHARD_HASHES = ["xxh3_64"]
-BAD_RECORD_KINDS = ("invalid_json", "missing_text", "non_utf8", "empty_text")
 EXAMPLES_PER_KIND = 5  # bad records reported with file and line, per kind
 STAGING_DIR = ".prepare-staging"
 STATS_FILE = "stats.json"
 INDEX_FILE = "index.json"
 STATS_VERSION = 1
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 # encode_batch works on this many documents (or bytes of text) at a time: large enough to
 # amortize the per-call overhead, small enough to keep a worker's memory flat.
 BATCH_DOCUMENTS = 256
@@ -155,231 +141,6 @@ def chunk_document(tokens: Sequence[int], seq_len: int, cls_id: int,
     """A document's samples: its kept pieces, each wrapped ``[CLS] … [SEP]``."""
     return [[cls_id, *map(int, tokens[start:end]), sep_id]
             for start, end in plan_chunks(len(tokens), seq_len).spans]
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs
-
-
-@dataclass(frozen=True)
-class InputFile:
-    path: str  # absolute
-    name: str  # relative name: document ids, order, stats
-    kind: str  # jsonl | parquet | text
-    size: int
-    mtime_ns: int
-
-    @classmethod
-    def of(cls, path: Path, name: str, kind: str) -> InputFile:
-        st = path.stat()
-        return cls(str(path.resolve()), name, kind, st.st_size, st.st_mtime_ns)
-
-
-def _kind_of(filename: str) -> Optional[str]:
-    if filename.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if filename.endswith(".parquet"):
-        return "parquet"
-    if filename.endswith(".txt"):
-        return "text"
-    return None
-
-
-def _walk(directory: Path) -> Iterator[Path]:
-    for root, dirnames, filenames in os.walk(directory):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for filename in sorted(filenames):
-            if not filename.startswith("."):
-                yield Path(root) / filename
-
-
-def find_inputs(paths: Sequence[Union[str, Path]], *,
-                plain_text: Sequence[Union[str, Path]] = (),
-                include: Sequence[str] = ()) -> list[InputFile]:
-    """Expand files and directories into input files, sorted by name (module docstring)."""
-    found: dict[str, InputFile] = {}
-
-    def add(source: InputFile) -> None:
-        other = found.get(source.name)
-        if other is not None and other.path != source.path:
-            raise PrepareError(f"inputs {other.path} and {source.path} would both be named "
-                               f"{source.name!r}; pass a directory above them instead")
-        found[source.name] = source
-
-    args = [(Path(p), False) for p in paths] + [(Path(p), True) for p in plain_text]
-    if not args:
-        raise PrepareError("no inputs given; pass files or directories (or --plain-text DIR)")
-    for path, as_text in args:
-        if not path.exists():
-            raise PrepareError(f"input {path} does not exist; check the path")
-        if path.is_dir():
-            for file in _walk(path):
-                if include and not any(fnmatch.fnmatch(file.name, p) for p in include):
-                    continue
-                kind = "text" if as_text else _kind_of(file.name)
-                if kind is not None:
-                    rel = file.relative_to(path).as_posix()
-                    add(InputFile.of(file, f"{path.resolve().name}/{rel}", kind))
-        else:
-            kind = "text" if as_text else _kind_of(path.name)
-            if kind is None:
-                raise PrepareError(f"input {path}: unknown format; expected .jsonl, .jsonl.gz, "
-                                   f".jsonl.zst, .parquet or .txt (or pass it with --plain-text)")
-            add(InputFile.of(path, path.name, kind))
-    if not found:
-        raise PrepareError(f"no input files found under {', '.join(str(p) for p, _ in args)}; "
-                           f"expected .jsonl, .jsonl.gz, .jsonl.zst, .parquet or .txt files")
-    return [found[name] for name in sorted(found)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Records
-
-
-class Document(NamedTuple):
-    line: int  # 1-based line (JSONL) or row (parquet); 1 for a plain-text file
-    doc_id: str
-    text: str
-    text_bytes: int  # UTF-8 size of text
-
-
-class BadRecord(NamedTuple):
-    kind: str  # one of BAD_RECORD_KINDS
-    line: int
-    detail: str
-
-
-def _clean_id(raw_id) -> str:
-    text = str(raw_id)
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: keep it visible, not fatal
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _document(source: InputFile, line: int, text, raw_id, text_field: str):
-    if text is None:
-        return BadRecord("missing_text", line, f"no {text_field!r} field (or it is null)")
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError as e:
-            return BadRecord("non_utf8", line, f"invalid UTF-8 at byte {e.start} of {text_field!r}")
-    if not isinstance(text, str):
-        return BadRecord("missing_text", line,
-                         f"{text_field!r} is a {type(text).__name__}, not a string")
-    if not text or text.isspace():
-        return BadRecord("empty_text", line, f"{text_field!r} is empty or whitespace")
-    try:
-        text_bytes = len(text.encode("utf-8"))
-    except UnicodeEncodeError as e:
-        return BadRecord("non_utf8", line, f"{text_field!r} holds a lone surrogate "
-                                           f"(U+{ord(text[e.start]):04X}) at character {e.start}")
-    doc_id = f"{source.name}:{line}" if raw_id is None or raw_id == "" else _clean_id(raw_id)
-    return Document(line, doc_id, text, text_bytes)
-
-
-@contextmanager
-def _open_lines(path: str):
-    """A binary file object over the decompressed bytes of a .jsonl[.gz|.zst] file."""
-    if path.endswith(".gz"):
-        with gzip.open(path, "rb") as f:
-            yield f
-    elif path.endswith(".zst"):
-        import zstandard
-
-        with open(path, "rb") as raw:
-            # read_across_frames: concatenated .zst files (common for sharded dumps) are valid
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            with io.BufferedReader(reader, buffer_size=1 << 20) as f:
-                yield f
-    else:
-        with open(path, "rb", buffering=1 << 20) as f:
-            yield f
-
-
-def _jsonl_records(source: InputFile, text_field: str):
-    with _open_lines(source.path) as f:
-        for line_no, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                yield BadRecord("non_utf8", line_no, f"invalid UTF-8 at byte {e.start}")
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                yield BadRecord("invalid_json", line_no, f"{e.msg} at column {e.colno}")
-                continue
-            if not isinstance(record, dict):
-                yield BadRecord("missing_text", line_no,
-                                f"the line is a JSON {type(record).__name__}, not an object")
-                continue
-            yield _document(source, line_no, record.get(text_field), record.get("id"), text_field)
-
-
-def _parquet_records(source: InputFile, text_field: str):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    file = pq.ParquetFile(source.path)
-    names = file.schema_arrow.names
-    if text_field not in names:
-        for row in range(1, file.metadata.num_rows + 1):
-            yield BadRecord("missing_text", row, f"no {text_field!r} column")
-        return
-    columns = [text_field] + (["id"] if "id" in names and text_field != "id" else [])
-    row = 0
-    for batch in file.iter_batches(batch_size=1024, columns=columns):
-        texts = batch.column(text_field)
-        # As bytes, so that invalid UTF-8 is one bad row rather than a failed batch.
-        if pa.types.is_string(texts.type):
-            texts = texts.cast(pa.binary())
-        elif pa.types.is_large_string(texts.type):
-            texts = texts.cast(pa.large_binary())
-        ids = batch.column("id").to_pylist() if "id" in columns else [None] * batch.num_rows
-        for text, raw_id in zip(texts.to_pylist(), ids):
-            row += 1
-            yield _document(source, row, text, raw_id, text_field)
-
-
-def _text_records(source: InputFile, text_field: str):
-    with open(source.path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        yield BadRecord("non_utf8", data.count(b"\n", 0, e.start) + 1,
-                        f"invalid UTF-8 at byte {e.start}")
-        return
-    if not text or text.isspace():
-        yield BadRecord("empty_text", 1, "the file is empty or whitespace")
-        return
-    yield Document(1, source.name, text, len(data))
-
-
-def _read_errors() -> tuple:
-    import pyarrow
-    import zstandard
-
-    return (OSError, EOFError, zstandard.ZstdError, pyarrow.ArrowException)
-
-
-def iter_records(source: InputFile,
-                 text_field: str = "text") -> Iterator[Union[Document, BadRecord]]:
-    """Every record of one input file, in order: a :class:`Document` or a :class:`BadRecord`."""
-    readers = {"jsonl": _jsonl_records, "parquet": _parquet_records, "text": _text_records}
-    try:
-        yield from readers[source.kind](source, text_field)
-    except Exception as e:
-        if not isinstance(e, _read_errors()):
-            raise
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PrepareError(f"cannot read input {source.path}: {reason}; fix or remove the file "
-                           f"and rerun") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -478,6 +239,8 @@ def write_part(source: InputFile, part_dir: Path, tokenizer, settings: ChunkSett
 
 
 def _tokenize_into(tmp: Path, source: InputFile, tokenizer, settings: ChunkSettings) -> Counts:
+    import numpy as np
+
     counts = Counts()
     cls = np.array([settings.cls_id], dtype=np.uint32)
     sep = np.array([settings.sep_id], dtype=np.uint32)
@@ -581,12 +344,6 @@ def _is_dataset_file(name: str) -> bool:
             or re.fullmatch(r"shard\.\d{5}\.mds(\.zstd)?", name) is not None)
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _plan_changes(previous: dict, plan: dict) -> str:
     changes = []
     if previous.get("tokenizer") != plan["tokenizer"]:
@@ -634,11 +391,13 @@ def _open_output(out: Path, plan: dict, overwrite: bool) -> None:
         raise PrepareError(f"{out} is not empty and holds no dataset; choose an empty or new "
                            f"--out")
     staging.mkdir(parents=True)
-    _write_json_atomic(staging / "plan.json", plan)
+    write_json_atomic(staging / "plan.json", plan, indent=2)
 
 
 def _append_part(writer, part: Path) -> Counts:
     """Write one part's samples to the MDS writer, in order."""
+    import numpy as np
+
     counts = Counts.from_json(json.loads((part / "counts.json").read_text()))
     tokens_file = part / "tokens.u32"
     tokens = (np.memmap(tokens_file, dtype=np.uint32, mode="r")
@@ -678,8 +437,9 @@ def prepare(inputs: Sequence[Union[str, Path]], out: Union[str, Path],
             log: Optional[Callable[[str], None]] = None) -> dict:
     """Tokenize, chunk and write ``inputs`` as MDS shards in ``out``; returns the stats.json dict.
 
-    Resumes a killed run into the same ``out`` (module docstring). Raises :class:`PrepareError`
-    or :class:`ettin.data.tokenizer.TokenizerError` before touching ``out`` for bad arguments.
+    Resumes a killed run into the same ``out`` (module docstring). Raises :class:`PrepareError`,
+    :class:`ettin.data.inputs.InputError` or :class:`ettin.data.tokenizer.TokenizerError` before
+    touching ``out`` for bad arguments, and ``InputError`` for an input file it cannot read.
     """
     log = log or (lambda message: None)
     if workers < 1:
@@ -815,7 +575,10 @@ def _write_merged(sources, staging: Path, merged: Path, tokenizer_path: str,
         "bad_records": counts["bad_records"],
         "inputs": per_input,
     }
-    _write_json_atomic(merged_tmp / STATS_FILE, stats)
+    write_json_atomic(merged_tmp / STATS_FILE, stats, indent=2)
+    # write_json_atomic's file is private (mkstemp: 0600); training reads stats.json, so it is
+    # shared like the shards: the mode MDSWriter gave index.json (0666 less the umask).
+    os.chmod(merged_tmp / STATS_FILE, (merged_tmp / INDEX_FILE).stat().st_mode & 0o777)
     os.rename(merged_tmp, merged)
 
 

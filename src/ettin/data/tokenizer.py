@@ -15,10 +15,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from ettin.data.inputs import BadRecord, find_inputs, iter_records
 from ettin.errors import EttinError
+
+if TYPE_CHECKING:  # tokenizers is imported where it is used: parsers read SPECIAL_TOKENS
+    from tokenizers import Tokenizer
 
 SPECIAL_TOKENS = ("[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]")  # ids 0..4, in this order
 BYTE_ALPHABET_SIZE = 256  # a byte-level BPE starts from one token per byte
@@ -53,6 +56,8 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Read a ``tokenizer.json`` from a local path (never downloads anything)."""
+    from tokenizers import Tokenizer
+
     path = resolve_tokenizer_path(path)
     try:
         return Tokenizer.from_file(str(path))
@@ -86,6 +91,8 @@ def special_token_ids(tokenizer: Tokenizer, cls_id: Optional[int] = None,
 
 def new_bpe_tokenizer() -> Tokenizer:
     """An untrained byte-level BPE whose encode() adds [CLS] … [SEP], like ModernBERT's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -94,6 +101,8 @@ def new_bpe_tokenizer() -> Tokenizer:
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> Tokenizer:
     """Train a byte-level BPE on ``texts`` with the special tokens at ids 0..4."""
+    from tokenizers import AddedToken, pre_tokenizers, processors, trainers
+
     if vocab_size < MIN_VOCAB_SIZE:
         raise TokenizerError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at "
                              f"least {MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + "
@@ -126,13 +135,11 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, *,
                     plain_text: Sequence[str | Path] = (), include: Sequence[str] = (),
                     text_field: str = "text", min_frequency: int = 2,
                     progress: bool = False) -> tuple[Tokenizer, TrainingInput]:
-    """Train on the documents ``data_tools prepare`` would read from the same arguments.
+    """Train on the documents ``ettin data prepare`` would read from the same arguments.
 
     Bad records are skipped and counted, as in prepare. Returns the tokenizer (not saved) and
-    what was read; raises :class:`ettin.data.prepare.PrepareError` for missing inputs.
+    what was read; raises :class:`ettin.data.inputs.InputError` for missing or unreadable inputs.
     """
-    from ettin.data.prepare import BadRecord, find_inputs, iter_records  # prepare imports us
-
     sources = find_inputs(inputs, plain_text=plain_text, include=include)
     read = TrainingInput()
 
