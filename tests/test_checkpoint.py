@@ -3,6 +3,7 @@
 Real checkpoints written by ``write_checkpoint`` (tiny tensors, no training), damaged the ways disks
 and kills damage them: cut short, one byte flipped, not JSON any more.
 """
+import os
 import json
 from pathlib import Path
 
@@ -138,6 +139,16 @@ def test_write_json_atomic_replaces_in_one_rename(tmp_path):
     write_json_atomic(path, {"a": 1})
     write_json_atomic(path, {"a": 2})
     assert read_json(path) == {"a": 2} and [p.name for p in path.parent.iterdir()] == ["x.json"]
+
+
+def test_write_json_atomic_gives_the_mode_of_any_new_file(tmp_path):
+    """Not mkstemp's private 0600: stats.json and run folders are read by other users of a cluster."""
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "shared.json", {})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared.json").stat().st_mode & 0o777 == 0o644
 
 
 def test_checkpoint_verify_prints_one_line_per_checkpoint_and_exits_2_on_damage(tmp_path, capsys):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +107,14 @@ def load_safetensors(path: str | Path, fix: str | None = None) -> dict:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` by one rename of a sibling temporary file: readers see the old or the new file."""
+    """Replace ``path`` by one rename of a sibling temporary file: readers see the old or the new file.
+
+    The file gets the mode any new file gets (0666 less the umask), not mkstemp's 0600: datasets and run
+    folders are shared between users of a cluster."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -576,9 +576,6 @@ def _write_merged(sources, staging: Path, merged: Path, tokenizer_path: str,
         "inputs": per_input,
     }
     write_json_atomic(merged_tmp / STATS_FILE, stats, indent=2)
-    # write_json_atomic's file is private (mkstemp: 0600); training reads stats.json, so it is
-    # shared like the shards: the mode MDSWriter gave index.json (0666 less the umask).
-    os.chmod(merged_tmp / STATS_FILE, (merged_tmp / INDEX_FILE).stat().st_mode & 0o777)
     os.rename(merged_tmp, merged)
 
 
