@@ -60,7 +60,7 @@ def test_every_preset_resolves(size, objective, phase):
         local_10k = (phase == "extension" and size == "17m") or (
             phase == "decay" and objective == "clm" and size in ("17m", "32m", "68m", "400m"))
         assert (g, loc) == (160000, 10000 if local_10k else 160000)
-    s = cfg.schedule
+    s = cfg.lr_schedule
     if phase == "pretrain":
         assert (s.shape, s.warmup_tokens, s.start_factor, s.end_factor) == ("constant", warmup, 1.0, 1.0)
         assert cfg.objective.mask_rate == 0.30

@@ -116,13 +116,13 @@ def _norm(tensors) -> float:
 
 def _linear(stage: int, tp: int) -> dict:
     """One step of each variant from the same weights; the fp32 moments after step 1 are the gradient."""
-    from ettin.train.engine import full_state, grad_norm, skipped_steps
+    from ettin.train.engine import gather_training_state, grad_norm, skipped_steps
 
     out = {}
     for variant, (bf16, accum) in VARIANTS.items():
         model, engine, optimizer = _engine(stage, bf16, accum, tp)
         _linear_backward(engine, model)
-        weights, moments = full_state(model, keep=True)
+        weights, moments = gather_training_state(model, keep=True)
         out[variant] = {"weights": weights, "exp_avg": {n: moments[f"{n}.exp_avg"] for n in weights},
                         "norm": float(grad_norm(engine, optimizer)), "skipped": skipped_steps(engine),
                         "wrapper": type(engine.optimizer).__name__,
@@ -136,16 +136,16 @@ def _linear(stage: int, tp: int) -> dict:
 
 def _overflow(stage: int, tp: int) -> dict:
     """A step with an inf gradient on one rank, then a finite one."""
-    from ettin.train.engine import full_state, grad_norm, skipped_steps
+    from ettin.train.engine import gather_training_state, grad_norm, skipped_steps
 
     model, engine, optimizer = _engine(stage, True, "fp32", tp)
-    before, _ = full_state(model, keep=True)
+    before, _ = gather_training_state(model, keep=True)
     _linear_backward(engine, model, step=0, poison=True)
-    after_skip, _ = full_state(model, keep=True)
+    after_skip, _ = gather_training_state(model, keep=True)
     skip = {"skipped": skipped_steps(engine), "norm": float(grad_norm(engine, optimizer)),
             "optimizer_step": optimizer.param_groups[0]["step"]}
     _linear_backward(engine, model, step=1)
-    _, moments = full_state(model, keep=True)
+    _, moments = gather_training_state(model, keep=True)
     return {"before": before, "after_skip": after_skip, "skip": skip, "skipped_after": skipped_steps(engine),
             "norm_after": float(grad_norm(engine, optimizer)), "optimizer_step": optimizer.param_groups[0]["step"],
             "exp_avg": {n: moments[f"{n}.exp_avg"] for n in before}, "expected": _expected_grad(model, step=1)}
@@ -204,7 +204,7 @@ def _real(stage: int, tp: int, tmp_dir: str) -> dict:
     from safetensors.torch import save_file
 
     from ettin.train.checkpoint import TensorFile
-    from ettin.train.engine import full_state, grad_norm, load_full_state, skipped_steps
+    from ettin.train.engine import gather_training_state, grad_norm, restore_training_state, skipped_steps
 
     vocab = _cfg(stage, "fp32", tp).model.vocab_size
     steps = list(_batches(vocab, 3))
@@ -220,7 +220,7 @@ def _real(stage: int, tp: int, tmp_dir: str) -> dict:
     out["moved"] = all(not torch.equal(a, p.detach().float()) for a, p in zip(start, model.parameters()))
     out["losses"].append(_model_step(engine, steps[1]))
     out["skipped"] = skipped_steps(engine)
-    weights, moments = full_state(model, keep=True)
+    weights, moments = gather_training_state(model, keep=True)
     folder = f"{tmp_dir}/stage{stage}_tp{tp}"
     if dist.get_rank() == 0:
         save_file(weights, f"{folder}_weights.safetensors")
@@ -228,13 +228,13 @@ def _real(stage: int, tp: int, tmp_dir: str) -> dict:
     dist.barrier()
 
     model_b, engine_b, optimizer_b = _engine(stage, True, "fp32", tp, seed=1)
-    load_full_state(model_b, optimizer_b, TensorFile(f"{folder}_weights.safetensors"),
+    restore_training_state(model_b, optimizer_b, TensorFile(f"{folder}_weights.safetensors"),
                     TensorFile(f"{folder}_moments.safetensors"), step=optimizer.param_groups[0]["step"])
-    out["reloaded"] = full_state(model_b, keep=True)
+    out["reloaded"] = gather_training_state(model_b, keep=True)
     out["saved"] = (weights, moments)
     out["working_copy_equal"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))
     out["next_losses"] = (_model_step(engine, steps[2]), _model_step(engine_b, steps[2]))
-    out["next"] = (full_state(model, keep=True), full_state(model_b, keep=True))
+    out["next"] = (gather_training_state(model, keep=True), gather_training_state(model_b, keep=True))
     return out
 
 

@@ -105,12 +105,12 @@ def expected(size: str, objective: str, phase: str) -> dict:
         "model.intermediate_size": row["inner"], "model.num_heads": row["heads"],
         "model.vocab_size": 50368,
         "optim.lr": row["peak"], "optim.weight_decay": row["wd"], "optim.betas": [0.9, 0.98], "optim.eps": 1e-6,
-        "schedule.shape": "constant" if constant else ("wsd" if wsd else OUR_SHAPE[row["sched"]]),
-        "schedule.warmup_tokens": row["t_warmup"],
-        "schedule.start_factor": start,
-        "schedule.end_factor": start if constant else start * row["alpha_f"],  # alpha_f is relative to lr
+        "lr_schedule.shape": "constant" if constant else ("wsd" if wsd else OUR_SHAPE[row["sched"]]),
+        "lr_schedule.warmup_tokens": row["t_warmup"],
+        "lr_schedule.start_factor": start,
+        "lr_schedule.end_factor": start if constant else start * row["alpha_f"],  # alpha_f is relative to lr
         # one_minus_sqrt decays over the whole phase (t_decay = t_max); ours has no knob for it and keeps 0
-        "schedule.decay_tokens": row["t_decay"] if wsd else 0,
+        "lr_schedule.decay_tokens": row["t_decay"] if wsd else 0,
         "batch.global_size": 4608,
         "batch.warmup_tokens": row["bs_warmup"],
         "batch.warmup_start_size": GPUS * (row["micro"] if row["bs_warmup"] else SIZES[size][9]),
@@ -153,8 +153,8 @@ def test_the_table_matches_the_recipe_summary():
     assert [GPUS * SIZES[s][9] for s in SIZES] == [576, 512, 384, 288, 192, 96]
     assert [published(s, "mlm", "cross")["lr"] * SIZES[s][5] for s in SIZES] == pytest.approx(
         [1.5e-3, 1.5e-3, 1.5e-3, 4e-4, 2.5e-4, 2.5e-4])
-    assert expected("1b", "clm", "cross")["schedule.end_factor"] == pytest.approx(0.01)
-    assert expected("400m", "mlm", "decay")["schedule.end_factor"] == pytest.approx(0.02)
+    assert expected("1b", "clm", "cross")["lr_schedule.end_factor"] == pytest.approx(0.01)
+    assert expected("400m", "mlm", "decay")["lr_schedule.end_factor"] == pytest.approx(0.02)
     assert len(RUNS) == 48
 
 

@@ -20,7 +20,8 @@ from ettin.data.ledger import read_ledger
 from ettin.parallel import free_port
 from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
 from ettin.train.checkpoint import list_checkpoints
-from ettin.train.optim import StableAdamW, lr_factor
+from ettin.train.lr_schedule import lr_factor
+from ettin.train.optim import StableAdamW
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,7 @@ def test_stableadamw_matches_torch_optimi_per_tensor():
 def test_lr_schedules_follow_their_formulas():
     for phase in ("pretrain", "extension", "decay", "cross"):
         cfg = load_config("ettin", [f"phase={phase}", "model=150m"])
-        s, total = cfg.schedule, cfg.phase.tokens
+        s, total = cfg.lr_schedule, cfg.phase.tokens
         if phase == "pretrain":
             assert lr_factor(1.5e9, s, total) == pytest.approx(0.5)  # half way through the 3B warmup
             assert lr_factor(1e12, s, total) == 1.0
@@ -327,7 +328,7 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
         assert state["final"] and state["step"] == max(m)
         tokens_before = 0
         for step in sorted(m):  # the LR of each step is the schedule at the tokens seen before it
-            expected = cfg.optim.lr * lr_factor(tokens_before, cfg.schedule, cfg.phase.tokens)
+            expected = cfg.optim.lr * lr_factor(tokens_before, cfg.lr_schedule, cfg.phase.tokens)
             assert m[step]["lr"] == pytest.approx(expected, rel=1e-9), (objective, phase, step)
             tokens_before = m[step]["tokens"]
     pre = json.loads((list_checkpoints(runs[("mlm", "pretrain")])[-1] / "state.json").read_text())
@@ -338,7 +339,7 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
     cfg = load_config(corpus["exp"], ["objective=clm", "phase=cross", *short, "schedule.decay_tokens=1000"])
     m, tokens_before = metrics(cross), 0
     for step in sorted(m):
-        assert m[step]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(tokens_before, cfg.schedule, cfg.phase.tokens))
+        assert m[step]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(tokens_before, cfg.lr_schedule, cfg.phase.tokens))
         tokens_before = m[step]["tokens"]
     # decoder -> encoder: MNTP by default, with the cross phase's batch ramp
     ramp = ["schedule.decay_tokens=1000", "batch.warmup_tokens=1500", "batch.warmup_start_size=4"]

@@ -16,6 +16,9 @@ Backends:
 - ``sdpa``: ``scaled_dot_product_attention`` (any device; the CPU default): per document for global
   layers, in blocks of the window for local ones.
 
+``BACKENDS`` maps each name to its implementation (and when it is usable): ``model.attn_backend``
+takes ``auto`` or any name there, so a new backend is one entry in that table.
+
 A backend first ``prepare``s a plan for one batch and one mask kind, once per forward; every layer of
 that kind then reuses it. ``reference_check`` compares a backend with a dense fp64 reference on a
 fixed set of documents, for the tests here and for acceptance runs on a GPU.
@@ -26,7 +29,7 @@ import importlib.util
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -333,14 +336,6 @@ class FlashAttention:
         return self._fn(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout_p, causal=causal, window_size=window)
 
 
-BACKENDS = {"sdpa": SdpaAttention, "flex": FlexAttention, "flash": FlashAttention, "varlen": VarlenAttention}
-NEEDS = {
-    "flex": "torch.nn.attention.flex_attention",
-    "flash": "CUDA and the flash-attn package (pip install .[flash])",
-    "varlen": "CUDA (compute capability 8.0 or newer) and torch.nn.attention.varlen",
-}
-
-
 def _has_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None
@@ -358,32 +353,56 @@ def _varlen_usable() -> bool:
     return hasattr(varlen, "varlen_attn")
 
 
+@dataclass(frozen=True)
+class Backend:
+    """One entry of :data:`BACKENDS`: ``build()`` makes the implementation (an object with ``name``,
+    ``prepare(docs, spec)`` and ``__call__(q, k, v, plan, dropout_p)``, like the classes above);
+    ``usable()`` says whether it runs here, and ``needs`` what it needs when it does not."""
+
+    build: Callable[[], object]
+    usable: Callable[[], bool] = lambda: True
+    needs: str = ""
+
+
+AUTO = "auto"  # model.attn_backend's default: chosen by build_attention from AUTO_ON_CUDA, else sdpa
+# The backends model.attn_backend may name (ettin.config validates against this table): adding one
+# is one entry here.
+BACKENDS: dict[str, Backend] = {
+    "sdpa": Backend(SdpaAttention),
+    "flex": Backend(FlexAttention, lambda: _has_module("torch.nn.attention.flex_attention"),
+                    "torch.nn.attention.flex_attention"),
+    "flash": Backend(FlashAttention, lambda: torch.cuda.is_available() and _has_module("flash_attn"),
+                     "CUDA and the flash-attn package (pip install .[flash])"),
+    "varlen": Backend(VarlenAttention, _varlen_usable,
+                      "CUDA (compute capability 8.0 or newer) and torch.nn.attention.varlen"),
+}
+AUTO_ON_CUDA = ("varlen", "flash", "flex")  # auto's preference for a model on CUDA; sdpa when none is available
+
+
+def backend_names() -> list[str]:
+    """Every name model.attn_backend accepts: auto, then the registered backends."""
+    return [AUTO, *BACKENDS]
+
+
 def available_backends() -> list[str]:
-    names = ["sdpa"]
-    if _has_module("torch.nn.attention.flex_attention"):
-        names.append("flex")
-    if torch.cuda.is_available() and _has_module("flash_attn"):
-        names.append("flash")
-    if _varlen_usable():
-        names.append("varlen")
-    return names
+    return [name for name, backend in BACKENDS.items() if backend.usable()]
 
 
-def build_attention(name: str = "auto", device_type: str | None = None):
+def build_attention(name: str = AUTO, device_type: str | None = None):
     """``auto``: for a model on CUDA (``device_type``; by default, wherever CUDA is available),
     torch's varlen kernel, else flash-attn when installed, else FlexAttention; SDPA elsewhere (a
     CPU run on a GPU node included)."""
     names = available_backends()
-    if name == "auto":
+    if name == AUTO:
         on_cuda = torch.cuda.is_available() if device_type is None else device_type == "cuda"
-        preferred = ("varlen", "flash", "flex") if on_cuda else ()
+        preferred = AUTO_ON_CUDA if on_cuda else ()
         name = next((n for n in preferred if n in names), "sdpa")
     if name not in BACKENDS:
-        raise EttinError(f"unknown attention backend '{name}': use one of auto, {', '.join(BACKENDS)}")
+        raise EttinError(f"unknown attention backend '{name}': use one of {', '.join(backend_names())}")
     if name not in names:
-        raise EttinError(f"attention backend '{name}' is not available here (it needs {NEEDS[name]}; "
+        raise EttinError(f"attention backend '{name}' is not available here (it needs {BACKENDS[name].needs}; "
                          f"available: {', '.join(names)}); set model.attn_backend to one of those")
-    return BACKENDS[name]()
+    return BACKENDS[name].build()
 
 
 def reference_attention(q, k, v, docs: Documents, spec: MaskSpec) -> torch.Tensor:

@@ -11,14 +11,16 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Dict, List, Literal, Optional, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from ettin.errors import EttinError
+from ettin.train.lr_schedule import SHAPES
 
 GROUPS = ("model", "objective", "phase", "data")  # in merge order
 FROM_CHECKPOINT = "from_checkpoint"  # model=from_checkpoint: no preset, the checkpoint's model (ettin.pretrained)
@@ -26,6 +28,23 @@ FROM_CHECKPOINT = "from_checkpoint"  # model=from_checkpoint: no preset, the che
 
 class ConfigError(EttinError):
     """A user mistake in a config file or override; str() is the one-line message."""
+
+
+# The closed choices: a field annotated with one of these takes exactly its values (checked by
+# _coerce when a layer is read and by validate; the message lists them). The open ones are tables
+# next to their code: model.attn_backend (ettin.attention.BACKENDS), lr_schedule.shape
+# (ettin.train.lr_schedule.SHAPES) and objective.name (OBJECTIVE_CAUSAL below).
+# How a phase starts (ettin.train.trainer Trainer._restore, ettin.pretrained): from scratch, the
+# previous phase's final checkpoint (weights and optimizer), the other objective's (weights only),
+# or released weights (phase.init_checkpoint, a Hugging Face folder or a run folder; fresh optimizer).
+PhaseInit = Literal["scratch", "previous", "other_objective", "pretrained"]
+Device = Literal["auto", "cuda", "cpu"]  # ettin.train.trainer.pick_device
+# bf16 runs: the precision of gradient accumulation and the DP reduction (ettin.train.engine, ettin.memory)
+GradAccumDtype = Literal["fp32", "bf16"]
+VerifyCheckpoints = Literal["small", "all"]  # ettin.train.checkpoint.resume_hash_limit
+WandbMode = Literal["disabled", "online", "offline"]  # ettin.train.metrics
+ZeroStage = Literal[1, 2]  # ettin.train.engine
+OptimizerName = Literal["stableadamw"]  # the one optimizer (ettin.train.optim)
 
 
 @dataclass
@@ -47,7 +66,7 @@ class ModelConfig:
     attn_out_dropout: float = 0.1
     init_std: float = 0.02
     init_cutoff: float = 2.0  # truncate the normal at this many std
-    attn_backend: str = "auto"  # auto | varlen | flash | flex | sdpa (ettin.attention)
+    attn_backend: str = "auto"  # auto or a name in ettin.attention.BACKENDS
     cls_token_id: int = 50281  # also BOS for the decoder
     sep_token_id: int = 50282  # also EOS
     pad_token_id: int = 50283
@@ -66,15 +85,16 @@ class ModelConfig:
         return Transformer(self, **kwargs)
 
 
-# Training objectives and the attention each needs (model.causal). mntp is masked next-token
-# prediction (LLM2Vec): MLM's masks, each masked token predicted from the position before it,
-# bidirectional attention; Ettin's authors used it to turn the decoders into encoders.
+# Training objectives (objective.name accepts exactly these) and the attention each needs
+# (model.causal). mntp is masked next-token prediction (LLM2Vec): MLM's masks, each masked token
+# predicted from the position before it, bidirectional attention; Ettin's authors used it to turn
+# the decoders into encoders.
 OBJECTIVE_CAUSAL = {"mlm": False, "clm": True, "mntp": False}
 
 
 @dataclass
 class ObjectiveConfig:
-    name: str = "mlm"  # mlm | clm | mntp (see OBJECTIVE_CAUSAL)
+    name: str = "mlm"  # a key of OBJECTIVE_CAUSAL
     mask_rate: float = 0.30
     mask_token_prob: float = 0.8  # of masked positions: [MASK]
     random_token_prob: float = 0.1  # of masked positions: a random token (rest unchanged)
@@ -85,8 +105,7 @@ class PhaseConfig:
     name: str = "pretrain"  # pretrain | extension | decay | cross
     tokens: int = 1_700_000_000_000  # real tokens, padding excluded
     seq_len: int = 1024
-    # scratch | previous | other_objective | pretrained (weights of phase.init_checkpoint, fresh optimizer)
-    init: str = "scratch"
+    init: PhaseInit = "scratch"
     previous: Optional[str] = None  # the phase whose final checkpoint this one starts from
     seed: int = 21
     checkpoint_every_tokens: int = 8_500_000_000
@@ -97,8 +116,9 @@ class PhaseConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    shape: str = "constant"  # constant | one_minus_sqrt | wsd
+class LRScheduleConfig:
+    """The learning-rate schedule (ettin.train.lr_schedule); not the batch-size ramp (``batch.warmup_*``)."""
+    shape: str = "constant"  # a name in ettin.train.lr_schedule.SHAPES
     warmup_tokens: int = 0
     start_factor: float = 1.0  # LR after warmup, as a fraction of optim.lr
     end_factor: float = 1.0  # LR at the end of the phase, as a fraction of optim.lr
@@ -107,7 +127,7 @@ class ScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "stableadamw"
+    name: OptimizerName = "stableadamw"
     lr: float = 8e-4
     weight_decay: float = 1e-5  # fully decoupled; never on norms and biases
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -155,7 +175,7 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     tensor: int = 1
-    zero_stage: int = 1
+    zero_stage: ZeroStage = 1
 
 
 @dataclass
@@ -166,9 +186,9 @@ class TrainConfig:
     log_every: int = 10  # progress line every N steps (metrics are written every step)
     # for MFU: the accelerator's dense bf16 datasheet peak; 0 looks it up by device name (ettin.flops)
     peak_flops_per_device: float = 0.0
-    device: str = "auto"  # auto | cuda | cpu
+    device: Device = "auto"
     device_memory_gb: float = 80.0  # the memory each rank may plan for (micro budgets, the fit check)
-    grad_accum_dtype: str = "fp32"  # fp32 | bf16: gradient accumulation and DP reduction under bf16
+    grad_accum_dtype: GradAccumDtype = "fp32"
     # CUDA: count and place every step's host<->device waits (metrics: host_syncs, host_sync_sites,
     # sync_calls); it profiles every step, so it is slow
     sync_debug: bool = False
@@ -177,7 +197,7 @@ class TrainConfig:
     deterministic: bool = False
     # what a resume or a phase start checks of a checkpoint against its manifest.json: "small" (sizes,
     # safetensors headers, digests of files up to 64 MiB) or "all" (the weights' digests too: reads it twice)
-    verify_checkpoints: str = "small"
+    verify_checkpoints: VerifyCheckpoints = "small"
 
 
 @dataclass
@@ -193,8 +213,7 @@ class EvalConfig:
 
 @dataclass
 class WandbConfig:
-    # disabled | online | offline (offline: a run folder under <run_dir>/wandb, `wandb sync` it later)
-    mode: str = "disabled"
+    mode: WandbMode = "disabled"  # offline: a run folder under <run_dir>/wandb, `wandb sync` it later
     project: Optional[str] = None
     entity: Optional[str] = None
 
@@ -213,7 +232,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     phase: PhaseConfig = field(default_factory=PhaseConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -256,6 +275,64 @@ def _did_you_mean(word: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _either(options) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    words = [str(o) for o in options]
+    return " or ".join(words) if len(words) <= 2 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _not_allowed(path: str, value: Any, allowed) -> str:
+    """The message for a value outside a closed choice (a Literal field)."""
+    return f"{path} must be {_either(allowed)}, got {value!r}{_did_you_mean(str(value), [str(a) for a in allowed])}"
+
+
+def _literal_errors(node: Any, path: str = "") -> list[str]:
+    """A message for every Literal-annotated field of the dataclass tree ``node`` outside its values."""
+    errors = []
+    hints = get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, hint, full = getattr(node, f.name), hints[f.name], f"{path}{f.name}"
+        if get_origin(hint) is Literal:
+            allowed = get_args(hint)
+            if not any(value == a and type(value) is type(a) for a in allowed):
+                errors.append(_not_allowed(full, value, allowed))
+        elif dataclasses.is_dataclass(value):
+            errors += _literal_errors(value, f"{full}.")
+    return errors
+
+
+# ----------------------------------------------------------------------------- renamed keys
+
+# old top-level key -> (new key, the release that drops the old name)
+RENAMED_KEYS = {"schedule": ("lr_schedule", "0.3")}
+_renames_said: set[str] = set()  # each rename is told once per process
+log = logging.getLogger("ettin.config")
+
+
+def _renamed(old: str) -> str:
+    new, until = RENAMED_KEYS[old]
+    return f"config key '{old}' is renamed '{new}'; the old name works until ettin {until}"
+
+
+def _rename_old_keys(node: dict, where: str) -> dict:
+    """A layer (a YAML file, a rule, an override, a checkpoint's config.yaml) that uses an old
+    top-level key gets it under its new name, with one warning per process."""
+    if not any(old in node for old in RENAMED_KEYS):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in RENAMED_KEYS:
+            new = RENAMED_KEYS[key][0]
+            if new in node:
+                raise ConfigError(f"{where}: both '{key}' and '{new}' are set: {_renamed(key)}, keep only '{new}'")
+            if key not in _renames_said:
+                _renames_said.add(key)
+                log.warning(f"warning: {_renamed(key)} (in {where})")
+            key = new
+        out[key] = value
+    return out
+
+
 # ----------------------------------------------------------------------------- checking layers
 
 
@@ -263,6 +340,8 @@ def _check_layer(node: Any, schema: type, where: str, path: str = "") -> Any:
     """Reject unknown keys (with a suggestion) and turn integral floats like 1.7e12 into ints."""
     if not isinstance(node, dict):
         raise ConfigError(f"{where}: '{path or '<root>'}' must be a mapping, got {node!r}")
+    if schema is ExperimentConfig:
+        node = _rename_old_keys(node, where)
     hints = get_type_hints(schema)
     out = {}
     for key, value in node.items():
@@ -286,6 +365,12 @@ def _coerce(value: Any, hint: Any, where: str, path: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{path}' must be a list, got {value!r}")
         return [_check_layer(v, args[0], where, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:  # a closed choice: its values, and nothing else
+        kind = type(args[0])
+        value = _coerce(value, kind, where, path) if all(type(a) is kind for a in args) else value
+        if not any(value == a and type(value) is type(a) for a in args):
+            raise ConfigError(f"{where}: {_not_allowed(path, value, args)}")
+        return value
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int and number and float(value).is_integer():
         return int(value)
@@ -438,8 +523,10 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
 
 def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     """Raise one ConfigError listing every semantic mistake, one per line."""
+    from ettin.attention import backend_names  # imports torch: only here, never at ettin.config's import
+
     m, tp = cfg.model, cfg.parallel.tensor
-    errors = []
+    errors = _literal_errors(cfg)
 
     def need(ok: bool, msg: str):
         if not ok:
@@ -467,7 +554,7 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     need(cfg.phase.seq_len > 2, f"phase.seq_len must be > 2, got {cfg.phase.seq_len}")
     need(m.window_left >= 0 and m.window_right >= 0, "model.window_left/window_right must be >= 0")
     need(not m.causal or m.window_right == 0, "a causal model must have model.window_right = 0")
-    backends = ["auto", "varlen", "flash", "flex", "sdpa"]
+    backends = backend_names()
     need(m.attn_backend in backends, f"model.attn_backend '{m.attn_backend}' unknown{_did_you_mean(m.attn_backend, backends)}; "
          f"use one of {', '.join(backends)}")
     name = cfg.objective.name
@@ -478,24 +565,16 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     need(0 < cfg.objective.mask_rate < 1, f"objective.mask_rate must be in (0, 1), got {cfg.objective.mask_rate}")
     for key in ("tokens", "checkpoint_every_tokens"):
         need(getattr(cfg.phase, key) > 0, f"phase.{key} must be positive, got {getattr(cfg.phase, key)}")
-    need(cfg.phase.init in ("scratch", "previous", "other_objective", "pretrained"),
-         f"phase.init must be scratch, previous, other_objective or pretrained, got '{cfg.phase.init}'")
     need(cfg.phase.init != "scratch" or not cfg.phase.init_checkpoint,
          f"phase.init=scratch ignores phase.init_checkpoint ({cfg.phase.init_checkpoint}): set phase.init=pretrained "
          "to start from its weights, or drop phase.init_checkpoint")
     need(cfg.phase.init != "pretrained" or cfg.phase.init_checkpoint,
          "phase.init=pretrained needs phase.init_checkpoint (a Hugging Face model folder or a run folder)")
-    need(cfg.parallel.zero_stage in (1, 2), f"parallel.zero_stage must be 1 or 2, got {cfg.parallel.zero_stage}")
     need(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
-    need(cfg.train.device in ("auto", "cuda", "cpu"), f"train.device must be auto, cuda or cpu, got '{cfg.train.device}'")
     for where, value in [("data.validation", cfg.data.validation),
                          *((f"data.sources[{i}].validation", s.validation) for i, s in enumerate(cfg.data.sources))]:
         need(value is None or (value >= 0 and (value < 1 or float(value).is_integer())),
              f"{where} must be a fraction in (0, 1), a whole count >= 1, or 0, got {value}")
-    need(cfg.train.verify_checkpoints in ("small", "all"),
-         f"train.verify_checkpoints must be small or all, got '{cfg.train.verify_checkpoints}'")
-    need(cfg.metrics.wandb.mode in ("disabled", "online", "offline"),
-         f"metrics.wandb.mode must be disabled, online or offline, got '{cfg.metrics.wandb.mode}'")
     need(cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),
          "metrics.wandb.mode is set: name the W&B project with metrics.wandb.project=NAME")
     need(cfg.metrics.wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
@@ -503,19 +582,17 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
          "or set metrics.wandb.mode=disabled")
     need(cfg.phase.init in ("scratch", "pretrained") or cfg.phase.previous,
          f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
+    lrs = cfg.lr_schedule
     for key in ("warmup_tokens", "decay_tokens"):
-        need(getattr(cfg.schedule, key) >= 0, f"schedule.{key} must be >= 0, got {getattr(cfg.schedule, key)}")
-    need(cfg.schedule.shape in ("constant", "one_minus_sqrt", "wsd"),
-         f"schedule.shape must be constant, one_minus_sqrt or wsd, got '{cfg.schedule.shape}'")
-    need(cfg.schedule.warmup_tokens + cfg.schedule.decay_tokens <= cfg.phase.tokens,
-         "schedule.warmup_tokens + schedule.decay_tokens exceed phase.tokens")
+        need(getattr(lrs, key) >= 0, f"lr_schedule.{key} must be >= 0, got {getattr(lrs, key)}")
+    need(lrs.shape in SHAPES, f"lr_schedule.shape must be {_either(SHAPES)}, got '{lrs.shape}'{_did_you_mean(lrs.shape, SHAPES)}")
+    need(lrs.warmup_tokens + lrs.decay_tokens <= cfg.phase.tokens,
+         "lr_schedule.warmup_tokens + lr_schedule.decay_tokens exceed phase.tokens")
     need(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
     need(cfg.batch.global_size > 0, f"batch.global_size must be positive, got {cfg.batch.global_size}")
     need(cfg.batch.micro_tokens >= 0, f"batch.micro_tokens must be >= 0 (0: from the memory model), got {cfg.batch.micro_tokens}")
     need(cfg.train.device_memory_gb > 0, f"train.device_memory_gb must be positive, got {cfg.train.device_memory_gb}")
-    need(cfg.train.grad_accum_dtype in ("fp32", "bf16"),
-         f"train.grad_accum_dtype must be fp32 or bf16, got '{cfg.train.grad_accum_dtype}'")
     need(cfg.train.peak_flops_per_device >= 0, "train.peak_flops_per_device must be >= 0 (0: by device name)")
     need(cfg.batch.warmup_tokens >= 0, f"batch.warmup_tokens must be >= 0, got {cfg.batch.warmup_tokens}")
     need(cfg.batch.warmup_start_size > 0 and cfg.batch.warmup_stages > 0,

@@ -11,7 +11,12 @@ import re
 import sys
 from typing import Callable, TextIO
 
+# exit codes of the entry points (here, not in ettin.train.trainer: the torch-free launch tools
+# read them too, e.g. the Slurm job script's requeue rule in ettin.launch.slurm_job)
+EXIT_OK = 0
 EXIT_USAGE = 2  # bad input: one error line, nothing lost
+EXIT_NONFINITE = 3  # ettin train: a non-finite loss stopped the run (nothing saved)
+EXIT_REQUEUE = 75  # ettin train: stopped early after saving; 75 = EX_TEMPFAIL: "try again"
 
 
 class EttinError(Exception):

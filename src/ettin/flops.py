@@ -121,11 +121,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True,
     return out
 
 
-def attended_keys(cfg: ModelConfig, seq_len: int, is_global: bool) -> float:
-    """Average number of keys a query attends to in one document of ``seq_len`` tokens."""
-    return attention_pairs([seq_len], *window(cfg, is_global)) / seq_len
-
-
 # ----------------------------------------------------------------------------- peaks, for MFU
 
 # Dense (no sparsity) bf16 tensor-core peaks per GPU, FLOP/s, from NVIDIA's datasheets: the H100

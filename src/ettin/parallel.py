@@ -262,7 +262,9 @@ def is_tp_sharded(param: torch.Tensor) -> bool:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The TP-independent state dict: every sharded parameter gathered along its split dim."""
+    """The TP-independent state dict of a plain model (no DeepSpeed engine): its working weights, every
+    sharded parameter gathered along its split dim (a checkpoint's masters and moments:
+    ettin.train.engine.gather_training_state)."""
     out = {}
     for name, p in model.named_parameters():
         out[name] = gather_tp(p.detach(), p.partition_dim) if is_tp_sharded(p) else p.detach().clone()

@@ -227,11 +227,11 @@ class WholeTensors:
 def start_from_hf(model: torch.nn.Module, optimizer, cfg: ExperimentConfig, manifest, say) -> None:
     """Check the data's tokenizer, then load the folder's weights into this rank's shards (fresh optimizer)."""
     from ettin.hf import DECODER, ENCODER, load_hf
-    from ettin.train.engine import load_full_state
+    from ettin.train.engine import restore_training_state
 
     path = cfg.phase.init_checkpoint
     check_tokenizer(cfg, manifest, path)
     theirs, weights = load_hf(path)
-    load_full_state(model, optimizer, WholeTensors(weights, path), None, 0)
+    restore_training_state(model, optimizer, WholeTensors(weights, path), None, 0)
     say(f"phase {cfg.phase.name}: starting from {HF} {path} ({DECODER if theirs.causal else ENCODER}; "
         f"weights only, fresh optimizer), clock reset")

@@ -13,9 +13,7 @@ from pathlib import Path
 from ettin.data.order import validation_settings
 from ettin.errors import EttinError
 from ettin.fileio import FileError, read_json, write_json_atomic
-
-LEDGER_FILE = "ledger.json"
-CONFIG_FILE = "config.yaml"
+from ettin.train.layout import CONFIG_FILE, LEDGER_FILE
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ettin.config import ConfigError, list_configs
 from ettin.fileio import read_json
+from ettin.train.layout import METRICS_FILE, STATE_FILE, list_checkpoints
 
 CHAIN = ("pretrain", "extension", "decay")  # the phases of one objective, in order
 CROSS = "cross"
@@ -103,19 +104,16 @@ def plan_runs(sizes: list[str], objectives: list[str], phases: list[str], cross:
 
 
 # ----------------------------------------------------------------------------- reading a run folder
-# (the same layout as ettin.train.checkpoint, read without importing torch)
+# (ettin.train.layout: the checkpoint layout, read without importing torch)
 
 
 def newest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
     """The newest complete checkpoint of a run (folders being written start with a dot) and its state.json."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = [p for p in root.iterdir() if p.name.startswith("step_") and (p / "state.json").is_file()]
+    found = list_checkpoints(run_dir)
     if not found:
         return None
-    path = max(found, key=lambda p: int(p.name[len("step_"):]))
-    return path, read_json(path / "state.json", "restore it, or move the damaged checkpoint folder aside "
+    path = found[-1]
+    return path, read_json(path / STATE_FILE, "restore it, or move the damaged checkpoint folder aside "
                            "(`ettin checkpoint verify` checks a run's checkpoints)")
 
 
@@ -128,7 +126,7 @@ def is_complete(run_dir: str | Path) -> bool:
 def last_metrics(run_dir: str | Path) -> dict | None:
     """The last training row of ``metrics.jsonl`` (read from the end: the file grows for weeks),
     with the newest validation loss before it, when there is one (``eval_loss``)."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return None
     with open(path, "rb") as f:

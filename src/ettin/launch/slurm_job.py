@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ettin.config import ConfigError
+from ettin.errors import EXIT_REQUEUE
 
-EXIT_REQUEUE = 75  # ettin train: stopped early after saving (ettin.train.trainer.EXIT_REQUEUE)
 SIGNAL_EXIT = 128 + 12  # srun's code for a task killed by USR2: warned before the trainer listened
 MIN_SIGNAL_S = 90  # the warning must leave the save this long
 SLURM_CHECK_S = 30  # slurmctld checks time limits this often: a warning may come this much early

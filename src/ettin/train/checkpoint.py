@@ -1,6 +1,7 @@
 """Checkpoints (contract 6, docs/DESIGN.md): written aside, committed by one rename, newest complete one wins.
 
-A checkpoint folder ``checkpoints/step_NNNNNNNN/`` holds
+A checkpoint folder ``checkpoints/step_NNNNNNNN/`` holds (file names and the folder reader:
+ettin.train.layout)
 - ``model.safetensors`` + ``model.json``: fp32 weights by name, whole (any TP size), and the model
   config, so ``ettin hf export --checkpoint`` reads it directly;
 - ``optimizer.safetensors``: the StableAdamW moments, whole, by name;
@@ -34,9 +35,9 @@ import torch
 from safetensors.torch import save_file
 
 from ettin.fileio import FileError, UnreadableFile, open_safetensors, read_json, write_json_atomic
+from ettin.train.layout import (MANIFEST, MODEL_JSON, MOMENTS_FILE, STATE_FILE, STEP_PREFIX, WEIGHTS_FILE,  # noqa: F401
+                                checkpoints_dir, latest_checkpoint, list_checkpoints, step_folder_name)
 
-PREFIX = "step_"
-MANIFEST = "manifest.json"
 DIGEST = "xxh3_128"
 SMALL_FILE_BYTES = 64 << 20  # files up to this size are always hashed when a checkpoint is verified
 # what the user can do about a damaged checkpoint file
@@ -50,28 +51,6 @@ class TrainState:
     samples: int = 0  # the data position: samples consumed in this phase
     optimizer_step: int = 0  # StableAdamW's step (bias correction); carried across phases
     final: bool = False  # the phase's planned tokens are done
-
-
-def checkpoints_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (folders still being written start with a dot)."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def latest_checkpoint(path: str | Path) -> Path | None:
-    """``path`` itself if it is a checkpoint, else the newest complete one of the run at ``path``."""
-    p = Path(path)
-    if (p / "state.json").is_file():
-        return p
-    found = list_checkpoints(p)
-    return found[-1] if found else None
 
 
 def versions() -> dict:
@@ -96,15 +75,15 @@ def write_checkpoint(run_dir: str | Path, state: TrainState, weights: dict, mome
                      model_json: dict, meta: dict) -> Path:
     """Write everything into a hidden folder, then rename it into place (the commit)."""
     root = checkpoints_dir(run_dir)
-    final = root / f"{PREFIX}{state.step:08d}"
+    final = root / step_folder_name(state.step)
     tmp = root / f".{final.name}.{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    save_file(weights, str(tmp / "model.safetensors"))
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    (tmp / "model.json").write_text(json.dumps(model_json, indent=2) + "\n")
+    save_file(weights, str(tmp / WEIGHTS_FILE))
+    save_file(moments, str(tmp / MOMENTS_FILE))
+    (tmp / MODEL_JSON).write_text(json.dumps(model_json, indent=2) + "\n")
     for name, text in extra_files.items():
         (tmp / name).write_text(text)
-    (tmp / "state.json").write_text(json.dumps(asdict(state) | meta | {"versions": versions()}, indent=2) + "\n")
+    (tmp / STATE_FILE).write_text(json.dumps(asdict(state) | meta | {"versions": versions()}, indent=2) + "\n")
     write_manifest(tmp)  # after every other file; the rename below is what makes the folder count
     for f in tmp.iterdir():  # the data must be on disk before the rename makes the folder count
         _fsync(f, os.O_RDONLY)
@@ -256,9 +235,9 @@ class TensorFile:
 
 def read_checkpoint(path: Path, moments: bool = True) -> tuple[dict, TensorFile, TensorFile | None]:
     """(state.json, weights, moments) of a complete checkpoint; tensors are read on demand."""
-    meta = read_json(Path(path) / "state.json", RESTORE)
-    weights = TensorFile(path / "model.safetensors")
-    opt = TensorFile(path / "optimizer.safetensors") if moments else None
+    meta = read_json(Path(path) / STATE_FILE, RESTORE)
+    weights = TensorFile(path / WEIGHTS_FILE)
+    opt = TensorFile(path / MOMENTS_FILE) if moments else None
     return meta, weights, opt
 
 
@@ -268,7 +247,7 @@ def prune(run_dir: str | Path, keep: int) -> None:
     if not root.is_dir():
         return
     for p in root.iterdir():
-        if p.name.startswith(f".{PREFIX}"):
+        if p.name.startswith(f".{STEP_PREFIX}"):
             shutil.rmtree(p, ignore_errors=True)
     if keep > 0:
         for p in list_checkpoints(run_dir)[:-keep]:

@@ -23,7 +23,7 @@ Gradient precision under bf16 (``train.grad_accum_dtype``; DeepSpeed 0.19.8 as r
 - ``bf16``: ZeRO's optimizer at both stages, gradients summed and reduced in bf16 (the old
   behaviour: ~1e-2 of the largest entry after only 6 micro-batches in tests/test_engine.py).
 Either way DeepSpeed makes the fp32 masters from the bf16 copy of the weights, so a fresh run
-starts from bf16-rounded weights; ``load_full_state`` restores full fp32 masters.
+starts from bf16-rounded weights; ``restore_training_state`` restores full fp32 masters.
 
 Why ZeRO-1 is the default: ZeRO-1 reduces once per optimizer step; ZeRO-2 owns gradient
 partitions, so every micro-batch's backward must hand its gradients to their owners: with tens of
@@ -154,8 +154,10 @@ def _layout(model: torch.nn.Module, flat_partitions: list[torch.Tensor]) -> Layo
     return Layout(segments, numel, split, ps.get_data_parallel_group(), ps.get_tensor_model_parallel_group())
 
 
-def full_state(model: torch.nn.Module, keep: bool) -> tuple[dict, dict]:
-    """(weights, moments), every tensor whole (all DP and TP pieces), fp32, by name, on the CPU.
+def gather_training_state(model: torch.nn.Module, keep: bool) -> tuple[dict, dict]:
+    """(weights, moments) of a model inside the DeepSpeed engine, for a checkpoint: the fp32 master
+    weights and StableAdamW's moments, every tensor whole (all DP and TP pieces), by name, on the CPU.
+    (ettin.parallel.full_state_dict is the other thing: a plain model's working weights, no engine.)
 
     Every rank must call it (the gathers are collective); only ``keep`` ranks hold the result."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -171,8 +173,10 @@ def full_state(model: torch.nn.Module, keep: bool) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def load_full_state(model: torch.nn.Module, optimizer: StableAdamW, weights, moments, step: int | None) -> None:
-    """Load whole tensors (``TensorFile``s) into this rank's pieces; ``moments=None`` keeps a fresh optimizer."""
+def restore_training_state(model: torch.nn.Module, optimizer: StableAdamW, weights, moments, step: int | None) -> None:
+    """The inverse of :func:`gather_training_state`: load whole tensors (``TensorFile``s) into this
+    rank's pieces of the fp32 masters, the working weights and the moments; ``moments=None`` keeps a
+    fresh optimizer; ``step`` sets the optimizer's step (bias correction)."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     names = {n for n, _ in model.named_parameters()}

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from ettin.errors import EttinError
+from ettin.train.layout import METRICS_FILE
 
 log = logging.getLogger("ettin")
 
-METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_run_id"  # one W&B run per run folder, continued across requeues
 
 

@@ -1,4 +1,4 @@
-"""StableAdamW that gives the same update at every TP and DP size, and the LR schedules.
+"""StableAdamW that gives the same update at every TP and DP size (the LR schedule: ettin.train.lr_schedule).
 
 The math is torch-optimi's ``StableAdamW`` (debiased betas folded into the moving averages,
 fully decoupled weight decay, no gradient clipping): each parameter's learning rate is divided
@@ -17,7 +17,6 @@ BF16_Optimizer and plain torch once with every group; the norm counts each group
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -165,23 +164,3 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         (no_decay if "norm" in name or "bias" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(tokens: float, schedule, phase_tokens: int) -> float:
-    """LR as a fraction of optim.lr after ``tokens`` real tokens of the phase (docs/RECIPE.md "Per phase")."""
-    t = min(max(tokens, 0.0), phase_tokens)
-    warmup = schedule.warmup_tokens
-    if warmup and t < warmup:
-        return schedule.start_factor * t / warmup
-    start, end = schedule.start_factor, schedule.end_factor
-    if schedule.shape == "constant":
-        return start
-    if schedule.shape == "one_minus_sqrt":
-        span = max(phase_tokens - warmup, 1)
-        return end + (start - end) * (1 - math.sqrt((t - warmup) / span))
-    if schedule.shape == "wsd":
-        decay_start = phase_tokens - schedule.decay_tokens
-        if t < decay_start or schedule.decay_tokens == 0:
-            return start
-        return start + (end - start) * (t - decay_start) / schedule.decay_tokens
-    raise ValueError(f"unknown schedule.shape '{schedule.shape}'")

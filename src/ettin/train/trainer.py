@@ -49,18 +49,17 @@ from ettin.data.collate import Batch, step_hash, token_budget_cut
 from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
-from ettin.errors import EttinError
+from ettin.errors import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, EttinError
 from ettin.logs import setup_logging
 from ettin.pretrained import HF, folder_kind, start_from_hf
 from ettin.train.checkpoint import (TrainState, latest_checkpoint, prune, read_checkpoint, resume_hash_limit, resume_point,
                                     unverified_note, verify_checkpoint, write_checkpoint)
 from ettin.train.env import cuda_environment, setup_distributed_env
 from ettin.train.evaluate import Evaluator, eval_sets, headline
+from ettin.train.layout import CONFIG_FILE, LEDGER_FILE
 from ettin.train.metrics import MetricsLogger, progress_line
-from ettin.train.optim import lr_factor
+from ettin.train.lr_schedule import lr_factor
 from ettin.train.signals import StopFlag
-
-EXIT_OK, EXIT_NONFINITE, EXIT_REQUEUE = 0, 3, 75  # 75 = EX_TEMPFAIL: "try again"
 
 
 def local_device_index(environ, device_count: int) -> int:
@@ -182,7 +181,7 @@ class Trainer:
     # ------------------------------------------------------------------ starting points
 
     def _restore(self) -> tuple[TrainState, str | None]:
-        from ettin.train.engine import load_full_state
+        from ettin.train.engine import restore_training_state
 
         cfg = self.cfg
         # rank 0 picks the newest sound checkpoint (hashing it once), every rank loads that one
@@ -204,7 +203,7 @@ class Trainer:
             if self.pipeline.schedule.bounds(state.step)[0] != state.samples:
                 raise ConfigError(f"{resume}: step {state.step} would start at sample "
                                   f"{self.pipeline.schedule.bounds(state.step)[0]}, the checkpoint stopped at {state.samples}")
-            load_full_state(self.model, self.optimizer, weights, moments, meta["optimizer_step"])
+            restore_training_state(self.model, self.optimizer, weights, moments, meta["optimizer_step"])
             self._say(f"resumed from {resume} (step {state.step}, {state.tokens:,} tokens)")
             return state, resume.name
         if cfg.phase.init == "scratch":
@@ -223,7 +222,7 @@ class Trainer:
         meta, weights, moments = read_checkpoint(source, moments=carry)
         if not meta.get("final"):
             self._say(f"warning: {source} is not the final checkpoint of its phase")
-        load_full_state(self.model, self.optimizer, weights, moments if carry else None,
+        restore_training_state(self.model, self.optimizer, weights, moments if carry else None,
                         meta["optimizer_step"] if carry else 0)
         self._say(f"phase {cfg.phase.name}: starting from {source} ({'weights and optimizer' if carry else 'weights only'}), clock reset")
         return TrainState(optimizer_step=meta["optimizer_step"] if carry else 0), None
@@ -364,7 +363,7 @@ class Trainer:
         micro_count, flops = max(s[2] for s in shares), sum(s[3] for s in shares)
         # dropout masks: a function of (seed, step, DP rank), so a resumed run draws the same ones
         torch.manual_seed(derive_key(cfg.phase.seed, "dropout", step, self.dp_rank) % 2**63)
-        lr = cfg.optim.lr * lr_factor(self.state.tokens, cfg.schedule, cfg.phase.tokens)
+        lr = cfg.optim.lr * lr_factor(self.state.tokens, cfg.lr_schedule, cfg.phase.tokens)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         scale = self.dp_size / max(labels, 1)
@@ -381,15 +380,15 @@ class Trainer:
         return loss / max(labels, 1), norm, labels, tokens, flops, [d for s in shares for d in s[4]]
 
     def _save(self) -> None:
-        from ettin.train.engine import full_state
+        from ettin.train.engine import gather_training_state
 
-        weights, moments = full_state(self.model, keep=self.main)  # collective: every rank takes part
+        weights, moments = gather_training_state(self.model, keep=self.main)  # collective: every rank takes part
         window = self.ledger.take_window(self.last_checkpoint)  # every rank recorded it; rank 0 writes it
 
         def write() -> str:
             path = write_checkpoint(
                 self.run_dir, self.state, weights, moments,
-                {"config.yaml": to_yaml(self.cfg), "ledger.json": json.dumps(window, indent=1) + "\n"},
+                {CONFIG_FILE: to_yaml(self.cfg), LEDGER_FILE: json.dumps(window, indent=1) + "\n"},
                 asdict(self.cfg.model),
                 {"fingerprint": self.fingerprint, "order": order_key(self.cfg, self.pipeline.schedule),
                  "seed": self.cfg.phase.seed, "phase": self.cfg.phase.name,
