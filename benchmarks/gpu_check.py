@@ -85,7 +85,7 @@ def _trainer_experiment(smoke: bool, work: Path) -> Path:
 model:
 {model}
 phase: {{tokens: 1e12, seq_len: {seq}, checkpoint_every_tokens: 1e12}}
-schedule: {{warmup_tokens: 0}}
+lr_schedule: {{warmup_tokens: 0}}
 batch: {{global_size: {16 if smoke else 64}, micro_tokens: {512 if smoke else 16384}, warmup_tokens: 0}}
 train: {{log_every: 1, sync_debug: true, deterministic: true, grad_accum_dtype: fp32, collective_timeout_s: 120}}
 data:
@@ -110,7 +110,7 @@ def _train(exp: Path, run_dir: Path, steps: int, deadline: float) -> None:
 def section_trainer(smoke: bool, work: Path):
     from safetensors.torch import load_file
 
-    from ettin.train.checkpoint import list_checkpoints
+    from ettin.train.layout import list_checkpoints
     from ettin.train.metrics import read_metrics
 
     exp, steps, deadline = _trainer_experiment(smoke, work), 4, time.time() + LIMITS_S["trainer"] - 10

@@ -50,8 +50,8 @@ def test_every_package_is_installed():
     from setuptools.config.setupcfg import read_configuration
 
     options = read_configuration(ROOT / "setup.cfg")["options"]
-    assert set(options["packages"]) == {*find_packages(ROOT / "src"), "data_tools", "launch"}
-    assert options["package_dir"] == {"": "src", "data_tools": "data_tools", "launch": "launch"}
+    assert set(options["packages"]) == {*find_packages(ROOT / "src"), "data_tools", "launch", "ettin.configs"}
+    assert options["package_dir"] == {"": "src", "data_tools": "data_tools", "launch": "launch", "ettin.configs": "configs"}
 
 
 def test_launch_commands_are_one_parser(tmp_path, capsys):
@@ -103,7 +103,7 @@ def installed(tmp_path_factory):
     source.mkdir()
     for name in ("setup.cfg", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for name in ("src", "data_tools", "launch"):
+    for name in ("src", "data_tools", "launch", "configs"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1", OMP_NUM_THREADS="1")
@@ -111,8 +111,6 @@ def installed(tmp_path_factory):
                            str(source)], cwd=tmp, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     shutil.rmtree(source)  # what runs below must come from the venv
-    # the experiment configs are not part of the package: point at the checkout's, as a cluster user would
-    env["ETTIN_CONFIG_DIR"] = str(ROOT / "configs")
     work = tmp / "elsewhere"  # a folder with no ettin, launch or data_tools in it
     work.mkdir()
     return {"venv": venv, "purelib": Path(purelib), "env": env, "cwd": work}

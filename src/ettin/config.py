@@ -247,8 +247,12 @@ class ExperimentConfig:
 
 
 def config_dir() -> Path:
+    """ETTIN_CONFIG_DIR, else the recipe's configs/: shipped inside the package by ``pip install .``
+    (setup.cfg maps it to ``ettin/configs``), or the checkout's own for an editable install."""
     env = os.environ.get("ETTIN_CONFIG_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    here = Path(__file__).resolve().parent
+    installed, checkout = here / "configs", here.parents[1] / "configs"
+    path = Path(env) if env else installed if installed.is_dir() else checkout
     if not path.is_dir():
         raise ConfigError(f"config directory {path} not found: set ETTIN_CONFIG_DIR to the repo's configs/")
     return path

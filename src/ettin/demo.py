@@ -77,7 +77,7 @@ def experiment(out: Path, steps: int) -> Path:
         model: {{vocab_size: {VOCAB}, pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3,
                  max_position_embeddings: {SEQ_LEN}}}
         phase: {{tokens: {tokens}, seq_len: {SEQ_LEN}, checkpoint_every_tokens: {tokens // 4}}}
-        schedule: {{warmup_tokens: {tokens // 10}}}
+        lr_schedule: {{warmup_tokens: {tokens // 10}}}
         batch: {{global_size: 12, micro_tokens: {6 * SEQ_LEN}, warmup_tokens: {tokens // 8 // 200 * SEQ_LEN}, warmup_start_size: 4,
                  warmup_stages: 3}}
         train: {{log_every: 50, peak_flops_per_device: 1e11}}  # ~2 CPU cores' fp32 peak: MFU here is rough
@@ -113,7 +113,7 @@ def show_models(out: Path) -> dict:
 
 
 def summary(out: Path, replay_ok: bool, seconds: float) -> None:
-    from ettin.train.checkpoint import list_checkpoints
+    from ettin.train.layout import list_checkpoints
     from ettin.train.metrics import read_all_metrics, read_metrics
 
     print(f"{'model':<8} {'steps':>6} {'tokens':>9} {'loss start -> end':>18} {'val loss':>8} {'tokens/s':>9} {'checkpoints':>11}")
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     run([*ettin, "eval", "--compare", out / "runs" / "mlm", out / "runs" / "clm"], lines=100)
 
     print("== 5. replay a checkpoint's batch from the data alone", flush=True)
-    from ettin.train.checkpoint import list_checkpoints
+    from ettin.train.layout import LEDGER_FILE, list_checkpoints
 
     ckpt = list_checkpoints(out / "runs" / "mlm")[1]
-    step = json.loads((ckpt / "ledger.json").read_text())["steps"][-1]["step"]
+    step = json.loads((ckpt / LEDGER_FILE).read_text())["steps"][-1]["step"]
     replayed = run([*ettin, "replay", ckpt, "--step", step])
     replay_ok = "-> MATCH" in replayed
 

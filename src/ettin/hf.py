@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from ettin.config import ModelConfig
 from ettin.errors import EttinError
 from ettin.fileio import FileError, load_safetensors, read_json, read_yaml
+from ettin.train.layout import CONFIG_FILE, MODEL_JSON, WEIGHTS_FILE, checkpoints_dir, latest_checkpoint
 
 ENCODER, DECODER = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
 # per objective: how far ahead of its position the head's logits predict (config.json: ettin_label_shift)
@@ -228,7 +229,7 @@ def generation_config(cfg: ModelConfig):
 def checkpoint_objective(path: str | Path) -> str | None:
     """The objective a checkpoint folder was trained with, from its resolved ``config.yaml``
     (written beside model.json by the trainer); None when there is none (e.g. an imported model)."""
-    config = checkpoint_folder(path) / "config.yaml"
+    config = checkpoint_folder(path) / CONFIG_FILE
     if not config.is_file():
         return None
     return (read_yaml(config, "restore it from a copy of the checkpoint").get("objective") or {}).get("name")
@@ -320,8 +321,8 @@ def save_weights(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tens
     from ettin.train.checkpoint import write_manifest
 
     out = _output_folder(path)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
-    (out / "model.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / WEIGHTS_FILE))
+    (out / MODEL_JSON).write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     write_manifest(out)  # checked like a checkpoint when exported again
     return out
 
@@ -329,10 +330,8 @@ def save_weights(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tens
 def checkpoint_folder(path: str | Path) -> Path:
     """``path``, or the newest complete checkpoint when ``path`` is a run folder: exporting a run
     (e.g. one continued from a released model) needs no checkpoint name."""
-    from ettin.train.checkpoint import latest_checkpoint
-
     path = Path(path)
-    if (path / "checkpoints").is_dir() and not (path / "model.json").is_file():
+    if checkpoints_dir(path).is_dir() and not (path / MODEL_JSON).is_file():
         return latest_checkpoint(path) or path
     return path
 
@@ -344,13 +343,13 @@ def load_weights(path: str | Path, verify_all: bool = False) -> tuple[ModelConfi
     from ettin.train.checkpoint import RESTORE, SMALL_FILE_BYTES, unverified_note, verify_checkpoint
 
     path = checkpoint_folder(path)
-    if not (path / "model.safetensors").is_file() or not (path / "model.json").is_file():
+    if not (path / WEIGHTS_FILE).is_file() or not (path / MODEL_JSON).is_file():
         raise ConversionError(f"{path} is not an ettin model folder (needs model.safetensors and model.json)")
     if not verify_checkpoint(path, None if verify_all else SMALL_FILE_BYTES):
         print(unverified_note(path), file=sys.stderr)
-    body = read_json(path / "model.json", RESTORE)
+    body = read_json(path / MODEL_JSON, RESTORE)
     known = {f.name for f in fields(ModelConfig)}
     if set(body) - known:
-        raise FileError(path / "model.json", f"has keys this ettin does not know: {sorted(set(body) - known)}",
+        raise FileError(path / MODEL_JSON, f"has keys this ettin does not know: {sorted(set(body) - known)}",
                         "export it with the ettin version that wrote it")
-    return ModelConfig(**body), load_safetensors(path / "model.safetensors", RESTORE)
+    return ModelConfig(**body), load_safetensors(path / WEIGHTS_FILE, RESTORE)

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from ettin.config import FROM_CHECKPOINT, ConfigError, ExperimentConfig, ModelConfig
+from ettin.train.layout import MODEL_JSON, checkpoints_dir, is_checkpoint
 
 HF, RUN = "Hugging Face folder", "run folder"
 HF_MODEL_TYPES = ("modernbert", "modernbert-decoder")
@@ -61,7 +62,7 @@ def folder_kind(path: str | Path | None) -> str | None:
             raise ConfigError(f"phase.init_checkpoint={path}: config.json has model_type '{model_type}'; only "
                               "ModernBERT encoders and ModernBERT decoders (modernbert, modernbert-decoder) can start a phase")
         return HF
-    if (p / "checkpoints").is_dir() or (p / "state.json").is_file():
+    if checkpoints_dir(p).is_dir() or is_checkpoint(p):
         return RUN
     return None
 
@@ -104,12 +105,12 @@ def folder_tokenizer(path: str | Path) -> dict:
 
 
 def _run_model_config(path: str | Path) -> ModelConfig | None:
-    from ettin.train.checkpoint import latest_checkpoint
+    from ettin.train.layout import latest_checkpoint
 
     ckpt = latest_checkpoint(path)
-    if ckpt is None or not (ckpt / "model.json").is_file():
+    if ckpt is None or not (ckpt / MODEL_JSON).is_file():
         return None
-    return ModelConfig(**json.loads((ckpt / "model.json").read_text()))
+    return ModelConfig(**json.loads((ckpt / MODEL_JSON).read_text()))
 
 
 def adopt_checkpoint_model(cfg: ExperimentConfig, chosen: set[str], overridden: set[str]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ettin.config import ConfigError, load_config
 from ettin.errors import EttinError, report
+from ettin.train.layout import CONFIG_FILE
 
 # docs/RECIPE.md "Published timings": 4 x H100 per model, wall-clock hours for 2T tokens
 PUBLISHED_HOURS_2T = {"17m": 141, "32m": 212, "68m": 300, "150m": 470, "400m": 950, "1b": 2170}
@@ -97,7 +98,7 @@ def measured_tokens_per_gpu_s(run_dir: str | Path) -> tuple[str, float, int]:
     if newest is None:
         raise ConfigError(f"--from-run {run_dir}: no checkpoint there (its config and world size are read from one)")
     path, state = newest
-    cfg = load_config(str(path / "config.yaml"))
+    cfg = load_config(str(path / CONFIG_FILE))
     rows = read_metrics(run_dir)[1:]  # the first step carries start-up costs
     if not rows:
         raise ConfigError(f"--from-run {run_dir}: metrics.jsonl needs at least two steps")

@@ -18,13 +18,14 @@ from ettin.launch.cluster import cancel, job_info
 from ettin.launch.registry import read_jobs
 from ettin.launch.runs import CHAIN, CROSS, OBJECTIVES, known_sizes, last_metrics, newest_checkpoint, parse_list, size_order
 from ettin.fileio import FileError, read_yaml
+from ettin.train.layout import CONFIG_FILE
 
 PHASE_ORDER = {p: i for i, p in enumerate((*CHAIN, CROSS))}
 
 
 def _planned_from_checkpoint(path: Path) -> int | None:
     try:
-        tokens = (read_yaml(path / "config.yaml").get("phase") or {}).get("tokens")
+        tokens = (read_yaml(path / CONFIG_FILE).get("phase") or {}).get("tokens")
     except FileError:  # an old, foreign or damaged checkpoint: planned tokens unknown
         return None
     return int(tokens) if isinstance(tokens, (int, float)) else None

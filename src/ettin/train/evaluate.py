@@ -24,6 +24,7 @@ from ettin.data.collate import Collator
 from ettin.data.manifest import build_manifest
 from ettin.data.mds import DataError, MDSSource
 from ettin.data.order import derive_key, permute
+from ettin.train.layout import STATE_FILE, WEIGHTS_FILE, is_checkpoint
 
 TOTAL = "total"  # the name under which all sets are summed
 
@@ -180,14 +181,14 @@ class TransformersScorer(torch.nn.Module):
 def is_hf_folder(path) -> bool:
     from pathlib import Path
 
-    return (Path(path) / "config.json").is_file() and not (Path(path) / "state.json").is_file()
+    return (Path(path) / "config.json").is_file() and not is_checkpoint(path)
 
 
 def checkpoints_of(target: str) -> tuple[list, bool]:
     """(checkpoint folders, whether ``target`` is a run folder)."""
     from pathlib import Path
 
-    from ettin.train.checkpoint import latest_checkpoint, list_checkpoints
+    from ettin.train.layout import latest_checkpoint, list_checkpoints
 
     if latest_checkpoint(target) == Path(target):
         return [Path(target)], False
@@ -204,7 +205,7 @@ def _load_weights(model: torch.nn.Module, path) -> None:
     from ettin.parallel import is_tp_sharded, tp_rank, tp_size
     from ettin.train.checkpoint import TensorFile
 
-    weights = TensorFile(path / "model.safetensors")
+    weights = TensorFile(path / WEIGHTS_FILE)
     names = {n for n, _ in model.named_parameters()}
     if names != weights.keys():
         raise EttinError(f"{weights.path}: does not fit the model of its own config.yaml")
@@ -265,7 +266,7 @@ def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: 
         model = model.to(torch.bfloat16)
     rows = []
     for ckpt in checkpoints:
-        state = read_json(ckpt / "state.json", RESTORE)
+        state = read_json(ckpt / STATE_FILE, RESTORE)
         _load_weights(model, ckpt)
         rows.append({"checkpoint": ckpt.name, "step": state["step"], "tokens": state["tokens"], **evaluator(model)})
     return rows
