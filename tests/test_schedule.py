@@ -118,6 +118,7 @@ def _train(exp, run_dir, *overrides):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_resume_with_another_mean_is_refused(tmp_path):
     exp = _write_corpus(tmp_path)
     run = tmp_path / "run"
