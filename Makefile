@@ -1,4 +1,5 @@
-# ettin: `make setup` builds .venv from nothing; `make test` runs every test tier that runs here.
+# ettin: `make setup` builds .venv from nothing; `make test` runs every test tier that runs here;
+# `make test-fast` the unit tier only (no slow, distributed or slurm tests); `make check` lints.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # a multi-GB CUDA wheel from the registry.
 PIP    := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 
-.PHONY: setup test demo bench gpu-check clean
+.PHONY: setup check fix test test-fast demo bench gpu-check clean
 
 # make slurm-up / make slurm-down: a real Slurm cluster on this machine (slurm/local/)
 include slurm/local/Makefile.inc
@@ -20,8 +21,22 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PIP) --editable '.[dev]'
 	touch $@
 
+# Lint and format check (ruff, configured in pyproject.toml); CI runs it before the tests.
+check: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# Apply ruff's safe fixes and format in place.
+fix: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The markers are registered in pyproject.toml ([tool.pytest.ini_options]).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not slurm" tests
 
 demo: setup
 	$(BIN)/ettin demo --out demo_out

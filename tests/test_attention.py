@@ -150,10 +150,11 @@ def test_prepare_never_reads_the_device(backend):
     docs = documents([1, 128, 129, 7, 300, 0, 2], device="meta")
     for spec in [*CHECK_MASKS.values(), *SMALL_WINDOWS]:
         attend.prepare(docs, spec)
-    with pytest.raises(Exception):
+    with pytest.raises(NotImplementedError, match="meta tensor"):
         docs.cu_seqlens.tolist()  # what a sync would need
 
 
+@pytest.mark.slow
 def test_compiled_flex_keeps_one_graph_per_mask_kind():
     """What the CUDA run does, traced with the eager backend here: ``dynamic=True`` and the padding
     let every new batch, one-token filler included, reuse the graph of its mask kind."""
@@ -197,12 +198,15 @@ def test_backends_without_dropout_say_so():
         VarlenAttention()(x, x, x, None, dropout_p=0.1)
 
 
-def test_auto_is_sdpa_on_cpu_and_gpu_backends_are_refused_with_a_reason():
+def test_unknown_backends_are_refused_and_auto_for_a_cpu_model_is_sdpa():
     with pytest.raises(EttinError, match="unknown attention backend 'nope'"):
         build_attention("nope")
     assert build_attention("auto", device_type="cpu").name == "sdpa"  # a CPU model on a GPU node too
+
+
+def test_auto_is_sdpa_on_cpu_and_gpu_backends_are_refused_with_a_reason():
     if torch.cuda.is_available():
-        return  # test_auto_prefers_varlen_on_cuda
+        pytest.skip("CUDA is available: the GPU backends are usable here (test_auto_prefers_varlen_on_cuda)")
     assert build_attention("auto").name == "sdpa"
     assert "varlen" not in available_backends() and "flash" not in available_backends()
     with pytest.raises(EttinError, match=r"attention backend 'varlen' is not available here \(it needs CUDA"):
@@ -211,8 +215,9 @@ def test_auto_is_sdpa_on_cpu_and_gpu_backends_are_refused_with_a_reason():
 
 @CUDA
 def test_auto_prefers_varlen_on_cuda():
-    if "varlen" in available_backends():
-        assert build_attention("auto").name == "varlen"
+    if "varlen" not in available_backends():
+        pytest.skip("torch's varlen kernel is not usable on this CUDA device")
+    assert build_attention("auto").name == "varlen"
 
 
 @CUDA

@@ -7,6 +7,8 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
+pytestmark = pytest.mark.slow  # each test runs a benchmark script (or all of gpu_check) in a subprocess
+
 
 @pytest.mark.parametrize("script, header", [
     ("bench_train_step.py", "ours tok/s"),

@@ -26,7 +26,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import job_pids
+from conftest import Source, job_pids
 from ettin.cli import main as ettin_main
 from ettin.data.ledger import read_ledger
 from ettin.launch.cluster import job_info
@@ -42,7 +41,6 @@ from ettin.launch.registry import read_jobs
 from ettin.launch.runs import newest_checkpoint
 from ettin.launch.submit import main as submit_main
 from ettin.parallel import free_port
-from ettin.testing import synthetic_corpus, write_mds_source
 from ettin.train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slurm
@@ -55,26 +53,14 @@ FAULTS = ["kill", "kill", "kill", "save", "save", "usr2", "usr2", "preempt"]  # 
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chaos-data")
-    write_mds_source(root / "a", synthetic_corpus(3000, 512, 7, 40, 126), stats={"tokenizer": {"sha256": "t", "vocab_size": 512}})
-    exp = root / "tiny.yaml"
-    exp.write_text(textwrap.dedent(f"""\
-        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
-        model: {{vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
-                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3, attn_out_dropout: 0.0}}
-        phase: {{tokens: {PLANNED_TOKENS}, seq_len: 128, checkpoint_every_tokens: 1400, keep_checkpoints: 0}}
-        schedule: {{warmup_tokens: 3000, decay_tokens: 3000}}
-        optim: {{lr: 3e-3, weight_decay: 0.01}}
-        batch: {{global_size: 8, micro_tokens: 200, warmup_tokens: 0}}
-        train: {{log_every: 1000}}
-        data:
-          root: {root}
-          cache_dir: {root / "cache"}
-          workers: 0
-          sources: [{{name: a, path: a, weight: 1}}]
-        """))
-    return str(exp)
+def tiny(tiny_corpus):
+    return tiny_corpus(Source("a", 3000, seed=7, min_len=40, max_len=126, weight=1), name="chaos-data",
+                       exp_name="tiny.yaml", model={"attn_out_dropout": 0.0},
+                       phase={"tokens": PLANNED_TOKENS, "seq_len": 128, "checkpoint_every_tokens": 1400,
+                              "keep_checkpoints": 0},
+                       lr_schedule={"warmup_tokens": 3000, "decay_tokens": 3000}, optim={"lr": "3e-3", "weight_decay": 0.01},
+                       batch={"global_size": 8, "micro_tokens": 200, "warmup_tokens": 0}, train={"log_every": 1000},
+                       data={"workers": 0}).exp
 
 
 class Soak:

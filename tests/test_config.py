@@ -130,6 +130,7 @@ def test_cli_prints_one_error_line_and_exits_2():
         "error: override model.num_hedas: unknown key 'model.num_hedas' (did you mean 'num_heads'?)"]
 
 
+@pytest.mark.slow
 def test_cli_show_prints_resolved_yaml():
     proc = subprocess.run([sys.executable, "-m", "ettin.cli", "config", "show", "ettin", "model=400m", "phase=decay"],
                           capture_output=True, text=True, check=True)

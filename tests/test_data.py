@@ -4,7 +4,6 @@ import logging
 import multiprocessing
 import subprocess
 import sys
-import textwrap
 import tracemalloc
 
 import numpy as np
@@ -23,36 +22,18 @@ from ettin.data.schedule import BatchSchedule
 from ettin.model import IGNORE
 from ettin.testing import synthetic_corpus, write_mds_source
 
+from conftest import Source
+
 VOCAB = 512
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tiny_corpus):
     """Two real MDS sources (zstd with shard hashes, raw without) and an experiment file that mixes
-    them 3:1 by tokens."""
-    root = tmp_path_factory.mktemp("corpus")
-    a, b = synthetic_corpus(300, VOCAB, seed=1), synthetic_corpus(120, VOCAB, seed=2, min_len=30, max_len=120)
-    write_mds_source(root / "alpha", a, compression="zstd", stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}})
-    write_mds_source(root / "beta", b, compression=None, stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}},
-                     hashes=())
-    exp = root / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""\
-        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
-        model: {{vocab_size: {VOCAB}, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
-                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
-        phase: {{tokens: 1e6, seq_len: 128}}
-        schedule: {{warmup_tokens: 1000}}
-        batch: {{global_size: 12, micro_tokens: 200, warmup_tokens: 0}}
-        data:
-          root: {root}
-          cache_dir: {root / "cache"}
-          mixture_block: 16
-          shuffle_block: 32
-          sources:
-            - {{name: alpha, path: alpha, weight: 3}}
-            - {{name: beta, path: beta, weight: 1}}
-        """))
-    return {"root": root, "alpha": a, "beta": b, "exp": str(exp)}
+    them 3:1 by tokens (the default phase, schedule and batch of conftest.write_experiment)."""
+    return tiny_corpus(Source("alpha", 300, seed=1, weight=3),
+                       Source("beta", 120, seed=2, min_len=30, max_len=120, compression=None, hashes=(), weight=1),
+                       data={"mixture_block": 16, "shuffle_block": 32})
 
 
 def cfg_of(corpus, *overrides):
@@ -316,6 +297,7 @@ def test_micro_batches_keep_every_token_and_label_in_order(corpus):
             assert m.docs.max_seqlen == max(np.diff(m.docs.bounds))
 
 
+@pytest.mark.slow
 def test_same_global_batches_at_any_dp_size_and_worker_count(corpus):
     cfg = cfg_of(corpus, "batch.global_size=10")
     ref = global_batches(cfg, dp_size=1, workers=0)
@@ -399,6 +381,7 @@ def test_replay_reproduces_the_ledger_and_catches_a_tampered_shard(corpus, tmp_p
         shard.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_cli_data_order_show_replay_and_export(corpus, tmp_path):
     cfg = cfg_of(corpus)
     ckpt = tmp_path / "run" / "checkpoints" / "step_000004"
@@ -452,6 +435,7 @@ def read_source(path, cache):
     return [x.tolist() for x in src.input_ids_many(np.arange(len(src)))]
 
 
+@pytest.mark.slow
 def test_remote_sources_read_through_the_cache(corpus, s3_bucket, tmp_path):
     for name in ("alpha", "beta"):  # zstd and raw shards
         for f in (corpus["root"] / name).iterdir():

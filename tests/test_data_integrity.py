@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,13 @@ from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.manifest import build_manifest
 from ettin.data.mds import DataError, MDSSource
 from ettin.data.prepare import prepare
-from ettin.data.tokenizer import train_bpe
 from ettin.errors import run_reporting
 from ettin.testing import synthetic_corpus, write_mds_source
 
+from conftest import TOKENIZER_STATS, VOCAB, Source, write_sources
+from conftest import write_experiment as experiment_file
+
 REPO = Path(__file__).resolve().parents[1]
-VOCAB = 512
-TOKENIZER_STATS = {"tokenizer": {"sha256": "t", "vocab_size": VOCAB}}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -97,32 +96,12 @@ def flip_one_byte(path: Path, mask: int = 0x10) -> None:
 
 
 def write_experiment(tmp_path: Path, root: Path, source: str) -> Path:
-    exp = tmp_path / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""\
-        defaults: {{model: 17m, objective: clm, phase: pretrain}}
-        model: {{vocab_size: {VOCAB}, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
-                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
-        phase: {{tokens: 1e6, seq_len: 128}}
-        schedule: {{warmup_tokens: 1000}}
-        batch: {{global_size: 12, micro_tokens: 200, warmup_tokens: 0}}
-        data:
-          root: {root}
-          cache_dir: {tmp_path / "cache"}
-          sources: [{{name: {source}, path: {source}, weight: 1}}]
-        """))
-    return exp
+    """tmp_path/exp.yaml: a CLM run over the one source ``source`` under ``root``, its cache in tmp_path."""
+    return experiment_file(tmp_path / "exp.yaml", root, [Source(source, weight=1)], objective="clm",
+                           cache_dir=tmp_path / "cache")
 
 
 # ----------------------------------------------------------------------------- prepare writes hashes
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory) -> Path:
-    rng = random.Random(3)
-    words = "the model reads tokens and writes shards while workers run ahead quick brown fox".split()
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    train_bpe([" ".join(rng.choice(words) for _ in range(300)) for _ in range(50)], vocab_size=300).save(str(path))
-    return path
 
 
 def write_docs(path: Path, n: int, seed: int) -> None:
@@ -231,8 +210,7 @@ def make_run(tmp_path: Path, hashes: tuple[str, ...]) -> tuple[Path, dict]:
     ledger covers steps 0..5 as the trainer writes it. Returns the checkpoint and, per sample index,
     the steps that read it."""
     root = tmp_path / "data"
-    write_mds_source(root / "only", synthetic_corpus(40, VOCAB, seed=6), size_limit=1 << 11, stats=TOKENIZER_STATS,
-                     hashes=hashes)
+    write_sources(root, [Source("only", 40, seed=6, size_limit=1 << 11, hashes=hashes)])
     cfg = load_config(str(write_experiment(tmp_path, root, "only")), [])
     pipeline = DataPipeline.from_config(cfg)
     ledger, readers = Ledger.for_pipeline(pipeline, cfg), {}
@@ -250,6 +228,7 @@ def make_run(tmp_path: Path, hashes: tuple[str, ...]) -> tuple[Path, dict]:
     return ckpt, readers
 
 
+@pytest.mark.slow
 def test_replay_after_editing_a_shard_is_never_served_from_the_stale_cache(tmp_path):
     """Without hashes the cache is the only line of defence: a shard edited after one replay must be
     decompressed again, so that the ledger's hash sees the change."""
@@ -264,6 +243,7 @@ def test_replay_after_editing_a_shard_is_never_served_from_the_stale_cache(tmp_p
     assert again.returncode == 1 and "-> MISMATCH" in again.stdout, again.stdout + again.stderr
 
 
+@pytest.mark.slow
 def test_replay_after_editing_a_hashed_shard_names_the_shard(tmp_path):
     ckpt, readers = make_run(tmp_path, hashes=("xxh3_64",))
     src = MDSSource(tmp_path / "data" / "only")

@@ -270,6 +270,7 @@ def rel_err(got: dict, want: dict) -> float:
 # ----------------------------------------------------------------------------- tests
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage, tp", CASES)
 def test_bf16_engine_with_fp32_accumulation_steps(runs, stage, tp):
     r = runs[("real", stage, tp)]
@@ -283,6 +284,7 @@ def test_bf16_engine_with_fp32_accumulation_steps(runs, stage, tp):
     assert all(math.isfinite(x) for x in r["losses"])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage, tp", CASES)
 def test_fp32_accumulation_matches_the_fp32_engine(runs, stage, tp):
     """At step 1 StableAdamW's first moment is the gradient itself: the accumulated, DP-reduced
@@ -296,6 +298,7 @@ def test_fp32_accumulation_matches_the_fp32_engine(runs, stage, tp):
         torch.testing.assert_close(r["bf16+fp32acc"]["weights"][name], w, rtol=0, atol=1e-5)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage, tp", CASES)
 def test_grad_norm_is_the_global_norm(runs, stage, tp):
     r = runs[("linear", stage, tp)]
@@ -308,6 +311,7 @@ def test_grad_norm_is_the_global_norm(runs, stage, tp):
     assert real["bf16_norm"] == pytest.approx(real["reference_norm"], rel=1e-2)  # bf16 forward (x1.41 fails)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage, tp", CASES)
 def test_non_finite_gradient_skips_the_step_and_is_counted(runs, stage, tp):
     """DeepSpeed skips it (no loss scaler under bf16; the norm check does it): nothing moves, the
@@ -320,6 +324,7 @@ def test_non_finite_gradient_skips_the_step_and_is_counted(runs, stage, tp):
     assert rel_err(r["exp_avg"], r["expected"]) < 1e-6  # the inf step's gradients were dropped
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("stage, tp", CASES)
 def test_full_state_round_trip_under_bf16(runs, stage, tp):
     r = runs[("real", stage, tp)]

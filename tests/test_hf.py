@@ -167,6 +167,7 @@ def test_a_transformers_initialized_model_imports_with_the_same_logits(tmp_path,
     assert result["finite"] and result["max_abs_diff"] < 1e-4, result
 
 
+@pytest.mark.slow
 def test_cli_export_import_check(tmp_path):
     exported, imported, again = tmp_path / "hf", tmp_path / "ours", tmp_path / "hf2"
     proc = runs_in_subprocess("hf", "export", "--config", "tiny", "--init-seed", "5", "--out", str(exported), "objective=clm")
@@ -180,6 +181,7 @@ def test_cli_export_import_check(tmp_path):
     assert check.returncode == 0 and "-> OK" in check.stdout, check.stdout + check.stderr
 
 
+@pytest.mark.slow
 def test_check_fails_on_non_finite_logits(tmp_path):
     cfg = config_for("tiny", "mlm")
     state = perturbed_state(cfg)
@@ -189,6 +191,7 @@ def test_check_fails_on_non_finite_logits(tmp_path):
     assert proc.returncode == 1 and "NON-FINITE" in proc.stdout and "MISMATCH" in proc.stdout
 
 
+@pytest.mark.slow
 def test_check_measures_the_decoder_local_theta_gap_of_this_transformers(tmp_path):
     """Ettin's small decoders decay with local theta 10k and global 160k. transformers 4.57 gives
     the decoder's local layers the global theta; the export warns and `hf check` shows the gap."""
@@ -202,6 +205,7 @@ def test_check_measures_the_decoder_local_theta_gap_of_this_transformers(tmp_pat
     assert (proc.returncode == 0) == honoured, proc.stdout
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(tmp_path):
     proc = runs_in_subprocess("hf", "check", str(tmp_path / "missing"))
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1

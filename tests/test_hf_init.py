@@ -25,6 +25,10 @@ import torch
 
 from ettin.config import ConfigError, load_config
 
+# every test shares the `work` folder, whose making (a prepare in a subprocess, two saved models) takes
+# tens of seconds, and most then train in a subprocess
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 ENCODER_DIR, DECODER_DIR = "hf/ettin-encoder-150m", "hf/ettin-decoder-1k"  # stand-ins, relative to the work folder
 VOCAB = 320  # the embedding rows; the tokenizer may hold fewer (padded, as Ettin's 50,368)
@@ -217,6 +221,7 @@ def test_a_decoder_folder_starts_the_extension_phase_with_transformers_step0_los
     assert "OK" in ettin(["hf", "check", "hf/decoder-extension"], capsys)
 
 
+@pytest.mark.distributed
 def test_tensor_parallel_two_starts_from_the_same_folder_with_the_same_step0_loss(decoder_run):
     root = decoder_run["root"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -99,6 +99,7 @@ def test_zero_partitions_optimizer_state_over_dp():
     assert memory.estimate(cfg, 2, tp=2, micro_tokens=8192).activations < four.activations
 
 
+@pytest.mark.slow
 def test_default_budget_fits_every_size_and_phase_on_four_gpus():
     """TP=1, ZeRO-1, DP=4 (the published setup), 80 GB: every run fits with HEADROOM to spare, and
     the budget is the largest that does (or one rank's whole share of a step)."""

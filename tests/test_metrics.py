@@ -2,14 +2,15 @@
 import json
 import re
 import struct
-import textwrap
 from pathlib import Path
 
 import pytest
 
 from ettin.config import ConfigError, load_config, validate
-from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
+from ettin.testing import run_distributed_test
 from ettin.train.metrics import MetricsLogger, loss_curves, plot, progress_line, read_all_metrics, read_metrics
+
+from conftest import Source
 
 
 def wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
@@ -44,21 +45,11 @@ def wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("metrics")
-    write_mds_source(root / "a", synthetic_corpus(120, 512, 1), stats={"tokenizer": {"sha256": "t", "vocab_size": 512}})
-    exp = root / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""\
-        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
-        model: {{vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
-                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
-        phase: {{tokens: 3000, seq_len: 128, checkpoint_every_tokens: 100000}}
-        schedule: {{warmup_tokens: 500}}
-        batch: {{global_size: 8, micro_tokens: 600}}
-        train: {{log_every: 2, collective_timeout_s: 60}}
-        data: {{root: {root}, cache_dir: {root / "cache"}, workers: 0, sources: [{{name: a, path: a}}]}}
-        """))
-    return str(exp)
+def experiment(tiny_corpus):
+    return tiny_corpus(Source("a", 120, seed=1), name="metrics",
+                       phase={"tokens": 3000, "seq_len": 128, "checkpoint_every_tokens": 100000},
+                       lr_schedule={"warmup_tokens": 500}, batch={"global_size": 8, "micro_tokens": 600},
+                       train={"log_every": 2, "collective_timeout_s": 60}, data={"workers": 0}).exp
 
 
 def _train(exp, overrides):
@@ -67,6 +58,7 @@ def _train(exp, overrides):
     assert train(load_config(exp, overrides)) == 0
 
 
+@pytest.mark.distributed
 def test_a_run_logs_to_jsonl_tensorboard_and_an_offline_wandb_run(experiment, tmp_path, capfd):
     run = tmp_path / "run"
     run_distributed_test(_train, 1, args=(experiment, [f"run_dir={run}", "metrics.wandb.mode=offline",

@@ -11,7 +11,7 @@ from ettin.model import EMBEDDING_PADDING_IDX, IGNORE
 from ettin.parallel import full_state_dict, init_process_groups
 
 PAD, CLS, SEP, MASK = 0, 1, 2, 3
-I = IGNORE
+X = IGNORE  # short, so that label lists read as tables
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,8 +35,8 @@ def test_mntp_label_shift_by_hand():
     mlm, mntp = collator("mlm", **everything)(docs, [4, 5, 6]), collator("mntp", **everything)(docs, [4, 5, 6])
     masked = [CLS, MASK, MASK, MASK, SEP, CLS, MASK, MASK, SEP, MASK, MASK, SEP]
     assert mlm.input_ids.tolist() == mntp.input_ids.tolist() == masked
-    assert mlm.labels.tolist() == [I, 10, 11, 12, I, I, 20, 21, I, 30, 31, I]
-    assert mntp.labels.tolist() == [10, 11, 12, I, I, 20, 21, I, I, 31, I, I]
+    assert mlm.labels.tolist() == [X, 10, 11, 12, X, X, 20, 21, X, 30, 31, X]
+    assert mntp.labels.tolist() == [10, 11, 12, X, X, 20, 21, X, X, 31, X, X]
     assert mntp.cu_seqlens.tolist() == mlm.cu_seqlens.tolist() == [0, 5, 9, 12]
 
 
@@ -114,13 +114,14 @@ def test_lookups_of_row_0_pass_it_no_gradient_but_the_tied_head_still_trains_it(
     with torch.no_grad():
         assert torch.equal(model.lookup(ids)[0], model.embed.weight[0])  # the forward is the row itself
     model.zero_grad()
-    model(ids, torch.tensor([0, 5], dtype=torch.int32), labels=torch.tensor([9, I, I, 4, I])).backward()
+    model(ids, torch.tensor([0, 5], dtype=torch.int32), labels=torch.tensor([9, X, X, 4, X])).backward()
     assert grad is not model.embed.weight.grad and model.embed.weight.grad[0].abs().sum() > 0  # via the softmax
 
 
 # ----------------------------------------------------------------------------- decoders learn EOS
 
 
+@pytest.mark.slow
 def test_an_overfit_decoder_generates_a_document_and_stops_at_sep(tmp_path):
     """Trained on three short documents (the stored [SEP] their last target), exported, and run
     through transformers' generate: from [CLS] + a document's first token it writes that document

@@ -116,6 +116,7 @@ def test_plan_ramp_shows_each_stage_batch_steps_and_tokens(capsys):
     assert capsys.readouterr().err.startswith("error: --tokens-per-sample must be positive")
 
 
+@pytest.mark.slow
 def test_plan_memory_every_size_and_phase_fits_80gb_on_four_gpus(capsys):
     """``ettin plan --memory --sizes all``: the published setup (4 GPUs, TP 1, ZeRO-1) with the default
     micro budgets fits every size, objective and phase into 80 GB."""
@@ -222,6 +223,7 @@ def test_requeue_rule_is_the_same_in_the_template(request):
         assert line in template
 
 
+@pytest.mark.slow
 def test_a_corrupt_jobs_json_is_one_line_naming_it_in_status_cancel_and_submit(tmp_path, request):
     """jobs.json cut short (a full disk, a kill mid-edit): each launch tool says which file and how
     to get going again, with no traceback."""

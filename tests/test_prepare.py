@@ -22,16 +22,12 @@ import pytest
 
 from ettin.data.inputs import InputError, find_inputs
 from ettin.data.prepare import STAGING_DIR, PrepareError, chunk_document, plan_chunks, prepare
-from ettin.data.tokenizer import SPECIAL_TOKENS, load_tokenizer, train_bpe
+from ettin.data.tokenizer import SPECIAL_TOKENS, load_tokenizer
+
+from conftest import WORDS, make_text
 
 REPO = Path(__file__).resolve().parents[1]
 CLS, SEP = 1, 2
-WORDS = ("the model reads tokens and writes shards while workers run ahead ; naïve café "
-         "数据 données — quick brown fox 12345 def return class { } ( ) = + \n").split(" ")
-
-
-def make_text(rng: random.Random, n_words: int) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(n_words))
 
 
 def text_of_tokens(tokenizer, rng: random.Random, at_least: int) -> str:
@@ -98,15 +94,7 @@ def dir_bytes(directory: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def tokenizer_path(tmp_path_factory) -> Path:
-    rng = random.Random(7)
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    train_bpe([make_text(rng, 400) for _ in range(100)], vocab_size=400).save(str(path))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tokenizer(tokenizer_path):
+def tokenizer(tokenizer_path):  # tokenizer_path: conftest.py's session tokenizer
     return load_tokenizer(tokenizer_path)
 
 
@@ -287,6 +275,7 @@ def test_output_is_identical_for_1_and_3_workers(tmp_path, tokenizer_path):
     assert sum(name.startswith("shard.") for name in runs[1]) > 3  # several shards to compare
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_output(tmp_path, tokenizer_path):
     # Enough text for the worker to take a second or more, so that the kill lands mid-run.
     corpus = tmp_path / "corpus"

@@ -36,7 +36,7 @@ def _write_corpus(root):
         model: {{vocab_size: {VOCAB}, hidden_size: 32, intermediate_size: 48, num_heads: 2, num_layers: 1,
                  pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
         phase: {{tokens: 20000, seq_len: 128, checkpoint_every_tokens: 1e9}}
-        schedule: {{warmup_tokens: 1000}}
+        lr_schedule: {{warmup_tokens: 1000}}
         batch: {{global_size: 20, micro_tokens: 400, warmup_tokens: 4000, warmup_start_size: 4, warmup_stages: 2}}
         train: {{log_every: 1000, collective_timeout_s: 60}}
         data:
@@ -118,6 +118,7 @@ def _train(exp, run_dir, *overrides):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_resume_with_another_mean_is_refused(tmp_path):
     exp = _write_corpus(tmp_path)
     run = tmp_path / "run"

@@ -15,7 +15,6 @@ import os
 import statistics
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -27,35 +26,20 @@ from ettin.launch.registry import read_jobs
 from ettin.launch.runs import newest_checkpoint
 from ettin.launch.status import cancel_main, collect, status_main
 from ettin.launch.submit import DRY_RUN_MARK, main as submit_main
-from ettin.testing import synthetic_corpus, write_mds_source
 
-from conftest import REPO, free_port_block, job_pids
+from conftest import REPO, Source, free_port_block, job_pids
 
 pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
+def corpus(tiny_corpus):
     """Real MDS shards and a tiny experiment: every size's recipe file is overridden to the same tiny model."""
-    root = tmp_path_factory.mktemp("slurm-data")
-    write_mds_source(root / "a", synthetic_corpus(3000, 512, 1, 40, 126), stats={"tokenizer": {"sha256": "t", "vocab_size": 512}})
-    exp = root / "tiny.yaml"
-    exp.write_text(textwrap.dedent(f"""\
-        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
-        model: {{vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
-                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
-        phase: {{tokens: 6000, seq_len: 128, checkpoint_every_tokens: 2000}}
-        schedule: {{warmup_tokens: 1000, decay_tokens: 1000}}
-        optim: {{lr: 3e-3, weight_decay: 0.01}}
-        batch: {{global_size: 8, micro_tokens: 200, warmup_tokens: 0}}
-        train: {{log_every: 1000, collective_timeout_s: 60}}
-        data:
-          root: {root}
-          cache_dir: {root / "cache"}
-          workers: 0
-          sources: [{{name: a, path: a, weight: 1}}]
-        """))
-    return {"root": root, "exp": str(exp)}
+    return tiny_corpus(Source("a", 3000, seed=1, min_len=40, max_len=126, weight=1), name="slurm-data",
+                       exp_name="tiny.yaml", phase={"tokens": 6000, "seq_len": 128, "checkpoint_every_tokens": 2000},
+                       lr_schedule={"warmup_tokens": 1000, "decay_tokens": 1000}, optim={"lr": "3e-3", "weight_decay": 0.01},
+                       batch={"global_size": 8, "micro_tokens": 200, "warmup_tokens": 0},
+                       train={"log_every": 1000, "collective_timeout_s": 60}, data={"workers": 0})
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -98,8 +82,8 @@ def assert_no_position_repeated_or_skipped(entries) -> None:
     assert entries[0].start == 0 and all(a.end == b.start for a, b in zip(entries, entries[1:]))
 
 
-def test_plan_and_status_need_no_cluster(tmp_path):
-    """launch.status on an empty run root is one error line; ettin plan runs without Slurm (tests/test_plan.py)."""
+def test_status_of_an_empty_run_root_needs_no_cluster(tmp_path):
+    """launch.status on an empty run root is one error line, without Slurm (plan is tested in tests/test_plan.py)."""
     out = subprocess.run([sys.executable, "-m", "launch.status", "--run-root", str(tmp_path / "none")], cwd=REPO,
                          capture_output=True, text=True)
     assert out.returncode == 2 and out.stderr.startswith("error: run root") and out.stderr.count("\n") == 1

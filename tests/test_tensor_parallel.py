@@ -8,6 +8,8 @@ from ettin.model import IGNORE
 from ettin.parallel import full_state_dict, gather_tp, init_process_groups, is_tp_sharded
 from ettin.testing import run_distributed_test
 
+pytestmark = pytest.mark.distributed  # every test here runs on spawned gloo ranks
+
 # 4 heads, inner 96 and vocab 512 divide by every TP size tested
 SHAPE = ["model.num_heads=4", "model.hidden_size=128", "model.attn_out_dropout=0.0"]
 

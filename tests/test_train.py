@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -18,35 +17,25 @@ from safetensors.torch import load_file
 from ettin.config import load_config
 from ettin.data.ledger import read_ledger
 from ettin.parallel import free_port
-from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
+from ettin.testing import run_distributed_test
 from ettin.train.checkpoint import list_checkpoints
 from ettin.train.lr_schedule import lr_factor
 from ettin.train.optim import StableAdamW
 
+from conftest import Source
+
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    tok = {"tokenizer": {"sha256": "t", "vocab_size": 512}}
-    write_mds_source(root / "a", synthetic_corpus(400, 512, 1), stats=tok)
-    write_mds_source(root / "b", synthetic_corpus(200, 512, 2, 30, 120), compression=None, stats=tok)
-    exp = root / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""\
-        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
-        model: {{vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 3,
-                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
-        phase: {{tokens: 12000, seq_len: 128, checkpoint_every_tokens: 3000}}
-        schedule: {{warmup_tokens: 2000}}
-        optim: {{lr: 3e-3, weight_decay: 0.01}}
-        batch: {{global_size: 10, micro_tokens: 300, warmup_tokens: 2560, warmup_start_size: 4, warmup_stages: 2}}
-        train: {{log_every: 1000, collective_timeout_s: 60}}
-        data:
-          root: {root}
-          cache_dir: {root / "cache"}
-          workers: 0
-          sources: [{{name: a, path: a, weight: 3}}, {{name: b, path: b, weight: 1}}]
-        """))
-    return {"root": root, "exp": str(exp)}
+def corpus(tiny_corpus):
+    """Two sources mixed 3:1 (zstd, and raw with longer samples), a 3-layer model, a batch-size ramp."""
+    return tiny_corpus(Source("a", 400, seed=1, weight=3),
+                       Source("b", 200, seed=2, min_len=30, max_len=120, compression=None, weight=1),
+                       name="train", model={"num_layers": 3},
+                       phase={"tokens": 12000, "seq_len": 128, "checkpoint_every_tokens": 3000},
+                       lr_schedule={"warmup_tokens": 2000}, optim={"lr": "3e-3", "weight_decay": 0.01},
+                       batch={"global_size": 10, "micro_tokens": 300, "warmup_tokens": 2560, "warmup_start_size": 4,
+                              "warmup_stages": 2},
+                       train={"log_every": 1000, "collective_timeout_s": 60}, data={"workers": 0})
 
 
 def _train(exp, overrides, expect):
@@ -156,6 +145,7 @@ def test_gpu_binding_and_cuda_settings():
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_n_steps_equal_half_plus_resume_plus_half_bitwise(corpus, tmp_path, objective):
     """fp32 on CPU, DP=2, dropout on: every loss and every final weight identical."""
@@ -174,6 +164,7 @@ def test_n_steps_equal_half_plus_resume_plus_half_bitwise(corpus, tmp_path, obje
     assert all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
+@pytest.mark.distributed
 def test_resume_on_another_topology(corpus, tmp_path):
     """Saved at TP1xDP2, resumed at TP1xDP1 and at TP2xDP1: same ledger, losses within 1e-5."""
     common = ["model.attn_out_dropout=0.0", "model.num_heads=4"]  # dropout masks depend on the DP rank
@@ -194,6 +185,7 @@ def test_resume_on_another_topology(corpus, tmp_path):
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.distributed
 def test_the_micro_budget_changes_no_sample_and_no_step(corpus, tmp_path):
     """batch.micro_tokens cuts each rank's share differently (60 tokens: many micro-batches, some
     samples alone over the budget; 0: the memory model's budget, one micro-batch) and changes
@@ -210,6 +202,7 @@ def test_the_micro_budget_changes_no_sample_and_no_step(corpus, tmp_path):
         assert a[step]["flops"] == b[step]["flops"] > 0
 
 
+@pytest.mark.slow
 def test_a_config_that_cannot_fit_is_refused_before_the_first_step(corpus, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run}",
@@ -248,6 +241,7 @@ def wait_for_step(run_dir, step, procs, timeout=120):
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
+@pytest.mark.distributed
 def test_usr2_saves_and_requeues_then_the_restart_completes_the_phase(corpus, tmp_path):
     run = tmp_path / "run"
     slow = ["train.max_steps=0", "phase.tokens=30000", "phase.checkpoint_every_tokens=100000"]
@@ -271,6 +265,7 @@ def test_usr2_saves_and_requeues_then_the_restart_completes_the_phase(corpus, tm
     assert state["final"] and state["tokens"] >= 30000 and state["samples"] == entries[-1].end
 
 
+@pytest.mark.distributed
 def test_a_dead_rank_fails_the_others_in_bounded_time_and_the_run_resumes(corpus, tmp_path):
     run = tmp_path / "run"
     args = ["phase.tokens=30000", "phase.checkpoint_every_tokens=2000", "train.collective_timeout_s=20"]
@@ -296,6 +291,7 @@ def test_a_dead_rank_fails_the_others_in_bounded_time_and_the_run_resumes(corpus
     assert not (run / "checkpoints" / ".step_99999999.deadbeef").exists()
 
 
+@pytest.mark.distributed
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
     run = tmp_path / "run"
     train(corpus, run, 1, 0, "train.max_steps=2")
@@ -307,8 +303,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 # ----------------------------------------------------------------------------- phases
 
 
+@pytest.mark.distributed
 def test_phase_chain_and_cross_objective(corpus, tmp_path):
-    short = ["phase.tokens=3000", "phase.checkpoint_every_tokens=1e9", "schedule.warmup_tokens=1000", "batch.warmup_tokens=0",
+    short = ["phase.tokens=3000", "phase.checkpoint_every_tokens=1e9", "lr_schedule.warmup_tokens=1000", "batch.warmup_tokens=0",
              "phase.seq_len=128"]
     runs = {}
     for objective in ("mlm", "clm"):
@@ -319,7 +316,7 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
             train(corpus, run, 1, 0, f"objective={objective}", f"phase={phase}", *short, *extra)
             runs[(objective, phase)] = prev = run
     cross = tmp_path / "mlm-to-clm"
-    train(corpus, cross, 1, 0, "objective=clm", "phase=cross", *short, "schedule.decay_tokens=1000",
+    train(corpus, cross, 1, 0, "objective=clm", "phase=cross", *short, "lr_schedule.decay_tokens=1000",
           f"phase.init_checkpoint={runs[('mlm', 'decay')]}")
     for (objective, phase), run in runs.items():
         cfg = load_config(corpus["exp"], [f"objective={objective}", f"phase={phase}", *short])
@@ -336,13 +333,13 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
     assert ext["optimizer_step"] == pre["optimizer_step"] + ext["step"]  # optimizer carried, clock reset
     crossed = json.loads((list_checkpoints(cross)[-1] / "state.json").read_text())
     assert crossed["optimizer_step"] == crossed["step"] and crossed["seed"] == 210  # fresh optimizer
-    cfg = load_config(corpus["exp"], ["objective=clm", "phase=cross", *short, "schedule.decay_tokens=1000"])
+    cfg = load_config(corpus["exp"], ["objective=clm", "phase=cross", *short, "lr_schedule.decay_tokens=1000"])
     m, tokens_before = metrics(cross), 0
     for step in sorted(m):
         assert m[step]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(tokens_before, cfg.lr_schedule, cfg.phase.tokens))
         tokens_before = m[step]["tokens"]
     # decoder -> encoder: MNTP by default, with the cross phase's batch ramp
-    ramp = ["schedule.decay_tokens=1000", "batch.warmup_tokens=1500", "batch.warmup_start_size=4"]
+    ramp = ["lr_schedule.decay_tokens=1000", "batch.warmup_tokens=1500", "batch.warmup_start_size=4"]
     to_encoder = tmp_path / "clm-to-mntp"
     train(corpus, to_encoder, 1, 0, "objective=mlm", "phase=cross", *short, *ramp,
           f"phase.init_checkpoint={runs[('clm', 'decay')]}")
@@ -353,6 +350,7 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
     assert per_step[0] == 4 and per_step[-1] == 10 and sorted(per_step) == per_step  # the ramp, then the full batch
 
 
+@pytest.mark.distributed
 def test_keep_last_k_and_plot(corpus, tmp_path):
     from ettin.train.checkpoint import prune
     from ettin.train.metrics import plot
@@ -369,6 +367,7 @@ def test_keep_last_k_and_plot(corpus, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
 
 
+@pytest.mark.distributed
 def test_resume_refuses_settings_that_would_change_the_order(corpus, tmp_path):
     run = tmp_path / "run"
     train(corpus, run, 1, 0, "train.max_steps=2")
@@ -387,6 +386,7 @@ def ettin_cli(*args):
     return subprocess.run([sys.executable, "-m", "ettin.cli", *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.distributed
 def test_a_truncated_newest_checkpoint_is_passed_over_on_resume_and_named_as_init(corpus, tmp_path):
     """A kill or a full disk cut the newest model.safetensors short. Resuming the run says which
     file is damaged and goes on from the checkpoint before it, with an unbroken ledger; the same
@@ -419,6 +419,7 @@ def test_a_truncated_newest_checkpoint_is_passed_over_on_resume_and_named_as_ini
     assert main(["checkpoint", "verify", str(run)]) == 0  # the damaged step was written again
 
 
+@pytest.mark.slow
 def test_an_unwritable_run_dir_is_named_before_training(corpus, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")

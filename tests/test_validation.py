@@ -1,7 +1,6 @@
 """Held-out validation parts of the training sources: a keyed choice the training order never yields."""
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import torch
@@ -10,7 +9,9 @@ import pytest
 from ettin.config import ConfigError, load_config
 from ettin.data.loader import DataPipeline
 from ettin.data.order import GlobalOrder, HeldOut, validation_count
-from ettin.testing import run_distributed_test, synthetic_corpus, write_mds_source
+from ettin.testing import run_distributed_test
+
+from conftest import Source
 
 
 def test_held_out_choice_and_training_map():
@@ -38,28 +39,13 @@ def test_the_choice_is_the_same_in_another_process():
 
 
 @pytest.fixture(scope="module")
-def experiment(tmp_path_factory):
-    root = tmp_path_factory.mktemp("validation")
-    tok = {"tokenizer": {"sha256": "t", "vocab_size": 512}}
-    write_mds_source(root / "a", synthetic_corpus(150, 512, 1), stats=tok)
-    write_mds_source(root / "b", synthetic_corpus(60, 512, 2, 30, 120), compression=None, stats=tok)
-    exp = root / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""\
-        defaults: {{model: 17m, objective: mlm, phase: pretrain}}
-        model: {{vocab_size: 512, hidden_size: 64, intermediate_size: 96, num_heads: 2, num_layers: 2,
-                 pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
-        phase: {{tokens: 3000, seq_len: 128, checkpoint_every_tokens: 1500}}
-        schedule: {{warmup_tokens: 500}}
-        batch: {{global_size: 8, micro_tokens: 600}}
-        train: {{collective_timeout_s: 60}}
-        data:
-          root: {root}
-          cache_dir: {root / "cache"}
-          workers: 0
-          validation: 0.1
-          sources: [{{name: a, path: a, weight: 2}}, {{name: b, path: b, validation: 7}}]
-        """))
-    return str(exp)
+def experiment(tiny_corpus):
+    """Source a (150 samples) weighted 2, source b (60 longer, raw) holding 7 out; 10% held out by default."""
+    return tiny_corpus(Source("a", 150, seed=1, weight=2),
+                       Source("b", 60, seed=2, min_len=30, max_len=120, compression=None, validation=7),
+                       name="validation", phase={"tokens": 3000, "seq_len": 128, "checkpoint_every_tokens": 1500},
+                       lr_schedule={"warmup_tokens": 500}, batch={"global_size": 8, "micro_tokens": 600},
+                       train={"collective_timeout_s": 60}, data={"workers": 0, "validation": 0.1}).exp
 
 
 def test_the_training_order_never_yields_a_validation_sample(experiment):
@@ -101,6 +87,7 @@ def _resumes_refused(exp, run_dir, changes):
             train(load_config(exp, [f"run_dir={run_dir}", *change]))
 
 
+@pytest.mark.distributed
 def test_a_resume_refuses_a_changed_validation_part(experiment, runs):
     run_distributed_test(_resumes_refused, 1, args=(experiment, str(runs / "clm"), [
         ["objective=clm", "data.validation=0.2"], ["objective=clm", "data.validation=0", PLAIN_SOURCES],
@@ -141,6 +128,7 @@ def runs(experiment, tmp_path_factory):
     return root
 
 
+@pytest.mark.distributed
 def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(runs, tmp_path):
     """In-loop numbers land in metrics.jsonl and the checkpoint; `ettin eval` on that checkpoint
     gives them again on 1 process, and within 1e-6 on 2 DP ranks and on TP 2."""
@@ -168,6 +156,7 @@ def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(runs, tmp_path)
             assert again[key] == pytest.approx(value, rel=1e-6 if world > 1 else 1e-12), (world, tp, key)
 
 
+@pytest.mark.distributed
 def test_ettin_eval_on_a_run_writes_a_table_and_a_plot_and_compares_runs(runs, tmp_path, capsys):
     from ettin.cli import main
 
@@ -193,6 +182,7 @@ def _destroy_groups():
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed
 def test_an_exported_model_scores_through_transformers_what_the_checkpoint_scored(runs, tmp_path):
     """`ettin eval HF_DIR --like RUN`: the released format, loaded by transformers, on the run's sets."""
     import json
