@@ -13,6 +13,7 @@ batch). Rates are steady state, timed from the first item on; the wait for that 
 (worker start-up) is printed beside them. Prints samples/s, tokens/s and the ratios. No
 thresholds: figures only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,14 @@ def bench_ours(root: Path, workers: int, steps: int) -> tuple[float, float, floa
     from ettin.data.loader import DataPipeline, RankSteps, build_loader
 
     exp = root / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""\
+    exp.write_text(
+        textwrap.dedent(f"""\
         defaults: {{model: 17m, objective: mlm, phase: pretrain}}
         phase: {{tokens: 1e12, seq_len: 1024}}
         batch: {{global_size: 512, warmup_tokens: 0}}
         data: {{root: {root}, cache_dir: {root / "cache"}, sources: [{{name: a, path: a, weight: 1}}, {{name: b, path: b, weight: 1}}]}}
-        """))
+        """)
+    )
     cfg = load_config(str(exp))
     pipeline = DataPipeline.from_config(cfg)
     pipeline.batch(0, 1)  # decompress shards into the cache outside the timing
@@ -53,8 +56,9 @@ def bench_ours(root: Path, workers: int, steps: int) -> tuple[float, float, floa
         for k in range(len(r.shards)):
             r.shard_file(k)
     dataset = RankSteps(pipeline)
-    return steady_rate(((len(b.positions), b.num_tokens) for _, b in build_loader(dataset, 0, steps, workers=workers)),
-                       workers)
+    return steady_rate(
+        ((len(b.positions), b.num_tokens) for _, b in build_loader(dataset, 0, steps, workers=workers)), workers
+    )
 
 
 def steady_rate(batches, workers: int) -> tuple[float, float, float]:
@@ -89,8 +93,9 @@ def bench_streaming(root: Path, workers: int, limit: int) -> tuple[float, float,
         for _ in torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers, collate_fn=list):
             pass  # first pass downloads and decompresses (not timed)
         loader = torch.utils.data.DataLoader(ds, batch_size=512, num_workers=workers, collate_fn=list)
-        return steady_rate(((len(b), sum(len(x["input_ids"]) for x in b)) for b in itertools.islice(loader, limit // 512)),
-                           workers)
+        return steady_rate(
+            ((len(b), sum(len(x["input_ids"]) for x in b)) for b in itertools.islice(loader, limit // 512)), workers
+        )
     finally:
         shutil.rmtree(local, ignore_errors=True)
         clean_stale_shared_memory()
@@ -126,13 +131,17 @@ def main() -> None:
         r0, r_end = bench_resume()
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    print(f"{'loader (' + str(args.workers) + ' workers, steady state)':<34} {'samples/s':>10} {'tokens/s':>12} "
-          f"{'first batch':>12}")
+    print(
+        f"{'loader (' + str(args.workers) + ' workers, steady state)':<34} {'samples/s':>10} {'tokens/s':>12} "
+        f"{'first batch':>12}"
+    )
     for name, (rate, tokens, first) in (("ettin (order + MLM masking)", ours), ("streaming.StreamingDataset", peer)):
         print(f"{name:<34} {rate:>10,.0f} {tokens:>12,.0f} {first * 1e3:>9,.0f} ms")
     print(f"{'ratio ettin / streaming':<34} {ours[0] / peer[0]:>10.2f}x")
-    print(f"resume: one 4,608-sample batch at position 0 {r0 * 1e3:.1f} ms, at 2e9-1e4 {r_end * 1e3:.1f} ms "
-          f"(ratio {r_end / r0:.2f})")
+    print(
+        f"resume: one 4,608-sample batch at position 0 {r0 * 1e3:.1f} ms, at 2e9-1e4 {r_end * 1e3:.1f} ms "
+        f"(ratio {r_end / r0:.2f})"
+    )
 
 
 if __name__ == "__main__":

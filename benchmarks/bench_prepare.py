@@ -9,6 +9,7 @@ streaming's import not). Target: prepare with 1 worker >= 0.8x the raw rate.
 
     .venv/bin/python benchmarks/bench_prepare.py [--copies 2] [--vocab-size 8192] [--workers 1 2]
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,7 @@ def raw_rate(tokenizer, texts: list[str], repeats: int) -> tuple[float, int]:
         started = time.perf_counter()
         tokens = 0
         for i in range(0, len(texts), BATCH_DOCUMENTS):
-            for encoding in tokenizer.encode_batch(texts[i:i + BATCH_DOCUMENTS],
-                                                   add_special_tokens=False):
+            for encoding in tokenizer.encode_batch(texts[i : i + BATCH_DOCUMENTS], add_special_tokens=False):
                 tokens += len(encoding.ids)
         best = min(best, time.perf_counter() - started)
     return best, tokens
@@ -69,12 +69,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-prepare-") as tmp:
         tmp = Path(tmp)
         tokenizer_path = tmp / "tokenizer.json"
-        train_bpe(texts[:len(texts) // args.copies], args.vocab_size).save(str(tokenizer_path))
+        train_bpe(texts[: len(texts) // args.copies], args.vocab_size).save(str(tokenizer_path))
         corpus = tmp / "corpus"
         corpus.mkdir()
         for f in range(args.files):
             with open(corpus / f"part{f:02d}.jsonl", "w", encoding="utf-8") as out:
-                for n, (name, text) in enumerate(docs[f::args.files]):
+                for n, (name, text) in enumerate(docs[f :: args.files]):
                     out.write(json.dumps({"id": f"{name}/{f}/{n}", "text": text}) + "\n")
 
         tokenizer = load_tokenizer(tokenizer_path)
@@ -84,20 +84,23 @@ def main() -> None:
             best = float("inf")
             for r in range(args.repeats):
                 started = time.perf_counter()
-                prepare([corpus], tmp / f"out-{workers}-{r}", tokenizer_path,
-                        seq_len=args.seq_len, workers=workers)
+                prepare([corpus], tmp / f"out-{workers}-{r}", tokenizer_path, seq_len=args.seq_len, workers=workers)
                 best = min(best, time.perf_counter() - started)
             rows.append((f"prepare --workers {workers}", best, f"{workers}"))
 
-    print(f"text: {len(texts)} documents, {text_mb:.1f} MB ({args.copies}x Lib/*.py), "
-          f"{tokens:,} tokens, vocab {args.vocab_size}, seq_len {args.seq_len}, "
-          f"best of {args.repeats}")
+    print(
+        f"text: {len(texts)} documents, {text_mb:.1f} MB ({args.copies}x Lib/*.py), "
+        f"{tokens:,} tokens, vocab {args.vocab_size}, seq_len {args.seq_len}, "
+        f"best of {args.repeats}"
+    )
     print(f"{'':<28}{'seconds':>9}{'tokens/s':>13}{'MB/s':>8}{'x raw':>8}{'x raw/worker':>14}")
     for label, seconds, workers in rows:
         ratio = raw_s / seconds
         per_worker = f"{ratio / int(workers):.2f}" if workers else ""
-        print(f"{label:<28}{seconds:>9.2f}{tokens / seconds:>13,.0f}{text_mb / seconds:>8.2f}"
-              f"{ratio:>8.2f}{per_worker:>14}")
+        print(
+            f"{label:<28}{seconds:>9.2f}{tokens / seconds:>13,.0f}{text_mb / seconds:>8.2f}"
+            f"{ratio:>8.2f}{per_worker:>14}"
+        )
 
 
 if __name__ == "__main__":  # guarded: prepare's spawned workers import this module

@@ -9,6 +9,7 @@ would (attention_mask, labels -100 on padding), two ways: to the longest documen
 issue's baseline of "half of it padding" describes). Prints non-pad tokens/s and the ratios, for
 the encoder (MLM, 30% masking) and the decoder (CLM). Figures only; no thresholds.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,9 +53,17 @@ def main() -> None:
     init_process_groups(1)
     overrides = ["model.attn_out_dropout=0.0"]
     if args.smoke:
-        overrides += ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=96", "model.num_heads=2",
-                      "model.num_layers=2", "model.pad_token_id=0", "model.cls_token_id=1", "model.sep_token_id=2",
-                      "model.mask_token_id=3"]
+        overrides += [
+            "model.vocab_size=512",
+            "model.hidden_size=64",
+            "model.intermediate_size=96",
+            "model.num_heads=2",
+            "model.num_layers=2",
+            "model.pad_token_id=0",
+            "model.cls_token_id=1",
+            "model.sep_token_id=2",
+            "model.mask_token_id=3",
+        ]
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(130, 1025, (8,), generator=g).tolist() if not args.smoke else [40, 70, 20]
     seq_len = 1024 if not args.smoke else 80
@@ -93,18 +102,24 @@ def main() -> None:
             hf_opt.zero_grad(set_to_none=True)
 
         t_ours = time_steps(ours_step, args.repeats)
-        t_hf = [time_steps(lambda: hf_step(*pad(docs, labels, cu, width, m.pad_token_id, objective)), args.repeats)
-                for width in (max(lengths), seq_len)]
+        t_hf = [
+            time_steps(lambda: hf_step(*pad(docs, labels, cu, width, m.pad_token_id, objective)), args.repeats)
+            for width in (max(lengths), seq_len)
+        ]
         rows.append((objective, int(ids.numel()), t_ours, t_hf))
 
     print(f"batch: {len(lengths)} documents, {sum(lengths)} tokens ({lengths}); threads {args.threads}")
     print(f"HF padded to the longest document ({max(lengths)}) and to the sequence length ({seq_len})")
-    print(f"{'model':<8} {'ours s/step':>11} {'HF longest':>11} {'HF max_len':>11} {'ours tok/s':>11} "
-          f"{'ratio longest':>14} {'ratio max_len':>14}")
+    print(
+        f"{'model':<8} {'ours s/step':>11} {'HF longest':>11} {'HF max_len':>11} {'ours tok/s':>11} "
+        f"{'ratio longest':>14} {'ratio max_len':>14}"
+    )
     for objective, n, t_ours, (t_longest, t_max) in rows:
         name = "encoder" if objective == "mlm" else "decoder"
-        print(f"{name:<8} {t_ours:>11.2f} {t_longest:>11.2f} {t_max:>11.2f} {n / t_ours:>11,.0f} "
-              f"{t_longest / t_ours:>13.2f}x {t_max / t_ours:>13.2f}x")
+        print(
+            f"{name:<8} {t_ours:>11.2f} {t_longest:>11.2f} {t_max:>11.2f} {n / t_ours:>11,.0f} "
+            f"{t_longest / t_ours:>13.2f}x {t_max / t_ours:>13.2f}x"
+        )
 
 
 def pad(docs, labels, cu, width, pad_id, objective):

@@ -23,6 +23,7 @@ every section ran and passed its checks, 1 otherwise. Needs, besides torch and t
 megatron-core (all sections), transformers (throughput), deepspeed and mosaicml-streaming
 (trainer); a missing one fails that section with one line naming it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("attention", "trainer", "throughput")
 LIMITS_S = {"attention": 90, "trainer": 180, "throughput": 210}  # 8 minutes in all; --smoke: the same ceilings
-TINY = ["model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=96", "model.num_heads=2",
-        "model.num_layers=3", "model.pad_token_id=0", "model.cls_token_id=1", "model.sep_token_id=2",
-        "model.mask_token_id=3"]
+TINY = [
+    "model.vocab_size=512",
+    "model.hidden_size=64",
+    "model.intermediate_size=96",
+    "model.num_heads=2",
+    "model.num_layers=3",
+    "model.pad_token_id=0",
+    "model.cls_token_id=1",
+    "model.sep_token_id=2",
+    "model.mask_token_id=3",
+]
 
 
 def _device():
@@ -76,12 +85,16 @@ def _trainer_experiment(smoke: bool, work: Path) -> Path:
     data = work / ("data-smoke" if smoke else "data")
     if not data.exists():
         samples = synthetic_corpus(400 if smoke else 4000, vocab, 1, seq // 4, seq - 2, cls_id=1, sep_id=2)
-        write_mds_source(data / "a", samples, size_limit=1 << 22,
-                         stats={"tokenizer": {"sha256": "synthetic", "vocab_size": vocab}})
-    model = "\n".join(f"  {o.split('=')[0].split('.')[1]}: {o.split('=')[1]}" for o in TINY) if smoke else (
-        "  pad_token_id: 0\n  cls_token_id: 1\n  sep_token_id: 2\n  mask_token_id: 3")
+        write_mds_source(
+            data / "a", samples, size_limit=1 << 22, stats={"tokenizer": {"sha256": "synthetic", "vocab_size": vocab}}
+        )
+    model = (
+        "\n".join(f"  {o.split('=')[0].split('.')[1]}: {o.split('=')[1]}" for o in TINY)
+        if smoke
+        else ("  pad_token_id: 0\n  cls_token_id: 1\n  sep_token_id: 2\n  mask_token_id: 3")
+    )
     exp = work / "exp.yaml"
-    exp.write_text(f"""defaults: {{model: {'17m' if smoke else '150m'}, objective: mlm, phase: pretrain}}
+    exp.write_text(f"""defaults: {{model: {"17m" if smoke else "150m"}, objective: mlm, phase: pretrain}}
 model:
 {model}
 phase: {{tokens: 1e12, seq_len: {seq}, checkpoint_every_tokens: 1e12}}
@@ -90,7 +103,7 @@ batch: {{global_size: {16 if smoke else 64}, micro_tokens: {512 if smoke else 16
 train: {{log_every: 1, sync_debug: true, deterministic: true, grad_accum_dtype: fp32, collective_timeout_s: 120}}
 data:
   root: {data}
-  cache_dir: {work / 'cache'}
+  cache_dir: {work / "cache"}
   workers: 1
   sources: [{{name: a, path: a}}]
 """)
@@ -99,9 +112,14 @@ data:
 
 def _train(exp: Path, run_dir: Path, steps: int, deadline: float) -> None:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    code = ("import sys; from ettin.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, "train", str(exp), f"run_dir={run_dir}",
-                           f"train.max_steps={steps}"], capture_output=True, text=True, timeout=max(1.0, deadline - time.time()), env=env)
+    code = "import sys; from ettin.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", str(exp), f"run_dir={run_dir}", f"train.max_steps={steps}"],
+        capture_output=True,
+        text=True,
+        timeout=max(1.0, deadline - time.time()),
+        env=env,
+    )
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or proc.stdout.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"ettin train exited {proc.returncode}: {tail}")
@@ -119,11 +137,16 @@ def section_trainer(smoke: bool, work: Path):
         shutil.rmtree(run, ignore_errors=True)
     _train(exp, straight, steps, deadline)
     for r in read_metrics(straight):
-        yield {"check": f"step {r['step']}", "loss": round(r["loss"], 4), "grad_norm": round(r["grad_norm"], 4),
-                     "host_syncs": r.get("host_syncs"), "sync_calls": r.get("sync_calls"),
-                     "skipped_steps": r.get("skipped_steps"),
-                     "sync_sites": " ".join(Path(s).name for s in r.get("host_sync_sites", [])[:4]),
-                     "ok": r["loss"] == r["loss"] and r.get("skipped_steps", 0) == 0}
+        yield {
+            "check": f"step {r['step']}",
+            "loss": round(r["loss"], 4),
+            "grad_norm": round(r["grad_norm"], 4),
+            "host_syncs": r.get("host_syncs"),
+            "sync_calls": r.get("sync_calls"),
+            "skipped_steps": r.get("skipped_steps"),
+            "sync_sites": " ".join(Path(s).name for s in r.get("host_sync_sites", [])[:4]),
+            "ok": r["loss"] == r["loss"] and r.get("skipped_steps", 0) == 0,
+        }
     _train(exp, resumed, steps // 2, deadline)
     _train(exp, resumed, steps, deadline)
     a, b = list_checkpoints(straight)[-1], list_checkpoints(resumed)[-1]
@@ -133,8 +156,12 @@ def section_trainer(smoke: bool, work: Path):
         worst = max(((ta[k].float() - tb[k].float()).abs().max().item() for k in ta if k in tb), default=float("nan"))
         yield {"check": f"resume bit-equal: {name}", "max_abs_diff": worst, "ok": equal}
     losses = [r["loss"] for r in read_metrics(straight)], [r["loss"] for r in read_metrics(resumed)]
-    yield {"check": "resume: the same losses", "straight": [round(x, 6) for x in losses[0]],
-           "resumed": [round(x, 6) for x in losses[1]], "ok": losses[0] == losses[1]}
+    yield {
+        "check": "resume: the same losses",
+        "straight": [round(x, 6) for x in losses[0]],
+        "resumed": [round(x, 6) for x in losses[1]],
+        "ok": losses[0] == losses[1],
+    }
 
 
 # ----------------------------------------------------------------------------- 3. throughput
@@ -184,8 +211,13 @@ def section_throughput(smoke: bool, work: Path):
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak, measured = resolve_peak_flops(load_config("ettin"), name), _matmul_peak(device)
-    yield {"impl": "peaks", "datasheet_tflops": peak / 1e12, "measured_matmul_tflops": measured / 1e12,
-           "device": name, "ok": True}
+    yield {
+        "impl": "peaks",
+        "datasheet_tflops": peak / 1e12,
+        "measured_matmul_tflops": measured / 1e12,
+        "device": name,
+        "ok": True,
+    }
     # a model is built once per size and objective (megatron initializes on the CPU: slow at 1b)
     cases = {"17m": [128]} if smoke else {"150m": [1024], "400m": [1024, 7999], "1b": [1024, 7999]}
     for size, lengths in cases.items():
@@ -205,8 +237,9 @@ def _throughput(size, objective, lengths, smoke, device, dtype, peak, measured):
     from ettin.hf import hf_config
     from ettin.memory import default_micro_tokens
 
-    cfg = load_config("ettin", [f"model={size}", f"objective={objective}", "model.attn_out_dropout=0.0",
-                                *(TINY if smoke else [])])
+    cfg = load_config(
+        "ettin", [f"model={size}", f"objective={objective}", "model.attn_out_dropout=0.0", *(TINY if smoke else [])]
+    )
     m = cfg.model
     torch.manual_seed(0)
     ours = m.build(attn_backend="sdpa").to(device, dtype)
@@ -219,8 +252,13 @@ def _throughput(size, objective, lengths, smoke, device, dtype, peak, measured):
     impls["hf/sdpa"] = None
     for seq in lengths:
         phase = "pretrain" if seq == 1024 or smoke else "extension"
-        budget = 512 if smoke else default_micro_tokens(load_config("ettin", [
-            f"model={size}", f"objective={objective}", f"phase={phase}"]), dp=1)
+        budget = (
+            512
+            if smoke
+            else default_micro_tokens(
+                load_config("ettin", [f"model={size}", f"objective={objective}", f"phase={phase}"]), dp=1
+            )
+        )
         docs = max(1, budget // seq)
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(5, m.vocab_size, (docs * seq,), generator=g)
@@ -254,10 +292,13 @@ def _throughput(size, objective, lengths, smoke, device, dtype, peak, measured):
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 seconds = _timed(step, device, 1 if smoke else 3)
-                row.update(tokens_per_s=round(docs * seq / seconds), mfu=flops / seconds / peak,
-                           mfu_vs_measured_peak=flops / seconds / measured,
-                           peak_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-                           ok=True)
+                row.update(
+                    tokens_per_s=round(docs * seq / seconds),
+                    mfu=flops / seconds / peak,
+                    mfu_vs_measured_peak=flops / seconds / measured,
+                    peak_gb=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+                    ok=True,
+                )
                 del opt
             except torch.OutOfMemoryError:
                 row.update(error="out of memory", ok=False)
@@ -309,8 +350,11 @@ def markdown(name: str, result: dict) -> str:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 2)[2],
+    )
     p.add_argument("--out", required=True, help="folder for gpu-check.md and the sections' JSON")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, CPU allowed: checks the script itself")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}")
@@ -328,7 +372,12 @@ def main() -> int:
         return 2
     (out / "work").mkdir(exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])))
-    report, failed = [f"# gpu-check {'(smoke, CPU shapes) ' if args.smoke else ''}{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"], []
+    report, failed = (
+        [
+            f"# gpu-check {'(smoke, CPU shapes) ' if args.smoke else ''}{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n"
+        ],
+        [],
+    )
     for name in args.sections.split(","):
         if name not in SECTIONS:
             print(f"error: unknown section '{name}' (known: {', '.join(SECTIONS)})", file=sys.stderr)
@@ -336,15 +385,21 @@ def main() -> int:
         start, result_file = time.time(), out / "work" / f"{name}.jsonl"
         result_file.unlink(missing_ok=True)
         try:
-            proc = subprocess.run([sys.executable, __file__, "--out", str(out), "--section", name]
-                                  + (["--smoke"] if args.smoke else []), capture_output=True, text=True,
-                                  timeout=LIMITS_S[name], env=env)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--out", str(out), "--section", name] + (["--smoke"] if args.smoke else []),
+                capture_output=True,
+                text=True,
+                timeout=LIMITS_S[name],
+                env=env,
+            )
             (out / "work" / f"{name}.log").write_text(proc.stdout + proc.stderr)
             result = read_section(result_file)
             if proc.returncode != 0 and "error" not in result:
                 result["error"] = f"exited {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}"
         except subprocess.TimeoutExpired:
-            result = read_section(result_file) | {"error": f"did not finish in {LIMITS_S[name]} s (killed; rows so far above)"}
+            result = read_section(result_file) | {
+                "error": f"did not finish in {LIMITS_S[name]} s (killed; rows so far above)"
+            }
         if "error" in result or not result["rows"] or not all(r.get("ok", True) for r in result["rows"]):
             failed.append(name)
         report.append(markdown(f"{name} ({time.time() - start:.0f} s)", result))

@@ -1,4 +1,5 @@
 """``python -m data_tools TOOL ...``: dispatch to one tool of :mod:`ettin.data.commands`."""
+
 from __future__ import annotations
 
 import sys
@@ -18,8 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0
     if argv[0] not in COMMANDS:
-        print(f"error: unknown tool {argv[0]!r}; choose one of {', '.join(COMMANDS)}",
-              file=sys.stderr)
+        print(f"error: unknown tool {argv[0]!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return run_tool(argv[0], argv[1:], prog=f"python -m data_tools {argv[0]}")
 

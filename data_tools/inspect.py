@@ -3,6 +3,7 @@ and decoded samples of an MDS dataset (see :mod:`ettin.data.summary`). Never wri
 
 The same as ``ettin data inspect`` (:mod:`ettin.data.commands`).
 """
+
 from __future__ import annotations
 
 import sys

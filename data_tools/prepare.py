@@ -3,6 +3,7 @@
 The same as ``ettin data prepare`` (:mod:`ettin.data.commands`). Chunking, ids, bad records and
 resuming are described in :mod:`ettin.data.prepare`.
 """
+
 from __future__ import annotations
 
 import sys

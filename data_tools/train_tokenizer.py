@@ -4,6 +4,7 @@ The same as ``ettin data train-tokenizer`` (:mod:`ettin.data.commands`). Reads t
 as ``prepare`` (see :mod:`ettin.data.inputs`) and saves one ``tokenizer.json``. The same
 documents give the same file, byte for byte.
 """
+
 from __future__ import annotations
 
 import sys

@@ -3,6 +3,7 @@
 The same command as ``ettin launch cancel`` (one parser: :func:`ettin.launch.status.add_cancel_parser`), kept so
 existing scripts go on working; installed with ettin, it runs from any folder.
 """
+
 from __future__ import annotations
 
 import sys

@@ -28,10 +28,21 @@ LOCAL = REPO / "slurm" / "local"
 VOCAB = 512
 # stats.json's record of the tokenizer the ids came from (synthetic ids: no tokenizer file is read)
 TOKENIZER_STATS = {"tokenizer": {"sha256": "t", "vocab_size": VOCAB}}
-TINY_MODEL = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 96, "num_heads": 2, "num_layers": 2,
-              "pad_token_id": 0, "cls_token_id": 1, "sep_token_id": 2, "mask_token_id": 3}
-WORDS = ("the model reads tokens and writes shards while workers run ahead ; naïve café "
-         "数据 données — quick brown fox 12345 def return class { } ( ) = + \n").split(" ")
+TINY_MODEL = {
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_heads": 2,
+    "num_layers": 2,
+    "pad_token_id": 0,
+    "cls_token_id": 1,
+    "sep_token_id": 2,
+    "mask_token_id": 3,
+}
+WORDS = (
+    "the model reads tokens and writes shards while workers run ahead ; naïve café "
+    "数据 données — quick brown fox 12345 def return class { } ( ) = + \n"
+).split(" ")
 
 
 def make_text(rng: random.Random, n_words: int) -> str:
@@ -67,8 +78,14 @@ def write_sources(root: Path, sources) -> dict[str, list[list[int]]]:
     written = {}
     for s in sources:
         samples = synthetic_corpus(s.n, VOCAB, s.seed, s.min_len, s.max_len)
-        write_mds_source(root / s.name, samples, compression=s.compression, size_limit=s.size_limit,
-                         stats=TOKENIZER_STATS, hashes=s.hashes)
+        write_mds_source(
+            root / s.name,
+            samples,
+            compression=s.compression,
+            size_limit=s.size_limit,
+            stats=TOKENIZER_STATS,
+            hashes=s.hashes,
+        )
         written[s.name] = samples
     return written
 
@@ -84,10 +101,21 @@ def _flow(value) -> str:
     return str(value)
 
 
-def write_experiment(path: Path, root: Path, sources, *, objective: str = "mlm", model: dict | None = None,
-                     phase: dict | None = None, lr_schedule: dict | None = None, optim: dict | None = None,
-                     batch: dict | None = None, train: dict | None = None, data: dict | None = None,
-                     cache_dir: Path | None = None) -> Path:
+def write_experiment(
+    path: Path,
+    root: Path,
+    sources,
+    *,
+    objective: str = "mlm",
+    model: dict | None = None,
+    phase: dict | None = None,
+    lr_schedule: dict | None = None,
+    optim: dict | None = None,
+    batch: dict | None = None,
+    train: dict | None = None,
+    data: dict | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
     """An experiment file over ``sources`` (``Source`` entries) under ``root``: the 17m recipe with
     the tiny model (``model`` entries change it), ``phase``/``lr_schedule``/``batch`` as given (these
     defaults otherwise), ``optim``/``train`` only when given, and ``data`` entries (workers, blocks,
@@ -100,8 +128,12 @@ def write_experiment(path: Path, root: Path, sources, *, objective: str = "mlm",
         "optim": optim,
         "batch": batch or {"global_size": 12, "micro_tokens": 200, "warmup_tokens": 0},
         "train": train,
-        "data": {"root": root, "cache_dir": cache_dir or root / "cache", **(data or {}),
-                 "sources": [s.entry() for s in sources]},
+        "data": {
+            "root": root,
+            "cache_dir": cache_dir or root / "cache",
+            **(data or {}),
+            "sources": [s.entry() for s in sources],
+        },
     }
     path.write_text("".join(f"{key}: {_flow(value)}\n" for key, value in sections.items() if value is not None))
     return path
@@ -173,8 +205,13 @@ def slurm():
     set to this checkout, so a job imports the code under test even where the venv's editable
     install points at another checkout (checked below with a one-task srun)."""
     state = Path(tempfile.mkdtemp(prefix="ettin-slurm-"))  # short: the munge socket path must be < 108 bytes
-    env = {**os.environ, "ETTIN_SLURM_DIR": str(state), "ETTIN_SLURM_NODES": "2",
-           "ETTIN_SLURM_PORT": str(free_port_block(3)), "ETTIN_SLURM_CPUS": "2"}
+    env = {
+        **os.environ,
+        "ETTIN_SLURM_DIR": str(state),
+        "ETTIN_SLURM_NODES": "2",
+        "ETTIN_SLURM_PORT": str(free_port_block(3)),
+        "ETTIN_SLURM_CPUS": "2",
+    }
     installed = subprocess.run([str(LOCAL / "install.sh")], env=env, capture_output=True, text=True)
     if installed.returncode != 0:  # in CI (this kind of machine, apt reachable) it must work: fail, don't skip
         why = f"Slurm cannot be installed on this machine: {(installed.stderr or installed.stdout).strip()[-300:]}"
@@ -184,7 +221,9 @@ def slurm():
     up = subprocess.run([str(LOCAL / "up.sh")], env=env, capture_output=True, text=True, timeout=120)
     try:
         assert up.returncode == 0, up.stderr
-        exports = dict(line[len("export "):].split("=", 1) for line in up.stdout.splitlines() if line.startswith("export "))
+        exports = dict(
+            line[len("export ") :].split("=", 1) for line in up.stdout.splitlines() if line.startswith("export ")
+        )
         assert set(exports) == {"SLURM_CONF", "PATH"}, up.stdout
         again = subprocess.run([str(LOCAL / "up.sh")], env=env, capture_output=True, text=True, timeout=60)
         assert again.returncode == 0 and "already running" in again.stderr  # idempotent
@@ -193,13 +232,29 @@ def slurm():
             mp.setenv("PATH", f"{LOCAL / 'bin'}:{os.environ['PATH']}")  # the sacct stand-in
             mp.setenv("OMP_NUM_THREADS", "1")  # 2 cores, up to 4 ranks
             mp.setenv("ETTIN_PYTHON", sys.executable)  # for the sbatch template
-            mp.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+            mp.setenv(
+                "PYTHONPATH",
+                os.pathsep.join([str(REPO / "src"), str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            )
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 mp.delenv(name, raising=False)
-            where = subprocess.run(["srun", "-N1", "-n1", sys.executable, "-c", "import ettin, launch; print(ettin.__file__, launch.__file__)"],
-                                   capture_output=True, text=True, timeout=120)
-            assert where.stdout.split() == [str(REPO / "src" / "ettin" / "__init__.py"), str(REPO / "launch" / "__init__.py")], \
-                where.stdout + where.stderr
+            where = subprocess.run(
+                [
+                    "srun",
+                    "-N1",
+                    "-n1",
+                    sys.executable,
+                    "-c",
+                    "import ettin, launch; print(ettin.__file__, launch.__file__)",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert where.stdout.split() == [
+                str(REPO / "src" / "ettin" / "__init__.py"),
+                str(REPO / "launch" / "__init__.py"),
+            ], where.stdout + where.stderr
             yield {"state": state, "env": env}
     finally:
         down = subprocess.run([str(LOCAL / "down.sh")], env=env, capture_output=True, text=True, timeout=120)

@@ -1,24 +1,45 @@
 """Attention backends against a dense fp64 reference, the FlexAttention block mask built from the
 offsets against the mask it stands for, and backend selection. CPU only, except the CUDA checks."""
+
 import itertools
 
 import numpy as np
 import pytest
 import torch
 
+from ettin.attention import (
+    CHECK_MASKS,
+    Documents,
+    FlexAttention,
+    MaskSpec,
+    SdpaAttention,
+    VarlenAttention,
+    allowed,
+    available_backends,
+    build_attention,
+    flex_block_mask,
+    flex_padded_length,
+    reference_attention,
+    reference_check,
+    varlen_window,
+)
 from ettin.errors import EttinError
-from ettin.attention import (CHECK_MASKS, Documents, FlexAttention, MaskSpec, SdpaAttention, VarlenAttention,
-                             allowed, available_backends, build_attention, flex_block_mask, flex_padded_length,
-                             reference_attention, reference_check, varlen_window)
 
 ENCODER_GLOBAL, ENCODER_LOCAL = MaskSpec(False, None), MaskSpec(False, (64, 64))
 DECODER_GLOBAL, DECODER_LOCAL = MaskSpec(True, None), MaskSpec(True, (63, 0))
 SMALL_WINDOWS = [MaskSpec(False, (4, 4)), MaskSpec(True, (3, 0))]
 # a lone token, exactly a (flex) block, one past it, empty documents, several documents with one
 # spanning block boundaries
-LENGTHS = {"one": [1], "block": [128], "block+1": [129], "empty docs": [0, 5, 0, 1, 0],
-           "mixed": [1, 128, 129, 7, 300, 2]}
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (varlen/flash/compiled flex are GPU kernels)")
+LENGTHS = {
+    "one": [1],
+    "block": [128],
+    "block+1": [129],
+    "empty docs": [0, 5, 0, 1, 0],
+    "mixed": [1, 128, 129, 7, 300, 2],
+}
+CUDA = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (varlen/flash/compiled flex are GPU kernels)"
+)
 
 
 def documents(lengths, device="cpu") -> Documents:
@@ -41,7 +62,7 @@ def dense_blocks(num_blocks: torch.Tensor, indices: torch.Tensor, rows: int) -> 
     """An ordered block list ([1, 1, rows], [1, 1, rows, width]) as a rows x rows count matrix."""
     dense = torch.zeros(rows, rows, dtype=torch.int64)
     for r in range(rows):
-        taken = indices[0, 0, r, :num_blocks[0, 0, r]].long()
+        taken = indices[0, 0, r, : num_blocks[0, 0, r]].long()
         dense[r].index_add_(0, taken, torch.ones_like(taken))
     return dense
 
@@ -51,7 +72,9 @@ def test_documents_hold_host_offsets_and_check_their_shape():
     assert docs.bounds == (0, 3, 3, 10) and docs.total == 10 and docs.max_seqlen == 7
     assert docs.cu_seqlens.dtype == torch.int32
     numpy_bounds = Documents(torch.tensor([0, 4], dtype=torch.int32), np.array([0, 4]), np.int64(4))
-    assert numpy_bounds.bounds == (0, 4) and type(numpy_bounds.bounds[1]) is int and type(numpy_bounds.max_seqlen) is int
+    assert (
+        numpy_bounds.bounds == (0, 4) and type(numpy_bounds.bounds[1]) is int and type(numpy_bounds.max_seqlen) is int
+    )
     with pytest.raises(ValueError, match="offsets"):
         Documents(torch.tensor([0, 4], dtype=torch.int32), (0, 2, 4), 2)
 
@@ -69,8 +92,9 @@ def test_cpu_backends_match_the_reference(backend, spec, lengths):
     assert out.shape == q.shape
     torch.testing.assert_close(out, ref)
     if grad and docs.total:
-        for got, want in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
-                             torch.autograd.grad(ref.square().sum(), (q, k, v))):
+        for got, want in zip(
+            torch.autograd.grad(out.square().sum(), (q, k, v)), torch.autograd.grad(ref.square().sum(), (q, k, v))
+        ):
             torch.testing.assert_close(got, want)
 
 
@@ -97,8 +121,17 @@ def test_reference_follows_the_whole_stream_mask():
 
 
 STRUCTURE_LENGTHS = [[1], [16], [17], [1, 16, 17, 7, 70, 2], [0, 5, 0, 40], [127, 2, 127], [3] * 30, [200]]
-STRUCTURE_SPECS = [ENCODER_GLOBAL, DECODER_GLOBAL, ENCODER_LOCAL, DECODER_LOCAL, *SMALL_WINDOWS,
-                   MaskSpec(False, (0, 0)), MaskSpec(False, (20, 3)), MaskSpec(True, (33, 0)), MaskSpec(True, (5, 9))]
+STRUCTURE_SPECS = [
+    ENCODER_GLOBAL,
+    DECODER_GLOBAL,
+    ENCODER_LOCAL,
+    DECODER_LOCAL,
+    *SMALL_WINDOWS,
+    MaskSpec(False, (0, 0)),
+    MaskSpec(False, (20, 3)),
+    MaskSpec(True, (33, 0)),
+    MaskSpec(True, (5, 9)),
+]
 
 
 @pytest.mark.parametrize("block", [16, 128])
@@ -128,7 +161,7 @@ def test_flex_block_mask_is_exactly_the_reference_blocks(lengths, block):
         idx = torch.arange(size)
         got = plan.mask_mod(None, None, idx[:, None], idx[None, :])
         assert torch.equal(got, mask), spec
-        assert not mask[docs.total:, :docs.total].any() and not mask[:docs.total, docs.total:].any()
+        assert not mask[docs.total :, : docs.total].any() and not mask[: docs.total, docs.total :].any()
 
 
 def test_flex_pads_to_at_least_two_blocks():
@@ -137,8 +170,14 @@ def test_flex_pads_to_at_least_two_blocks():
     assert [flex_padded_length(n) for n in (0, 1, 128, 256, 257)] == [256, 256, 256, 256, 384]
     for spec in CHECK_MASKS.values():
         plan = flex_block_mask(documents([1]), spec)
-        for t in (plan.kv_num_blocks, plan.kv_indices, plan.full_kv_num_blocks, plan.full_kv_indices,
-                  plan.q_num_blocks, plan.q_indices):
+        for t in (
+            plan.kv_num_blocks,
+            plan.kv_indices,
+            plan.full_kv_num_blocks,
+            plan.full_kv_indices,
+            plan.q_num_blocks,
+            plan.q_indices,
+        ):
             assert min(t.shape[2:]) >= 2, (spec, t.shape)
 
 

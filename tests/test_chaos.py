@@ -18,6 +18,7 @@ an uninterrupted run (started at the same time, outside Slurm, DP=2). The seed i
 ``ETTIN_CHAOS_SEED=N`` replays its fault order, topologies and target ranks (not the steps they
 land on: those depend on timing). Sized to take about 4 minutes on 2 cores (docs/RELIABILITY.md).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import Source, job_pids
 from ettin.cli import main as ettin_main
 from ettin.data.ledger import read_ledger
 from ettin.launch.cluster import job_info
@@ -42,6 +42,8 @@ from ettin.launch.runs import newest_checkpoint
 from ettin.launch.submit import main as submit_main
 from ettin.parallel import free_port
 from ettin.train.checkpoint import list_checkpoints
+
+from conftest import Source, job_pids
 
 pytestmark = pytest.mark.slurm
 
@@ -54,13 +56,18 @@ FAULTS = ["kill", "kill", "kill", "save", "save", "usr2", "usr2", "preempt"]  # 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_corpus):
-    return tiny_corpus(Source("a", 3000, seed=7, min_len=40, max_len=126, weight=1), name="chaos-data",
-                       exp_name="tiny.yaml", model={"attn_out_dropout": 0.0},
-                       phase={"tokens": PLANNED_TOKENS, "seq_len": 128, "checkpoint_every_tokens": 1400,
-                              "keep_checkpoints": 0},
-                       lr_schedule={"warmup_tokens": 3000, "decay_tokens": 3000}, optim={"lr": "3e-3", "weight_decay": 0.01},
-                       batch={"global_size": 8, "micro_tokens": 200, "warmup_tokens": 0}, train={"log_every": 1000},
-                       data={"workers": 0}).exp
+    return tiny_corpus(
+        Source("a", 3000, seed=7, min_len=40, max_len=126, weight=1),
+        name="chaos-data",
+        exp_name="tiny.yaml",
+        model={"attn_out_dropout": 0.0},
+        phase={"tokens": PLANNED_TOKENS, "seq_len": 128, "checkpoint_every_tokens": 1400, "keep_checkpoints": 0},
+        lr_schedule={"warmup_tokens": 3000, "decay_tokens": 3000},
+        optim={"lr": "3e-3", "weight_decay": 0.01},
+        batch={"global_size": 8, "micro_tokens": 200, "warmup_tokens": 0},
+        train={"log_every": 1000},
+        data={"workers": 0},
+    ).exp
 
 
 class Soak:
@@ -82,9 +89,29 @@ class Soak:
 
     def submit(self, topology: str) -> str:
         nodes, tasks = TOPOLOGY[topology]
-        code = submit_main(["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--nodes", nodes,
-                            "--gpus-per-node", tasks, "--cpu", "--time", "00:10:00", "--max-requeues", "5",
-                            "--experiment", self.exp, "--run-root", str(self.root)])
+        code = submit_main(
+            [
+                "--sizes",
+                "17m",
+                "--objectives",
+                "mlm",
+                "--phases",
+                "pretrain",
+                "--nodes",
+                nodes,
+                "--gpus-per-node",
+                tasks,
+                "--cpu",
+                "--time",
+                "00:10:00",
+                "--max-requeues",
+                "5",
+                "--experiment",
+                self.exp,
+                "--run-root",
+                str(self.root),
+            ]
+        )
         assert code == 0
         self.job, self.topology = read_jobs(self.root)[KEY]["job_id"], topology
         self.say(f"submitted job {self.job} on {topology}")
@@ -103,9 +130,12 @@ class Soak:
         while not condition():
             if polls % 10 == 0:  # scontrol once a second: the 2 cores are the ranks'
                 info = job_info([self.job])[self.job]
-                assert time.time() < deadline and info.active, \
+                assert time.time() < deadline and info.active, (
                     f"waiting for {what}: job {self.job} is {info.state}\n{self.logs()}"
-                assert not (newest_checkpoint(self.run_dir) or (0, {}))[1].get("final"), "the run finished before its faults"
+                )
+                assert not (newest_checkpoint(self.run_dir) or (0, {}))[1].get("final"), (
+                    "the run finished before its faults"
+                )
             polls += 1
             time.sleep(0.1)
 
@@ -147,7 +177,9 @@ class Soak:
                 caught = next(iter(writing() - abandoned), None)
                 time.sleep(0.001)
             assert caught, f"no checkpoint write seen\n{self.logs()}"
-            os.kill(writer, signal.SIGSTOP)  # frozen where it is: the kill lands mid-write if the folder is still hidden
+            os.kill(
+                writer, signal.SIGSTOP
+            )  # frozen where it is: the kill lands mid-write if the folder is still hidden
             hit = (folder / caught).exists()
             os.kill(writer, signal.SIGKILL)
             self.detection_s.append(self.ended("FAILED"))
@@ -163,17 +195,32 @@ class Soak:
             self.wait(lambda: self.steps() >= base_steps + 2, "progress")
             subprocess.run(["scancel", self.job], check=True)
             self.ended("CANCELLED")
-            self.say(f"scancel (TERM): job CANCELLED at {self.steps()} steps logged, newest checkpoint step {self.newest_step()}")
+            self.say(
+                f"scancel (TERM): job CANCELLED at {self.steps()} steps logged, newest checkpoint step {self.newest_step()}"
+            )
         return True
 
 
 def reference_run(exp: str, run_dir: Path) -> list[subprocess.Popen]:
     """The same run, uninterrupted, as 2 plain processes (DP=2, what srun would start)."""
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, "-m", "ettin.cli", "train", exp, f"run_dir={run_dir}", "train.device=cpu"],
-                             env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r),
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "ettin.cli", "train", exp, f"run_dir={run_dir}", "train.device=cpu"],
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "LOCAL_RANK": str(r),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
 
 
 def test_chaos_soak(slurm, tiny, tmp_path, capsys):
@@ -214,7 +261,9 @@ def test_chaos_soak(slurm, tiny, tmp_path, capsys):
     assert entries[0].start == 0 and all(a.end == b.start for a, b in zip(entries, entries[1:]))
     state = json.loads((checkpoints[-1] / "state.json").read_text())
     assert state["final"] and state["tokens"] >= PLANNED_TOKENS and state["samples"] == entries[-1].end
-    assert not [p.name for p in (soak.run_dir / "checkpoints").iterdir() if p.name.startswith(".")]  # abandoned writes pruned
+    assert not [
+        p.name for p in (soak.run_dir / "checkpoints").iterdir() if p.name.startswith(".")
+    ]  # abandoned writes pruned
 
     # ettin replay: a random step of every checkpoint rebuilds to its ledger hash
     for ckpt in checkpoints:
@@ -232,9 +281,15 @@ def test_chaos_soak(slurm, tiny, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     wall = time.time() - started
-    summary = {"seed": seed, "faults": done, "mid_write_kills": mid_write, "detection_s": [round(s, 1) for s in soak.detection_s],
-               "checkpoints": len(checkpoints), "steps": state["step"],
-               "attempts": len(read_jobs(soak.root)[KEY]["history"]) + 1 + done.count("usr2"),
-               "wall_s": round(wall)}
+    summary = {
+        "seed": seed,
+        "faults": done,
+        "mid_write_kills": mid_write,
+        "detection_s": [round(s, 1) for s in soak.detection_s],
+        "checkpoints": len(checkpoints),
+        "steps": state["step"],
+        "attempts": len(read_jobs(soak.root)[KEY]["history"]) + 1 + done.count("usr2"),
+        "wall_s": round(wall),
+    }
     with capsys.disabled():
         print(f"chaos soak passed: {json.dumps(summary)}", flush=True)

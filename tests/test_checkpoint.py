@@ -3,8 +3,9 @@
 Real checkpoints written by ``write_checkpoint`` (tiny tensors, no training), damaged the ways disks
 and kills damage them: cut short, one byte flipped, not JSON any more.
 """
-import os
+
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,15 @@ from ettin.cli import main
 from ettin.data.ledger import read_ledger
 from ettin.errors import EttinError
 from ettin.fileio import FileError, read_json, write_json_atomic
-from ettin.train.checkpoint import (MANIFEST, TrainState, list_checkpoints, read_checkpoint, resume_point,
-                                    verify_checkpoint, write_checkpoint)
+from ettin.train.checkpoint import (
+    MANIFEST,
+    TrainState,
+    list_checkpoints,
+    read_checkpoint,
+    resume_point,
+    verify_checkpoint,
+    write_checkpoint,
+)
 
 
 def write_run(run_dir: Path, steps=(2, 4, 6)) -> list[Path]:
@@ -24,11 +32,19 @@ def write_run(run_dir: Path, steps=(2, 4, 6)) -> list[Path]:
         g = torch.Generator().manual_seed(step)
         weights = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g)}
         moments = {f"{k}.{m}": torch.randn_like(v) for k, v in weights.items() for m in ("exp_avg", "exp_avg_sq")}
-        ledger = {"header": {"fingerprint": "f"}, "steps": [{"step": step - 1, "start": 0, "end": 1, "tokens": 5,
-                                                             "hash": "h"}]}
-        write_checkpoint(run_dir, TrainState(step=step, tokens=10 * step), weights, moments,
-                         {"config.yaml": "objective: {name: mlm}\n", "ledger.json": json.dumps(ledger)},
-                         {"hidden_size": 32}, {"fingerprint": "f"})
+        ledger = {
+            "header": {"fingerprint": "f"},
+            "steps": [{"step": step - 1, "start": 0, "end": 1, "tokens": 5, "hash": "h"}],
+        }
+        write_checkpoint(
+            run_dir,
+            TrainState(step=step, tokens=10 * step),
+            weights,
+            moments,
+            {"config.yaml": "objective: {name: mlm}\n", "ledger.json": json.dumps(ledger)},
+            {"hidden_size": 32},
+            {"fingerprint": "f"},
+        )
     return list_checkpoints(run_dir)
 
 
@@ -48,8 +64,11 @@ def test_the_manifest_lists_every_other_file_and_a_fresh_checkpoint_verifies(tmp
     ckpt = write_run(tmp_path / "run", steps=(2,))[0]
     listed = read_json(ckpt / MANIFEST)["files"]
     on_disk = {p.name for p in ckpt.iterdir()} - {MANIFEST}
-    assert set(listed) == on_disk >= {"model.safetensors", "optimizer.safetensors", "state.json", "ledger.json",
-                                      "config.yaml", "model.json"}
+    assert (
+        set(listed)
+        == on_disk
+        >= {"model.safetensors", "optimizer.safetensors", "state.json", "ledger.json", "config.yaml", "model.json"}
+    )
     assert all(listed[n]["size"] == (ckpt / n).stat().st_size for n in listed)
     assert verify_checkpoint(ckpt, hash_limit=None) is True
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]  # nothing left half written
@@ -86,8 +105,11 @@ def test_resume_falls_back_past_damaged_checkpoints_says_which_file_and_moves_th
     truncate(ckpts[0] / "optimizer.safetensors")
     truncate(ckpts[1] / "optimizer.safetensors")
     truncate(ckpts[2] / "model.safetensors")
-    with pytest.raises(FileError, match=r"checkpoints: all 3 checkpoints are damaged \(the newest: .*step_00000006/model"
-                                        r"\.safetensors: has .*move the folder aside"):
+    with pytest.raises(
+        FileError,
+        match=r"checkpoints: all 3 checkpoints are damaged \(the newest: .*step_00000006/model"
+        r"\.safetensors: has .*move the folder aside",
+    ):
         resume_point(run, print)
     assert list_checkpoints(run) == ckpts  # nothing moved: the user decides
     ckpts = write_run(tmp_path / "run2")
@@ -97,11 +119,13 @@ def test_resume_falls_back_past_damaged_checkpoints_says_which_file_and_moves_th
     (ckpts[1] / "state.json").write_text('{"step": 4, "tok')  # cut by a full disk
     said = []
     assert resume_point(tmp_path / "run2", said.append) == ckpts[0]
-    assert said == [f"warning: {ckpts[2] / 'model.safetensors'} is damaged (has {size // 2:,} bytes, its manifest says "
-                    f"{size:,} (truncated or replaced)); moved step_00000006 aside to damaged-step_00000006, "
-                    "resuming from step_00000002",
-                    f"warning: {ckpts[1] / 'state.json'} is damaged (is not valid JSON (Unterminated string starting "
-                    "at: line 1 column 13 (char 12))); moved step_00000004 aside to damaged-step_00000004, resuming from step_00000002"]
+    assert said == [
+        f"warning: {ckpts[2] / 'model.safetensors'} is damaged (has {size // 2:,} bytes, its manifest says "
+        f"{size:,} (truncated or replaced)); moved step_00000006 aside to damaged-step_00000006, "
+        "resuming from step_00000002",
+        f"warning: {ckpts[1] / 'state.json'} is damaged (is not valid JSON (Unterminated string starting "
+        "at: line 1 column 13 (char 12))); moved step_00000004 aside to damaged-step_00000004, resuming from step_00000002",
+    ]
     assert list_checkpoints(tmp_path / "run2") == ckpts[:1]
     assert (ckpts[2].parent / "damaged-step_00000006" / "manifest.json").is_file()  # kept for a look
     assert resume_point(tmp_path / "fresh", said.append) is None
@@ -163,8 +187,10 @@ def test_checkpoint_verify_prints_one_line_per_checkpoint_and_exits_2_on_damage(
     lines = captured.out.splitlines()
     assert len(lines) == 3 and lines[0].startswith(f"{ckpts[0]}: unverified") and lines[1] == f"{ckpts[1]}: OK"
     assert lines[2].startswith(f"{ckpts[2]}: BAD model.safetensors: its content differs")
-    assert captured.err == "error: 1 of 3 checkpoint(s) damaged: resume and export fall back to or name them; " \
-                           "restore them from a copy or delete them\n"
+    assert (
+        captured.err == "error: 1 of 3 checkpoint(s) damaged: resume and export fall back to or name them; "
+        "restore them from a copy or delete them\n"
+    )
     assert main(["checkpoint", "verify", str(ckpts[1])]) == 0  # one checkpoint folder
     assert capsys.readouterr().out == f"{ckpts[1]}: OK\n"
     assert main(["checkpoint", "verify", str(tmp_path / "nothing")]) == 2

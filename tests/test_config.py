@@ -1,4 +1,5 @@
 """Configs: every preset resolves to RECIPE.md's numbers; every mistake is one clear error."""
+
 import subprocess
 import sys
 
@@ -48,17 +49,21 @@ def test_every_preset_resolves(size, objective, phase):
     assert cfg.phase.seed == (210 if phase == "cross" else 21)
     assert cfg.data.mixture == {"pretrain": "pretrain", "extension": "extension"}.get(phase, "decay")
     big = size == "1b"
-    expected_tokens = {"pretrain": 1.7e12, "extension": 83_333_000_000 if big else 250e9,
-                       "decay": 16_666_666_667 if big else 50e9, "cross": 16_666_666_667 if big else 50e9}[phase]
+    expected_tokens = {
+        "pretrain": 1.7e12,
+        "extension": 83_333_000_000 if big else 250e9,
+        "decay": 16_666_666_667 if big else 50e9,
+        "cross": 16_666_666_667 if big else 50e9,
+    }[phase]
     assert cfg.phase.tokens == int(expected_tokens)
-    assert cfg.phase.checkpoint_every_tokens == int(
-        {"cross": 3_333_333_333 if big else 10e9}.get(phase, 8.5e9))
+    assert cfg.phase.checkpoint_every_tokens == int({"cross": 3_333_333_333 if big else 10e9}.get(phase, 8.5e9))
     g, loc = (m.global_rope_theta, m.local_rope_theta)
     if phase == "pretrain":
         assert (g, loc) == (10000, 10000)
     else:
         local_10k = (phase == "extension" and size == "17m") or (
-            phase == "decay" and objective == "clm" and size in ("17m", "32m", "68m", "400m"))
+            phase == "decay" and objective == "clm" and size in ("17m", "32m", "68m", "400m")
+        )
         assert (g, loc) == (160000, 10000 if local_10k else 160000)
     s = cfg.lr_schedule
     if phase == "pretrain":
@@ -89,24 +94,30 @@ def test_overrides_apply_last_and_accept_readable_numbers():
     assert cfg.optim.lr == 2e-4
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.num_layer=3"], "unknown key 'model.num_layer' (did you mean 'num_layers'?)"),
-    (["optim.lrr=1e-3"], "did you mean 'lr'?"),
-    (["model.num_layers=abc"], "'model.num_layers' must be an integer, got 'abc'"),
-    (["model.causal=maybe"], "'model.causal' must be true or false"),
-    (["parallel.tensor=5"], "model.num_heads (12) is not divisible by parallel.tensor (5)"),
-    (["parallel.tensor=8"], "model.num_heads (12) is not divisible by parallel.tensor (8)"),
-    (["model.vocab_size=50369", "parallel.tensor=2"], "model.vocab_size (50369) is not divisible by parallel.tensor (2)"),
-    (["phase.seq_len=9000"], "phase.seq_len (9000) exceeds model.max_position_embeddings (7999)"),
-    (["phase.tokens=0"], "phase.tokens must be positive, got 0"),
-    (["phase.tokens=-5"], "phase.tokens must be positive, got -5"),
-    (["phase.checkpoint_every_tokens=0"], "phase.checkpoint_every_tokens must be positive"),
-    (["batch.warmup_tokens=-1"], "batch.warmup_tokens must be >= 0"),
-    (["model=15m"], "unknown model '15m' (did you mean '150m'?)"),
-    (["phase=decy"], "unknown phase 'decy' (did you mean 'decay'?)"),
-    (["optim.lr"], "must look like key=value"),
-    (["model.attn_backend=flsh"], "did you mean 'flash'?"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.num_layer=3"], "unknown key 'model.num_layer' (did you mean 'num_layers'?)"),
+        (["optim.lrr=1e-3"], "did you mean 'lr'?"),
+        (["model.num_layers=abc"], "'model.num_layers' must be an integer, got 'abc'"),
+        (["model.causal=maybe"], "'model.causal' must be true or false"),
+        (["parallel.tensor=5"], "model.num_heads (12) is not divisible by parallel.tensor (5)"),
+        (["parallel.tensor=8"], "model.num_heads (12) is not divisible by parallel.tensor (8)"),
+        (
+            ["model.vocab_size=50369", "parallel.tensor=2"],
+            "model.vocab_size (50369) is not divisible by parallel.tensor (2)",
+        ),
+        (["phase.seq_len=9000"], "phase.seq_len (9000) exceeds model.max_position_embeddings (7999)"),
+        (["phase.tokens=0"], "phase.tokens must be positive, got 0"),
+        (["phase.tokens=-5"], "phase.tokens must be positive, got -5"),
+        (["phase.checkpoint_every_tokens=0"], "phase.checkpoint_every_tokens must be positive"),
+        (["batch.warmup_tokens=-1"], "batch.warmup_tokens must be >= 0"),
+        (["model=15m"], "unknown model '15m' (did you mean '150m'?)"),
+        (["phase=decy"], "unknown phase 'decy' (did you mean 'decay'?)"),
+        (["optim.lr"], "must look like key=value"),
+        (["model.attn_backend=flsh"], "did you mean 'flash'?"),
+    ],
+)
 def test_each_mistake_has_its_message(overrides, message):
     with pytest.raises(ConfigError) as err:
         load_config("ettin", overrides)
@@ -118,21 +129,31 @@ def test_unknown_experiment_and_bad_yaml(tmp_path):
         load_config("tyny")
     bad = tmp_path / "bad.yaml"
     bad.write_text("defaults: {model: 17m}\nmodel:\n  hiden_size: 12\n")
-    with pytest.raises(ConfigError, match="bad.yaml: unknown key 'model.hiden_size' \\(did you mean 'hidden_size'\\?\\)"):
+    with pytest.raises(
+        ConfigError, match="bad.yaml: unknown key 'model.hiden_size' \\(did you mean 'hidden_size'\\?\\)"
+    ):
         load_config(str(bad))
 
 
 def test_cli_prints_one_error_line_and_exits_2():
-    proc = subprocess.run([sys.executable, "-m", "ettin.cli", "config", "show", "ettin", "model.num_hedas=3"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ettin.cli", "config", "show", "ettin", "model.num_hedas=3"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: override model.num_hedas: unknown key 'model.num_hedas' (did you mean 'num_heads'?)"]
+        "error: override model.num_hedas: unknown key 'model.num_hedas' (did you mean 'num_heads'?)"
+    ]
 
 
 @pytest.mark.slow
 def test_cli_show_prints_resolved_yaml():
-    proc = subprocess.run([sys.executable, "-m", "ettin.cli", "config", "show", "ettin", "model=400m", "phase=decay"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ettin.cli", "config", "show", "ettin", "model=400m", "phase=decay"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "model=400m objective=mlm phase=decay data=decay" in proc.stdout
     assert "hidden_size: 1024" in proc.stdout and "mask_rate: 0.15" in proc.stdout

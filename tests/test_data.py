@@ -1,4 +1,5 @@
 """Data pipeline on real MDS shards: reading, the global order, schedules, collation, loader, ledger."""
+
 import json
 import logging
 import multiprocessing
@@ -10,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from ettin.errors import EttinError
 from ettin.config import load_config, to_yaml
 from ettin.data.collate import Collator, step_hash, token_budget_cut
 from ettin.data.ledger import CONFIG_FILE, Ledger, read_ledger, replay
@@ -19,6 +19,7 @@ from ettin.data.manifest import build_manifest
 from ettin.data.mds import DataError, MDSSource
 from ettin.data.order import GlobalOrder, derive_key, permute
 from ettin.data.schedule import BatchSchedule
+from ettin.errors import EttinError
 from ettin.model import IGNORE
 from ettin.testing import synthetic_corpus, write_mds_source
 
@@ -31,9 +32,11 @@ VOCAB = 512
 def corpus(tiny_corpus):
     """Two real MDS sources (zstd with shard hashes, raw without) and an experiment file that mixes
     them 3:1 by tokens (the default phase, schedule and batch of conftest.write_experiment)."""
-    return tiny_corpus(Source("alpha", 300, seed=1, weight=3),
-                       Source("beta", 120, seed=2, min_len=30, max_len=120, compression=None, hashes=(), weight=1),
-                       data={"mixture_block": 16, "shuffle_block": 32})
+    return tiny_corpus(
+        Source("alpha", 300, seed=1, weight=3),
+        Source("beta", 120, seed=2, min_len=30, max_len=120, compression=None, hashes=(), weight=1),
+        data={"mixture_block": 16, "shuffle_block": 32},
+    )
 
 
 def cfg_of(corpus, *overrides):
@@ -65,7 +68,7 @@ def test_missing_and_corrupt_shards_are_named(tmp_path):
     first = int.from_bytes(data[4:8], "little")  # where sample 0 begins: its column sizes (id, input_ids)
     for offset, value in ((4, 1 << 30), (first + 4, 1 << 20)):  # a sample offset; a column size
         bent = bytearray(data)  # same size, so only the reader's own checks can notice
-        bent[offset:offset + 4] = int(value).to_bytes(4, "little")
+        bent[offset : offset + 4] = int(value).to_bytes(4, "little")
         victim.write_bytes(bytes(bent))
         with pytest.raises(DataError, match=f"{victim.name}: sample 0 of this shard is corrupt"):
             MDSSource(tmp_path / "s").input_ids(int(src.offsets[1]))
@@ -98,9 +101,13 @@ def test_fingerprint_covers_shards_seq_len_and_tokenizer(corpus, tmp_path):
     assert build_manifest(cfg.data, 256)[0].fingerprint() != base
     cfg.data.sources[0].weight = 2
     assert build_manifest(cfg.data, 128)[0].fingerprint() != base
-    write_mds_source(tmp_path / "alpha", corpus["alpha"][:-1], stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}})
-    cfg = cfg_of(corpus, f"data.sources=[{{name: alpha, path: {tmp_path / 'alpha'}, weight: 3}}, "
-                         "{name: beta, path: beta, weight: 1}]")
+    write_mds_source(
+        tmp_path / "alpha", corpus["alpha"][:-1], stats={"tokenizer": {"sha256": "t", "vocab_size": VOCAB}}
+    )
+    cfg = cfg_of(
+        corpus,
+        f"data.sources=[{{name: alpha, path: {tmp_path / 'alpha'}, weight: 3}}, {{name: beta, path: beta, weight: 1}}]",
+    )
     assert build_manifest(cfg.data, 128)[0].fingerprint() != base
 
 
@@ -120,8 +127,8 @@ def test_every_sample_appears_once_per_epoch():
     for s, m in enumerate([97, 40, 13]):
         drawn = indices[sources == s]
         for epoch in range(len(drawn) // m):
-            assert sorted(drawn[epoch * m:(epoch + 1) * m].tolist()) == list(range(m))
-        assert not np.array_equal(drawn[:m], drawn[m:2 * m])  # each epoch reshuffles
+            assert sorted(drawn[epoch * m : (epoch + 1) * m].tolist()) == list(range(m))
+        assert not np.array_equal(drawn[:m], drawn[m : 2 * m])  # each epoch reshuffles
 
 
 def test_the_mixture_holds_in_every_window():
@@ -131,7 +138,7 @@ def test_the_mixture_holds_in_every_window():
     expected = np.array(shares) / sum(shares)
     for window in (512, 4608, 8192):
         for start in range(0, len(sources) - window, 3001):  # windows that straddle blocks too
-            counts = np.bincount(sources[start:start + window], minlength=len(shares))
+            counts = np.bincount(sources[start : start + window], minlength=len(shares))
             assert np.all(np.abs(counts - expected * window) <= 3), (window, counts - expected * window)
 
 
@@ -143,10 +150,13 @@ def test_order_is_a_pure_function_of_its_inputs():
     assert np.array_equal(np.concatenate([p[1] for p in pieces]), a[1][:4995])
     assert not np.array_equal(GlobalOrder([1000, 300], [2.0, 1.0], 22)(0, 5000)[1], a[1])  # seed
     assert not np.array_equal(GlobalOrder([1001, 300], [2.0, 1.0], 21)(0, 5000)[1], a[1])  # manifest
-    code = "from ettin.data.order import GlobalOrder; import hashlib; s, i = GlobalOrder([1000, 300], [2.0, 1.0], 21)(0, 5000); " \
-           "print(hashlib.sha256(s.tobytes() + i.tobytes()).hexdigest())"
+    code = (
+        "from ettin.data.order import GlobalOrder; import hashlib; s, i = GlobalOrder([1000, 300], [2.0, 1.0], 21)(0, 5000); "
+        "print(hashlib.sha256(s.tobytes() + i.tobytes()).hexdigest())"
+    )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     import hashlib
+
     assert other == hashlib.sha256(a[0].tobytes() + a[1].tobytes()).hexdigest()
 
 
@@ -221,15 +231,17 @@ def reference_mlm(ids, positions, cu, seed, rate, vocab, p_mask, p_random, speci
     return inputs, labels
 
 
-@pytest.mark.parametrize("seed,rate,p_mask,p_random", [(21, 0.3, 0.8, 0.1), (7, 0.15, 1 / 3, 0.1 + 0.2),
-                                                       (2**40 + 3, 0.05, 0.5, 0.5)])
+@pytest.mark.parametrize(
+    "seed,rate,p_mask,p_random", [(21, 0.3, 0.8, 0.1), (7, 0.15, 1 / 3, 0.1 + 0.2), (2**40 + 3, 0.05, 0.5, 0.5)]
+)
 def test_mlm_kernel_matches_the_written_rule(seed, rate, p_mask, p_random):
     rng = np.random.default_rng(seed % 1000)
     docs = [np.array([1, *rng.integers(0, VOCAB, n), 2], dtype=np.uint32) for n in (0, 1, 300, 1500)]
     positions = [0, 5, 2**35 + 1, 2**36 - 1]
     batch = Collator("mlm", seed, VOCAB, 1, 2, 0, 3, rate, p_mask, p_random)(docs, positions)
-    inputs, labels = reference_mlm(np.concatenate(docs), positions, batch.cu_seqlens.tolist(), seed, rate, VOCAB,
-                                   p_mask, p_random)
+    inputs, labels = reference_mlm(
+        np.concatenate(docs), positions, batch.cu_seqlens.tolist(), seed, rate, VOCAB, p_mask, p_random
+    )
     assert batch.input_ids.tolist() == inputs.tolist() and batch.labels.tolist() == labels.tolist()
     assert (batch.labels != IGNORE).any()
 
@@ -261,8 +273,11 @@ def global_batches(cfg, dp_size, workers, steps=range(0, 5), budget=100):
     result = {}
     for step, ranks in out.items():
         micro = [m for r in sorted(ranks) for m in ranks[r][0]]
-        result[step] = (torch.cat([m.input_ids for m in micro]), torch.cat([m.labels for m in micro]),
-                        step_hash([d for r in sorted(ranks) for d in ranks[r][1]]))
+        result[step] = (
+            torch.cat([m.input_ids for m in micro]),
+            torch.cat([m.labels for m in micro]),
+            step_hash([d for r in sorted(ranks) for d in ranks[r][1]]),
+        )
     return result
 
 
@@ -363,7 +378,7 @@ def test_replay_reproduces_the_ledger_and_catches_a_tampered_shard(corpus, tmp_p
     k, j = src.locate(rows[0]["sample_index"])
     shard = src.shard_file(k)
     data = bytearray(shard.read_bytes())
-    begin, end = np.frombuffer(bytes(data[4 + 4 * j: 12 + 4 * j]), np.uint32)
+    begin, end = np.frombuffer(bytes(data[4 + 4 * j : 12 + 4 * j]), np.uint32)
     data[end - 8] ^= 0xFF  # flip bits inside that sample's token ids
     shard.write_bytes(bytes(data))
     try:
@@ -374,8 +389,10 @@ def test_replay_reproduces_the_ledger_and_catches_a_tampered_shard(corpus, tmp_p
         (tmp_path / "other" / "ledger.json").write_text(json.dumps(ledger))
         with pytest.raises(EttinError, match="digests samples with sha256"):
             replay(tmp_path / "other", 2)
-        assert replay(ckpt, 0)["match"] == all(r["source"] != "beta" or r["sample_index"] != rows[0]["sample_index"]
-                                                 for r in pipeline.samples(*pipeline.schedule.bounds(0)))
+        assert replay(ckpt, 0)["match"] == all(
+            r["source"] != "beta" or r["sample_index"] != rows[0]["sample_index"]
+            for r in pipeline.samples(*pipeline.schedule.bounds(0))
+        )
     finally:
         data[end - 8] ^= 0xFF
         shard.write_bytes(bytes(data))
@@ -398,6 +415,7 @@ def test_cli_data_order_show_replay_and_export(corpus, tmp_path):
     exp = run("data-order", "export", str(tmp_path / "run"), "--out", str(out))
     assert exp.returncode == 0, exp.stderr
     import pyarrow.parquet as pq
+
     table = pq.read_table(out / "checkpoint_000001" / "samples.parquet").to_pydict()
     assert sorted(set(table["step"])) == [0, 1, 2, 3] and len(table["step"]) == 4 * cfg.batch.global_size
     pipeline = DataPipeline.from_config(cfg)
@@ -421,8 +439,12 @@ def s3_bucket(monkeypatch):
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    for key, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                       "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "S3_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }.items():
         monkeypatch.setenv(key, value)
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1")
     client.create_bucket(Bucket="corpus")

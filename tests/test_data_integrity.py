@@ -2,6 +2,7 @@
 a decompressed-shard cache that cannot serve a stale copy, stats.json checked against index.json,
 an empty prepare that fails instead of publishing nothing, and errors from loader workers that reach
 the user as one plain line. Real shards (streaming's MDSWriter), real processes, no mocks."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     paths = [os.environ.get("PYTHONPATH", ""), str(REPO / "src"), str(REPO)]  # this process's first
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
 def error_line(result: subprocess.CompletedProcess) -> str:
@@ -55,10 +55,10 @@ def token_spans(raw: bytes) -> list[tuple[int, int]]:
     """Per sample of a raw MDS shard (columns id, input_ids), the byte range of its token ids: the
     last column, so the sample's last ``4 * tokens`` bytes (read from the ndarray's 1-d header)."""
     count = int.from_bytes(raw[:4], "little")
-    offsets = np.frombuffer(raw[4:8 + 4 * count], "<u4").astype(int)
+    offsets = np.frombuffer(raw[4 : 8 + 4 * count], "<u4").astype(int)
     spans = []
     for begin, end in zip(offsets[:-1], offsets[1:]):
-        id_size, ids_size = np.frombuffer(raw[begin:begin + 8], "<u4").astype(int)
+        id_size, ids_size = np.frombuffer(raw[begin : begin + 8], "<u4").astype(int)
         header = raw[begin + 8 + id_size]
         shape_bytes = (header >> 2) * (1 << (header & 3))
         spans.append((begin + 8 + id_size + 1 + shape_bytes, end))
@@ -97,8 +97,9 @@ def flip_one_byte(path: Path, mask: int = 0x10) -> None:
 
 def write_experiment(tmp_path: Path, root: Path, source: str) -> Path:
     """tmp_path/exp.yaml: a CLM run over the one source ``source`` under ``root``, its cache in tmp_path."""
-    return experiment_file(tmp_path / "exp.yaml", root, [Source(source, weight=1)], objective="clm",
-                           cache_dir=tmp_path / "cache")
+    return experiment_file(
+        tmp_path / "exp.yaml", root, [Source(source, weight=1)], objective="clm", cache_dir=tmp_path / "cache"
+    )
 
 
 # ----------------------------------------------------------------------------- prepare writes hashes
@@ -111,8 +112,9 @@ def write_docs(path: Path, n: int, seed: int) -> None:
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
 
 
-def test_prepare_records_shard_hashes_and_the_reader_checks_each_shard_once(tmp_path, tokenizer_path, capfd,
-                                                                            monkeypatch):
+def test_prepare_records_shard_hashes_and_the_reader_checks_each_shard_once(
+    tmp_path, tokenizer_path, capfd, monkeypatch
+):
     write_docs(tmp_path / "docs.jsonl", 60, seed=1)
     out = tmp_path / "out"
     prepare([tmp_path / "docs.jsonl"], out, tokenizer_path, seq_len=256, shard_size=4096)
@@ -159,8 +161,11 @@ def test_a_bit_flip_that_still_decompresses_to_the_same_length_is_refused(tmp_pa
     victim = tmp_path / "s" / src.shards[0].zip_name
     bent, j = bent_shard(victim)
     victim.write_bytes(bent)
-    with pytest.raises(DataError, match=rf"^{victim}: contents do not match the xxh3_64 hash in "
-                                        rf"{tmp_path / 's'}/index\.json \(source {tmp_path / 's'}\);"):
+    with pytest.raises(
+        DataError,
+        match=rf"^{victim}: contents do not match the xxh3_64 hash in "
+        rf"{tmp_path / 's'}/index\.json \(source {tmp_path / 's'}\);",
+    ):
         MDSSource(tmp_path / "s", tmp_path / "cache").input_ids(j)
     # the same kind of flip in a source without hashes is read without a word: only a ledger can tell
     write_mds_source(tmp_path / "bare", samples, size_limit=1 << 12, hashes=())
@@ -176,8 +181,10 @@ def test_a_source_without_hashes_is_said_to_be_unchecked_once(tmp_path, capfd):
         src = MDSSource(tmp_path / "bare", tmp_path / "cache")
         assert src.input_ids(0).tolist() == synthetic_corpus(30, VOCAB, 5)[0]
     err = capfd.readouterr().err.splitlines()
-    assert err == [f"warning: {tmp_path / 'bare'}/index.json records no hashes for its shards: their integrity "
-                   "is unchecked (prepare writes them)"]
+    assert err == [
+        f"warning: {tmp_path / 'bare'}/index.json records no hashes for its shards: their integrity "
+        "is unchecked (prepare writes them)"
+    ]
 
 
 def test_inspect_checks_every_shard_and_stats_json(tmp_path, tokenizer_path, capsys):
@@ -192,14 +199,17 @@ def test_inspect_checks_every_shard_and_stats_json(tmp_path, tokenizer_path, cap
     assert "warning" not in printed
     (out / "stats.json").write_text(json.dumps({**stats, "tokens": stats["tokens"] + 1}))
     assert main([str(out), "-q"]) == 0
-    assert (f"warning: stats.json says tokens {stats['tokens'] + 1}, the shards hold {stats['tokens']:,}"
-            in capsys.readouterr().out)
+    assert (
+        f"warning: stats.json says tokens {stats['tokens'] + 1}, the shards hold {stats['tokens']:,}"
+        in capsys.readouterr().out
+    )
     victim = out / index_of(out)["shards"][-1]["zip_data"]["basename"]
     flip_one_byte(victim)
     assert main([str(out), "-q"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         f"error: {victim}: contents do not match the xxh3_64 hash in {out}/index.json; the shard is corrupt or "
-        "was changed after it was written: restore it"]
+        "was changed after it was written: restore it"
+    ]
 
 
 # ----------------------------------------------------------------------------- the cache, through replay
@@ -252,8 +262,9 @@ def test_replay_after_editing_a_hashed_shard_names_the_shard(tmp_path):
     victim = tmp_path / "data" / "only" / src.shards[2].zip_name
     flip_one_byte(victim)
     line = error_line(run_cli("ettin.cli", "replay", str(ckpt), "--step", str(step)))
-    assert line.startswith(f"error: {victim}: contents do not match the xxh3_64 hash in "
-                           f"{tmp_path / 'data' / 'only'}/index.json"), line
+    assert line.startswith(
+        f"error: {victim}: contents do not match the xxh3_64 hash in {tmp_path / 'data' / 'only'}/index.json"
+    ), line
 
 
 # ----------------------------------------------------------------------------- stats.json against index.json
@@ -298,16 +309,19 @@ def test_prepare_of_nothing_usable_exits_2_and_leaves_nothing_that_looks_finishe
     assert main([str(empty), "--out", str(out), "--tokenizer", str(tokenizer_path), "-q"]) == 2
     assert capsys.readouterr().err.splitlines() == [
         "error: no usable documents in empty.jsonl: 0 records read, 0 skipped (invalid_json 0, missing_text 0, "
-        "non_utf8 0, empty_text 0); nothing was written"]
+        "non_utf8 0, empty_text 0); nothing was written"
+    ]
     assert not out.exists()  # prepare made it, prepare took it away
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "  "}\n{oops\n{"body": "no text"}\n{"text": ""}\n')
     out.mkdir()  # a folder that was there stays, empty
     assert main([str(bad), "--out", str(out), "--tokenizer", str(tokenizer_path), "-q"]) == 2
-    line, = capsys.readouterr().err.splitlines()
-    assert line.startswith("error: no usable documents in bad.jsonl: 4 records read, 4 skipped (invalid_json 1, "
-                           "missing_text 1, non_utf8 0, empty_text 2); first: invalid_json at bad.jsonl:2: "), line
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(
+        "error: no usable documents in bad.jsonl: 4 records read, 4 skipped (invalid_json 1, "
+        "missing_text 1, non_utf8 0, empty_text 2); first: invalid_json at bad.jsonl:2: "
+    ), line
     assert list(out.iterdir()) == []  # no index.json, no stats.json, no staging folder
 
     good = tmp_path / "good.jsonl"  # --overwrite keeps the old dataset until the new one exists
@@ -335,8 +349,7 @@ def test_a_data_error_in_a_loader_worker_reaches_the_user_as_one_plain_line(tmp_
     expected = str(direct.value)
     assert expected.startswith(f"{tmp_path / 'data' / 'only'}/shard.") and len(expected.splitlines()) == 1
 
-    loader = build_loader(RankSteps(DataPipeline.from_config(cfg, cache_dir=str(tmp_path / "cold2"))), 0, 4,
-                          workers=2)
+    loader = build_loader(RankSteps(DataPipeline.from_config(cfg, cache_dir=str(tmp_path / "cold2"))), 0, 4, workers=2)
     seen = []
 
     def first_step():

@@ -9,6 +9,7 @@ not bf16-representable, so bf16 accumulation shows. (Through the real model the 
 itself changes every gradient at bf16 precision, ~4e-3 relative, so comparing whole real steps
 at 1e-5 could not pass; those are checked for the norm, loosely, and for exact round trips.)
 """
+
 import math
 
 import pytest
@@ -31,8 +32,9 @@ VARIANTS = {"bf16+fp32acc": (True, "fp32"), "fp32": (False, "fp32"), "bf16+bf16a
 def _cfg(stage: int, accum: str, tp: int):
     from ettin.config import load_config
 
-    return load_config("tiny", [f"parallel.zero_stage={stage}", f"train.grad_accum_dtype={accum}",
-                                f"parallel.tensor={tp}", *SHAPE])
+    return load_config(
+        "tiny", [f"parallel.zero_stage={stage}", f"train.grad_accum_dtype={accum}", f"parallel.tensor={tp}", *SHAPE]
+    )
 
 
 def _engine(stage: int, bf16: bool, accum: str, tp: int, seed: int = 0):
@@ -68,8 +70,10 @@ def _full_coeffs(model, dp_rank: int, micro: int, step: int = 0) -> dict:
 def _local(model, full: dict) -> list[torch.Tensor]:
     from ettin.parallel import is_tp_sharded, tp_rank, tp_size
 
-    return [full[n].chunk(tp_size(), p.partition_dim)[tp_rank()] if is_tp_sharded(p) else full[n]
-            for n, p in model.named_parameters()]
+    return [
+        full[n].chunk(tp_size(), p.partition_dim)[tp_rank()] if is_tp_sharded(p) else full[n]
+        for n, p in model.named_parameters()
+    ]
 
 
 def _linear_backward(engine, model, step: int = 0, poison: bool = False) -> None:
@@ -123,12 +127,16 @@ def _linear(stage: int, tp: int) -> dict:
         model, engine, optimizer = _engine(stage, bf16, accum, tp)
         _linear_backward(engine, model)
         weights, moments = gather_training_state(model, keep=True)
-        out[variant] = {"weights": weights, "exp_avg": {n: moments[f"{n}.exp_avg"] for n in weights},
-                        "norm": float(grad_norm(engine, optimizer)), "skipped": skipped_steps(engine),
-                        "wrapper": type(engine.optimizer).__name__,
-                        "overlap_comm": getattr(engine.optimizer, "overlap_comm", None),
-                        "throughput_timer": engine.tput_timer.config.enabled,
-                        "norm_dtype": str(optimizer.last_grad_norm.dtype)}
+        out[variant] = {
+            "weights": weights,
+            "exp_avg": {n: moments[f"{n}.exp_avg"] for n in weights},
+            "norm": float(grad_norm(engine, optimizer)),
+            "skipped": skipped_steps(engine),
+            "wrapper": type(engine.optimizer).__name__,
+            "overlap_comm": getattr(engine.optimizer, "overlap_comm", None),
+            "throughput_timer": engine.tput_timer.config.enabled,
+            "norm_dtype": str(optimizer.last_grad_norm.dtype),
+        }
     expected = _expected_grad(model)
     out["expected"] = {"grad": expected, "norm": _norm(expected.values())}
     return out
@@ -142,13 +150,23 @@ def _overflow(stage: int, tp: int) -> dict:
     before, _ = gather_training_state(model, keep=True)
     _linear_backward(engine, model, step=0, poison=True)
     after_skip, _ = gather_training_state(model, keep=True)
-    skip = {"skipped": skipped_steps(engine), "norm": float(grad_norm(engine, optimizer)),
-            "optimizer_step": optimizer.param_groups[0]["step"]}
+    skip = {
+        "skipped": skipped_steps(engine),
+        "norm": float(grad_norm(engine, optimizer)),
+        "optimizer_step": optimizer.param_groups[0]["step"],
+    }
     _linear_backward(engine, model, step=1)
     _, moments = gather_training_state(model, keep=True)
-    return {"before": before, "after_skip": after_skip, "skip": skip, "skipped_after": skipped_steps(engine),
-            "norm_after": float(grad_norm(engine, optimizer)), "optimizer_step": optimizer.param_groups[0]["step"],
-            "exp_avg": {n: moments[f"{n}.exp_avg"] for n in before}, "expected": _expected_grad(model, step=1)}
+    return {
+        "before": before,
+        "after_skip": after_skip,
+        "skip": skip,
+        "skipped_after": skipped_steps(engine),
+        "norm_after": float(grad_norm(engine, optimizer)),
+        "optimizer_step": optimizer.param_groups[0]["step"],
+        "exp_avg": {n: moments[f"{n}.exp_avg"] for n in before},
+        "expected": _expected_grad(model, step=1),
+    }
 
 
 def _batches(vocab: int, steps: int):
@@ -228,8 +246,13 @@ def _real(stage: int, tp: int, tmp_dir: str) -> dict:
     dist.barrier()
 
     model_b, engine_b, optimizer_b = _engine(stage, True, "fp32", tp, seed=1)
-    restore_training_state(model_b, optimizer_b, TensorFile(f"{folder}_weights.safetensors"),
-                    TensorFile(f"{folder}_moments.safetensors"), step=optimizer.param_groups[0]["step"])
+    restore_training_state(
+        model_b,
+        optimizer_b,
+        TensorFile(f"{folder}_weights.safetensors"),
+        TensorFile(f"{folder}_moments.safetensors"),
+        step=optimizer.param_groups[0]["step"],
+    )
     out["reloaded"] = gather_training_state(model_b, keep=True)
     out["saved"] = (weights, moments)
     out["working_copy_equal"] = all(torch.equal(a, b) for a, b in zip(model.parameters(), model_b.parameters()))

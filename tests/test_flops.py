@@ -1,4 +1,5 @@
 """Training FLOPs (ettin.flops): exact per-step counts from real document lengths, and MFU peaks."""
+
 import math
 import time
 
@@ -8,16 +9,33 @@ import torch
 
 from ettin.attention import MaskSpec, allowed
 from ettin.config import load_config
-from ettin.flops import (attention_pairs, flops_per_token, label_fraction, peak_flops, resolve_peak_flops, step_flops,
-                         window)
+from ettin.flops import (
+    attention_pairs,
+    flops_per_token,
+    label_fraction,
+    peak_flops,
+    resolve_peak_flops,
+    step_flops,
+    window,
+)
 
 
 def small(causal: bool):
     """h=8, GLU inner 12, 2 layers (layer 0 global, layer 1 local with window (1, 1); causal: (1, 0)), vocab 16."""
-    return load_config("tiny", [f"objective={'clm' if causal else 'mlm'}", "model.hidden_size=8",
-                                "model.intermediate_size=12", "model.num_heads=2", "model.num_layers=2",
-                                "model.global_every=2", "model.window_left=1", f"model.window_right={0 if causal else 1}",
-                                "model.vocab_size=16"]).model
+    return load_config(
+        "tiny",
+        [
+            f"objective={'clm' if causal else 'mlm'}",
+            "model.hidden_size=8",
+            "model.intermediate_size=12",
+            "model.num_heads=2",
+            "model.num_layers=2",
+            "model.global_every=2",
+            "model.window_left=1",
+            f"model.window_right={0 if causal else 1}",
+            "model.vocab_size=16",
+        ],
+    ).model
 
 
 def test_step_flops_by_hand_encoder():
@@ -44,8 +62,10 @@ def test_step_flops_by_hand_decoder():
     assert step_flops(m, [3, 2], 2) == 3 * 12192
 
 
-@pytest.mark.parametrize("causal, win", [(False, None), (True, None), (False, (64, 64)), (True, (63, 0)),
-                                         (False, (3, 1)), (True, (5, 0)), (False, (0, 2))])
+@pytest.mark.parametrize(
+    "causal, win",
+    [(False, None), (True, None), (False, (64, 64)), (True, (63, 0)), (False, (3, 1)), (True, (5, 0)), (False, (0, 2))],
+)
 def test_attention_pairs_match_the_model_mask(causal, win):
     """The closed form against the attention module's own rule (``allowed``), brute force per document."""
     lengths = [1, 2, 5, 64, 65, 130, 300]
@@ -65,10 +85,12 @@ def test_flops_per_token_is_step_flops_of_full_documents():
         frac, seq = label_fraction(cfg), cfg.phase.seq_len
         per_token = flops_per_token(cfg.model, seq, label_fraction=frac)["total"]
         docs = 6
-        assert step_flops(cfg.model, [seq] * docs, frac * seq * docs) / (seq * docs) == pytest.approx(per_token, rel=1e-12)
+        assert step_flops(cfg.model, [seq] * docs, frac * seq * docs) / (seq * docs) == pytest.approx(
+            per_token, rel=1e-12
+        )
     # the default label fraction: CLM every token, MLM pretraining's 30%
     enc = m = load_config("ettin", ["model=150m"]).model
-    head_all = 3 * 2 * (m.hidden_size ** 2 + m.hidden_size * m.vocab_size)
+    head_all = 3 * 2 * (m.hidden_size**2 + m.hidden_size * m.vocab_size)
     assert flops_per_token(enc, 1024)["head"] == pytest.approx(0.3 * head_all)
     assert flops_per_token(load_config("ettin", ["model=150m", "objective=clm"]).model, 1024)["head"] == head_all
 

@@ -1,4 +1,5 @@
 """Hugging Face parity with the real transformers classes, offline."""
+
 import json
 import subprocess
 import sys
@@ -37,11 +38,22 @@ def perturbed_state(cfg, seed=0):
 def config_for(shape, objective):
     overrides = list(SHAPES[shape])
     if objective == "clm":
-        overrides = [o.replace("model.window_left=16", "model.window_left=15").replace("model.window_right=16", "model.window_right=0")
-                     for o in overrides]
+        overrides = [
+            o.replace("model.window_left=16", "model.window_left=15").replace(
+                "model.window_right=16", "model.window_right=0"
+            )
+            for o in overrides
+        ]
     # transformers 4.57's decoder ignores local_rope_theta (see the last tests): equal thetas for decoders
-    return load_config("tiny", [f"objective={objective}", "model.local_rope_theta=5000" if objective == "mlm" else
-                                "model.global_rope_theta=20000", "model.local_rope_theta=20000", *overrides])
+    return load_config(
+        "tiny",
+        [
+            f"objective={objective}",
+            "model.local_rope_theta=5000" if objective == "mlm" else "model.global_rope_theta=20000",
+            "model.local_rope_theta=20000",
+            *overrides,
+        ],
+    )
 
 
 def runs_in_subprocess(*args):
@@ -97,8 +109,11 @@ def test_an_mntp_checkpoint_exports_as_masked_lm_whose_logits_predict_the_next_t
         expected = torch.nn.functional.cross_entropy(logits[masked - 1], torch.from_numpy(doc[masked].astype(np.int64)))
         model = cfg.model.build(attn_backend="sdpa").eval()
         load_full_state_dict(model, state)
-        ours = model(torch.from_numpy(inputs).long(), torch.tensor([0, len(doc)], dtype=torch.int32),
-                     labels=torch.from_numpy(labels).long())
+        ours = model(
+            torch.from_numpy(inputs).long(),
+            torch.tensor([0, len(doc)], dtype=torch.int32),
+            labels=torch.from_numpy(labels).long(),
+        )
     assert ours.item() == pytest.approx(expected.item(), abs=1e-4)
 
 
@@ -140,8 +155,9 @@ def test_import_export_round_trip_is_exact(tmp_path, objective):
     state = perturbed_state(cfg)
     hf.export(cfg.model, state, tmp_path / "a")
     cfg2, state2 = hf.load_hf(tmp_path / "a")
-    assert cfg2 == cfg.model.__class__(**{**cfg.model.__dict__, "attn_out_dropout": cfg2.attn_out_dropout,
-                                          "mask_token_id": cfg2.mask_token_id})
+    assert cfg2 == cfg.model.__class__(
+        **{**cfg.model.__dict__, "attn_out_dropout": cfg2.attn_out_dropout, "mask_token_id": cfg2.mask_token_id}
+    )
     assert state2.keys() == state.keys() and all(torch.equal(state2[k], state[k]) for k in state)
     hf.export(cfg2, state2, tmp_path / "b")
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
@@ -151,9 +167,22 @@ def test_import_export_round_trip_is_exact(tmp_path, objective):
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_a_transformers_initialized_model_imports_with_the_same_logits(tmp_path, objective):
     torch.manual_seed(3)
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=80, num_hidden_layers=4, num_attention_heads=2,
-                  max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
-                  sep_token_id=2, local_attention=32, global_rope_theta=30000.0, initializer_range=0.1)
+    common = dict(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+        local_attention=32,
+        global_rope_theta=30000.0,
+        initializer_range=0.1,
+    )
     if objective == "mlm":
         model = ModernBertForMaskedLM(ModernBertConfig(**common, local_rope_theta=7000.0))
     else:
@@ -170,7 +199,9 @@ def test_a_transformers_initialized_model_imports_with_the_same_logits(tmp_path,
 @pytest.mark.slow
 def test_cli_export_import_check(tmp_path):
     exported, imported, again = tmp_path / "hf", tmp_path / "ours", tmp_path / "hf2"
-    proc = runs_in_subprocess("hf", "export", "--config", "tiny", "--init-seed", "5", "--out", str(exported), "objective=clm")
+    proc = runs_in_subprocess(
+        "hf", "export", "--config", "tiny", "--init-seed", "5", "--out", str(exported), "objective=clm"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "ModernBertDecoderForCausalLM" in proc.stdout
     assert runs_in_subprocess("hf", "import", str(exported), "--out", str(imported)).returncode == 0
@@ -208,13 +239,18 @@ def test_check_measures_the_decoder_local_theta_gap_of_this_transformers(tmp_pat
 @pytest.mark.slow
 def test_bad_inputs_are_one_line_errors(tmp_path):
     proc = runs_in_subprocess("hf", "check", str(tmp_path / "missing"))
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1
+    assert (
+        proc.returncode == 2
+        and proc.stderr.strip().startswith("error: ")
+        and len(proc.stderr.strip().splitlines()) == 1
+    )
     proc = runs_in_subprocess("hf", "export", "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "exactly one of --checkpoint PATH or --config EXPERIMENT" in proc.stderr
     proc = runs_in_subprocess("hf", "export", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "x"))
     assert proc.returncode == 2 and "is not an ettin model folder" in proc.stderr
-    proc = runs_in_subprocess("hf", "export", "--config", "tiny", "--tokenizer", str(tmp_path / "nope.json"),
-                              "--out", str(tmp_path / "y"))
+    proc = runs_in_subprocess(
+        "hf", "export", "--config", "tiny", "--tokenizer", str(tmp_path / "nope.json"), "--out", str(tmp_path / "y")
+    )
     assert proc.returncode == 2 and "tokenizer file" in proc.stderr
 
 
@@ -233,9 +269,11 @@ def test_export_checks_the_checkpoint_and_names_a_damaged_file(tmp_path, capsys)
     weights.write_bytes(bytes(data))
     capsys.readouterr()
     assert main(["hf", "export", "--checkpoint", str(folder), "--out", str(tmp_path / "b")]) == 2
-    assert capsys.readouterr().err == (f"error: {weights}: its content differs from the xxh3_128 digest in manifest.json "
-                                       "(corrupted); restore it from a copy or start from an earlier checkpoint "
-                                       "(`ettin checkpoint verify RUN` lists the sound ones)\n")
+    assert capsys.readouterr().err == (
+        f"error: {weights}: its content differs from the xxh3_128 digest in manifest.json "
+        "(corrupted); restore it from a copy or start from an earlier checkpoint "
+        "(`ettin checkpoint verify RUN` lists the sound ones)\n"
+    )
     weights.write_bytes(bytes(data[: len(data) // 2]))
     (folder / "manifest.json").unlink()  # an old folder: still named, by safetensors' header check
     assert main(["hf", "export", "--checkpoint", str(folder), "--out", str(tmp_path / "c")]) == 2

@@ -12,6 +12,7 @@ overrides in ``TINY`` appended to the commands that take a config (a tiny phase 
 ``model=from_checkpoint`` for ``ettin plan``, whose ``--sizes 150m`` names the released model
 the folder stands in for.
 """
+
 import json
 import os
 import re
@@ -33,16 +34,30 @@ ROOT = Path(__file__).resolve().parents[1]
 ENCODER_DIR, DECODER_DIR = "hf/ettin-encoder-150m", "hf/ettin-decoder-1k"  # stand-ins, relative to the work folder
 VOCAB = 320  # the embedding rows; the tokenizer may hold fewer (padded, as Ettin's 50,368)
 # a tiny phase on two busy cores: ~4 steps of 8 documents, two checkpoints, exact fp32 losses
-TINY = ["phase.tokens=2400", "phase.checkpoint_every_tokens=1200", "batch.global_size=8", "batch.micro_tokens=100000",
-        "data.workers=0", "data.cache_dir=cache", "model.attn_out_dropout=0", "train.log_every=1",
-        "train.collective_timeout_s=120"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+TINY = [
+    "phase.tokens=2400",
+    "phase.checkpoint_every_tokens=1200",
+    "batch.global_size=8",
+    "batch.micro_tokens=100000",
+    "data.workers=0",
+    "data.cache_dir=cache",
+    "model.attn_out_dropout=0",
+    "train.log_every=1",
+    "train.collective_timeout_s=120",
+]
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]),
+}
 
 
 def readme_journey() -> tuple[str, list[list[str]]]:
     """The README section's bio.yaml and its commands, as written."""
-    text = (ROOT / "README.md").read_text().split("### Continue pretraining a released Ettin model on your corpus", 1)[1]
+    text = (
+        (ROOT / "README.md").read_text().split("### Continue pretraining a released Ettin model on your corpus", 1)[1]
+    )
     yaml_block = re.search(r"```yaml\n(.*?)```", text, re.S).group(1)
     bash_block = re.search(r"```bash\n(.*?)```", text, re.S).group(1)
     return yaml_block, [shlex.split(line) for line in bash_block.splitlines() if line.strip()]
@@ -90,18 +105,40 @@ def first_loss(run_dir: Path) -> float:
 
 def small_model(kind: str, seed: int):
     """A random transformers model with perturbed norms and biases, so that every weight matters."""
-    from transformers import ModernBertConfig, ModernBertDecoderConfig, ModernBertDecoderForCausalLM, ModernBertForMaskedLM
+    from transformers import (
+        ModernBertConfig,
+        ModernBertDecoderConfig,
+        ModernBertDecoderForCausalLM,
+        ModernBertForMaskedLM,
+    )
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=2,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2, local_attention=32,
-                  initializer_range=0.1)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        cls_token_id=1,
+        sep_token_id=2,
+        local_attention=32,
+        initializer_range=0.1,
+    )
     if kind == "encoder":  # as a released model after the decay phase
-        model = ModernBertForMaskedLM(ModernBertConfig(**common, max_position_embeddings=7999,
-                                                       global_rope_theta=160000.0, local_rope_theta=160000.0))
+        model = ModernBertForMaskedLM(
+            ModernBertConfig(
+                **common, max_position_embeddings=7999, global_rope_theta=160000.0, local_rope_theta=160000.0
+            )
+        )
     else:  # as after the pretrain phase: 1,024 positions, θ 10k
-        model = ModernBertDecoderForCausalLM(ModernBertDecoderConfig(**common, max_position_embeddings=1024,
-                                                                     global_rope_theta=10000.0, local_rope_theta=10000.0))
+        model = ModernBertDecoderForCausalLM(
+            ModernBertDecoderConfig(
+                **common, max_position_embeddings=1024, global_rope_theta=10000.0, local_rope_theta=10000.0
+            )
+        )
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name:
@@ -117,10 +154,14 @@ def work(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("hf_init")
     rng = torch.Generator().manual_seed(0)
-    words = ["".join(chr(97 + int(c)) for c in torch.randint(0, 26, (int(n),), generator=rng))
-             for n in torch.randint(2, 9, (150,), generator=rng)]
-    docs = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=rng))
-            for n in torch.randint(15, 60, (90,), generator=rng)]
+    words = [
+        "".join(chr(97 + int(c)) for c in torch.randint(0, 26, (int(n),), generator=rng))
+        for n in torch.randint(2, 9, (150,), generator=rng)
+    ]
+    docs = [
+        " ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=rng))
+        for n in torch.randint(15, 60, (90,), generator=rng)
+    ]
     (root / "corpus" / "pubmed").mkdir(parents=True)
     (root / "corpus" / "pubmed" / "part-0.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     train_bpe(docs, VOCAB - 20).save(str(root / "tokenizer.json"))
@@ -140,8 +181,8 @@ def step0_reference(cfg, folder: Path, **changes) -> float:
     ``changes`` replace config.json fields (what the phase changed, e.g. RoPE θ)."""
     from transformers import AutoConfig, ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
-    from ettin.model import IGNORE
     from ettin.data.loader import DataPipeline, RankSteps
+    from ettin.model import IGNORE
 
     _, batch = RankSteps(DataPipeline.from_config(cfg))[0]
     bounds = batch.bounds
@@ -152,7 +193,7 @@ def step0_reference(cfg, folder: Path, **changes) -> float:
         ids[row, : b - a], mask[row, : b - a] = batch.input_ids[a:b], 1
         ours = batch.labels[a:b].long()
         if cfg.model.causal:  # transformers shifts: its label at i + 1 is ours at i
-            labels[row, 1: b - a] = ours[:-1]
+            labels[row, 1 : b - a] = ours[:-1]
         else:
             labels[row, : b - a] = ours
     config = AutoConfig.from_pretrained(folder)
@@ -179,7 +220,9 @@ def test_the_readme_journey_starts_from_an_encoder_folder_trains_exports_and_che
     reference = step0_reference(cfg, root / ENCODER_DIR)
     assert first_loss(root / cfg.run_dir) == pytest.approx(reference, rel=1e-5)
     state = json.loads(sorted((root / cfg.run_dir / "checkpoints").iterdir())[-1].joinpath("state.json").read_text())
-    assert state["final"] and state["step"] >= 2 and state["optimizer_step"] == state["step"]  # fresh optimizer, clock reset
+    assert (
+        state["final"] and state["step"] >= 2 and state["optimizer_step"] == state["step"]
+    )  # fresh optimizer, clock reset
 
     ettin(export[1:], capsys)
     assert "OK" in ettin(check[1:], capsys)
@@ -196,8 +239,17 @@ def test_the_readme_journey_starts_from_an_encoder_folder_trains_exports_and_che
 def decoder_run(work):
     """The extension phase (7,999 tokens, θ 160k) from the 1,024-token decoder folder, TP=1."""
     root = work["root"]
-    out = ok(run(train_cli("objective=clm", "phase=extension", f"phase.init_checkpoint={DECODER_DIR}",
-                           "run_dir=runs/decoder-extension"), root))
+    out = ok(
+        run(
+            train_cli(
+                "objective=clm",
+                "phase=extension",
+                f"phase.init_checkpoint={DECODER_DIR}",
+                "run_dir=runs/decoder-extension",
+            ),
+            root,
+        )
+    )
     return {"root": root, "run": root / "runs/decoder-extension", "stdout": out}
 
 
@@ -208,25 +260,57 @@ def test_a_decoder_folder_starts_the_extension_phase_with_transformers_step0_los
     cfg = load_config("bio.yaml", ["objective=clm", "phase=extension", f"phase.init_checkpoint={DECODER_DIR}", *TINY])
     # window: the folder's as transformers reads it (its decoder config keeps no local_attention, so a
     # reload has sliding_window 64 whatever was saved: j > i - 64, our window_left 63)
-    assert (cfg.model.causal, cfg.model.window_left, cfg.model.global_rope_theta, cfg.model.max_position_embeddings) \
-        == (True, 63, 160000.0, 7999)
+    assert (
+        cfg.model.causal,
+        cfg.model.window_left,
+        cfg.model.global_rope_theta,
+        cfg.model.max_position_embeddings,
+    ) == (True, 63, 160000.0, 7999)
     # the same weights under the phase's RoPE θ: what the run trains
     reference = step0_reference(cfg, root / DECODER_DIR, global_rope_theta=160000.0, local_rope_theta=160000.0)
     assert first_loss(decoder_run["run"]) == pytest.approx(reference, rel=1e-5)
     # long context: the export carries the phase's θ and position limit, and transformers agrees with it
-    ettin(["hf", "export", "--checkpoint", str(decoder_run["run"]), "--tokenizer", DECODER_DIR,
-           "--out", "hf/decoder-extension"], capsys)
+    ettin(
+        [
+            "hf",
+            "export",
+            "--checkpoint",
+            str(decoder_run["run"]),
+            "--tokenizer",
+            DECODER_DIR,
+            "--out",
+            "hf/decoder-extension",
+        ],
+        capsys,
+    )
     config = json.loads((root / "hf/decoder-extension/config.json").read_text())
-    assert (config["global_rope_theta"], config["local_rope_theta"], config["max_position_embeddings"]) == (160000.0, 160000.0, 7999)
+    assert (config["global_rope_theta"], config["local_rope_theta"], config["max_position_embeddings"]) == (
+        160000.0,
+        160000.0,
+        7999,
+    )
     assert "OK" in ettin(["hf", "check", "hf/decoder-extension"], capsys)
 
 
 @pytest.mark.distributed
 def test_tensor_parallel_two_starts_from_the_same_folder_with_the_same_step0_loss(decoder_run):
     root = decoder_run["root"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               *train_cli("objective=clm", "phase=extension", f"phase.init_checkpoint={DECODER_DIR}",
-                          "run_dir=runs/decoder-tp2", "parallel.tensor=2", "train.max_steps=1")[1:]]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *train_cli(
+            "objective=clm",
+            "phase=extension",
+            f"phase.init_checkpoint={DECODER_DIR}",
+            "run_dir=runs/decoder-tp2",
+            "parallel.tensor=2",
+            "train.max_steps=1",
+        )[1:],
+    ]
     ok(run(command, root))
     assert first_loss(root / "runs/decoder-tp2") == pytest.approx(first_loss(decoder_run["run"]), rel=1e-5)
 
@@ -236,8 +320,11 @@ def test_data_from_another_tokenizer_is_refused_in_one_line(work):
 
     root = work["root"]
     vocab = json.loads((root / "data/pubmed/stats.json").read_text())["tokenizer"]["vocab_size"]
-    write_mds_source(root / "data/other", synthetic_corpus(40, vocab, 1, cls_id=4),
-                     stats={"tokenizer": {"sha256": "another", "vocab_size": vocab - 1}, "cls_id": 4, "sep_id": 2})
+    write_mds_source(
+        root / "data/other",
+        synthetic_corpus(40, vocab, 1, cls_id=4),
+        stats={"tokenizer": {"sha256": "another", "vocab_size": vocab - 1}, "cls_id": 4, "sep_id": 2},
+    )
     proc = run(train_cli("run_dir=runs/other", "data.sources=[{name: other, path: other}]"), root)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stdout + proc.stderr
@@ -250,13 +337,26 @@ def test_a_preset_that_disagrees_with_the_folder_is_refused_one_line_per_differe
     from ettin.cli import main
 
     monkeypatch.chdir(work["root"])
-    differing = {"vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "window_left",
-                 "window_right", "cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"}  # 17m vs the folder
+    differing = {
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_layers",
+        "num_heads",
+        "window_left",
+        "window_right",
+        "cls_token_id",
+        "sep_token_id",
+        "pad_token_id",
+        "mask_token_id",
+    }  # 17m vs the folder
     with pytest.raises(ConfigError) as e:
         load_config("bio.yaml", ["model=17m"])
     lines = str(e.value).splitlines()
-    assert {re.match(r"model\.(\w+): model=17m gives \S+ but hf/ettin-encoder-150m/config\.json has \S+; ", line).group(1)
-            for line in lines} == differing and len(lines) == len(differing), lines
+    assert {
+        re.match(r"model\.(\w+): model=17m gives \S+ but hf/ettin-encoder-150m/config\.json has \S+; ", line).group(1)
+        for line in lines
+    } == differing and len(lines) == len(differing), lines
     # an override with the checkpoint's value settles its line; the CLI prints one error line each
     assert main(["config", "show", "bio.yaml", "model=17m", "model.hidden_size=64"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -268,12 +368,19 @@ def test_a_preset_that_disagrees_with_the_folder_is_refused_one_line_per_differe
 
 def test_the_objective_must_fit_the_folder_unless_the_phase_crosses(work, monkeypatch):
     monkeypatch.chdir(work["root"])
-    with pytest.raises(ConfigError, match=r"^phase.init_checkpoint=hf/ettin-encoder-150m is an encoder and objective clm "
-                                          r"trains a decoder: that is the cross direction, allowed only with "
-                                          r"phase.init=other_objective \(phase=cross\)[^\n]*$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^phase.init_checkpoint=hf/ettin-encoder-150m is an encoder and objective clm "
+        r"trains a decoder: that is the cross direction, allowed only with "
+        r"phase.init=other_objective \(phase=cross\)[^\n]*$",
+    ):
         load_config("bio.yaml", ["objective=clm"])
-    cfg = load_config("bio.yaml", ["objective=clm", "phase=cross", "phase.tokens=50e9"])  # encoder -> decoder: the objective's attention
-    assert cfg.model.causal and cfg.model.window_left == 63 and cfg.model.window_right == 0 and cfg.model.hidden_size == 64
+    cfg = load_config(
+        "bio.yaml", ["objective=clm", "phase=cross", "phase.tokens=50e9"]
+    )  # encoder -> decoder: the objective's attention
+    assert (
+        cfg.model.causal and cfg.model.window_left == 63 and cfg.model.window_right == 0 and cfg.model.hidden_size == 64
+    )
 
 
 def test_how_a_phase_asks_for_a_checkpoint_is_validated(work, monkeypatch):

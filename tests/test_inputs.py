@@ -1,4 +1,5 @@
 """Input formats (ettin.data.inputs), and what importing ettin's modules pulls in."""
+
 from __future__ import annotations
 
 import ast
@@ -10,8 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from ettin.data.inputs import (INPUT_FORMATS, PLAIN_TEXT_KIND, BadRecord, Document, InputError,
-                               find_inputs, input_suffixes, iter_records)
+from ettin.data.inputs import (
+    INPUT_FORMATS,
+    PLAIN_TEXT_KIND,
+    BadRecord,
+    Document,
+    InputError,
+    find_inputs,
+    input_suffixes,
+    iter_records,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -56,9 +65,9 @@ def test_records_of_each_reader(tmp_path):
     a, b, c = find_inputs([tmp_path])
     assert list(iter_records(a)) == [
         Document(1, "x", "one", 3),
-        BadRecord("invalid_json", 3,
-                  "Expecting property name enclosed in double quotes at column 2"),
-        BadRecord("missing_text", 4, "the line is a JSON list, not an object")]
+        BadRecord("invalid_json", 3, "Expecting property name enclosed in double quotes at column 2"),
+        BadRecord("missing_text", 4, "the line is a JSON list, not an object"),
+    ]
     assert list(iter_records(b)) == [Document(1, b.name, "two", 3)]
     assert list(iter_records(c)) == [BadRecord("empty_text", 1, "'text' is empty or whitespace")]
     (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b'{"text": "x"}\n')[:-6])
@@ -86,7 +95,7 @@ def _top_level_imports(tree: ast.Module, module: str, is_package: bool) -> set[s
                 found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
-                    base = module.split(".")[:len(module.split(".")) - node.level + is_package]
+                    base = module.split(".")[: len(module.split(".")) - node.level + is_package]
                     target = ".".join(base + ([node.module] if node.module else []))
                 else:
                     target = node.module
@@ -150,10 +159,10 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    tree = ast.parse("from .x import y\nimport ettin.z\nif TYPE_CHECKING:\n    import ettin.t\n"
-                     "def f():\n    import ettin.w\n")
-    assert _top_level_imports(tree, "ettin.data.m", False) == {"ettin.data.x", "ettin.data.x.y",
-                                                               "ettin.z"}
+    tree = ast.parse(
+        "from .x import y\nimport ettin.z\nif TYPE_CHECKING:\n    import ettin.t\ndef f():\n    import ettin.w\n"
+    )
+    assert _top_level_imports(tree, "ettin.data.m", False) == {"ettin.data.x", "ettin.data.x.y", "ettin.z"}
 
 
 def test_no_import_cycle_among_ettin_modules():
@@ -165,21 +174,25 @@ def test_no_import_cycle_among_ettin_modules():
 
 def imported_by(statement: str) -> set[str]:
     """The modules ``python -X importtime -c statement`` reports importing."""
-    result = subprocess.run([sys.executable, "-X", "importtime", "-c", statement],
-                            capture_output=True, text=True, check=True)
-    return {line.split("|")[-1].strip() for line in result.stderr.splitlines()
-            if line.startswith("import time:") and "|" in line}
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", statement], capture_output=True, text=True, check=True
+    )
+    return {
+        line.split("|")[-1].strip()
+        for line in result.stderr.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
 
 
-HEAVY = ("torch", "numba", "numpy", "streaming", "transformers", "pyarrow", "tokenizers",
-         "zstandard")
+HEAVY = ("torch", "numba", "numpy", "streaming", "transformers", "pyarrow", "tokenizers", "zstandard")
 
 
 def test_building_the_data_parser_imports_nothing_heavy():
     modules = imported_by(
         "import argparse; from ettin.data.commands import add_data_parser, build_parser;"
         "add_data_parser(argparse.ArgumentParser(prog='ettin').add_subparsers());"
-        "[build_parser(name) for name in ('prepare', 'train-tokenizer', 'inspect')]")
+        "[build_parser(name) for name in ('prepare', 'train-tokenizer', 'inspect')]"
+    )
     assert "ettin.data.commands" in modules
     assert not {m for m in modules if m.split(".")[0] in HEAVY}
 

@@ -1,5 +1,6 @@
 """The memory model (ettin.memory): activations against what a real forward keeps, ZeRO accounting,
 default micro budgets and the fit check."""
+
 import pytest
 import torch
 
@@ -38,10 +39,18 @@ def saved_bytes(model, ids, cu, max_len, labels) -> int:
 
 SHAPES = [  # (objective, overrides, document lengths, MLM rate)
     ("mlm", [], [300, 200, 12], 0.30),  # tiny: h 64, GLU 96, 2 heads, 4 layers
-    ("clm", ["model.hidden_size=128", "model.intermediate_size=160", "model.num_heads=4", "model.num_layers=3"],
-     [256, 100, 37], None),
-    ("mlm", ["model.hidden_size=96", "model.intermediate_size=192", "model.num_heads=3", "model.num_layers=5"],
-     [400, 99], 0.15),
+    (
+        "clm",
+        ["model.hidden_size=128", "model.intermediate_size=160", "model.num_heads=4", "model.num_layers=3"],
+        [256, 100, 37],
+        None,
+    ),
+    (
+        "mlm",
+        ["model.hidden_size=96", "model.intermediate_size=192", "model.num_heads=3", "model.num_layers=5"],
+        [400, 99],
+        0.15,
+    ),
 ]
 
 
@@ -60,7 +69,9 @@ def test_activation_bytes_match_what_a_cpu_forward_saves(objective, overrides, l
     where CUDA saves a bool mask (the GPU count includes the mask when ``attn_out_dropout > 0``).
     In fp32, RoPE's ``cos.to(dtype)`` is a no-op, so cos/sin are saved once per forward, not per
     layer as in bf16: ``dtype_bytes=4`` selects that."""
-    cfg = load_config("tiny", [f"objective={objective}", "model.global_every=1", "model.attn_out_dropout=0", *overrides])
+    cfg = load_config(
+        "tiny", [f"objective={objective}", "model.global_every=1", "model.attn_out_dropout=0", *overrides]
+    )
     torch.manual_seed(0)
     model = cfg.model.build(attn_backend="sdpa")
     model.train()
@@ -76,8 +87,10 @@ def test_activation_bytes_match_what_a_cpu_forward_saves(objective, overrides, l
     fraction = int((labels != IGNORE).sum()) / n
     per_token = memory.activation_bytes_per_token(cfg.model, 4, 1, fraction, attention="sdpa")
     predicted = per_token * n + memory.head_saved_bytes(cfg.model, 1)
-    print(f"{objective} h={cfg.model.hidden_size} layers={cfg.model.num_layers} labels {fraction:.3f}: "
-          f"predicted {predicted / n:.1f} B/token, measured {measured / n:.1f} B/token")
+    print(
+        f"{objective} h={cfg.model.hidden_size} layers={cfg.model.num_layers} labels {fraction:.3f}: "
+        f"predicted {predicted / n:.1f} B/token, measured {measured / n:.1f} B/token"
+    )
     assert predicted == pytest.approx(measured, rel=0.15)
 
 
@@ -85,7 +98,9 @@ def test_zero_partitions_optimizer_state_over_dp():
     cfg = load_config("ettin", ["model=150m"])
     p = memory.local_parameters(cfg.model, 1)
     one, four = memory.estimate(cfg, 1, micro_tokens=8192), memory.estimate(cfg, 4, micro_tokens=8192)
-    assert one.master_and_moments == pytest.approx(12 * p / 1e9) and four.master_and_moments == pytest.approx(3 * p / 1e9)
+    assert one.master_and_moments == pytest.approx(12 * p / 1e9) and four.master_and_moments == pytest.approx(
+        3 * p / 1e9
+    )
     assert one.weights == four.weights == pytest.approx(2 * p / 1e9)  # every DP rank holds the bf16 working copy
     # ZeRO-1 with fp32 accumulation is DeepSpeed's BF16_Optimizer: a full fp32 buffer + bf16 grads, unpartitioned
     assert one.grads == four.grads == pytest.approx(6 * p / 1e9)
@@ -137,6 +152,8 @@ def test_check_fits_refuses_with_the_knob_to_turn():
     # even one sample does not fit: the budget cannot help, the parallel layout and device size can
     small = load_config("ettin", ["model=1b", "phase=extension", "train.device_memory_gb=16"])
     assert memory.default_micro_tokens(small, 4) == 7999
-    with pytest.raises(ConfigError, match=r"raise parallel.zero_stage to 2, raise parallel.tensor .*train.device_memory_gb"):
+    with pytest.raises(
+        ConfigError, match=r"raise parallel.zero_stage to 2, raise parallel.tensor .*train.device_memory_gb"
+    ):
         memory.check_fits(small, 4)
     memory.check_fits(small, 4, tp=4)  # 4-way TP splits it enough

@@ -1,4 +1,5 @@
 """Metrics sinks and logs: JSONL always, TensorBoard, W&B for real (offline mode), timestamped progress."""
+
 import json
 import re
 import struct
@@ -27,8 +28,8 @@ def wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
         if block - pos % block < 7:  # a block's tail too short for a header is padding
             pos += block - pos % block
             continue
-        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
-        parts += data[pos + 7:pos + 7 + length]
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+        parts += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
             record = pb.Record()
@@ -46,10 +47,15 @@ def wandb_records(run_dir: Path) -> tuple[dict, list[dict]]:
 
 @pytest.fixture(scope="module")
 def experiment(tiny_corpus):
-    return tiny_corpus(Source("a", 120, seed=1), name="metrics",
-                       phase={"tokens": 3000, "seq_len": 128, "checkpoint_every_tokens": 100000},
-                       lr_schedule={"warmup_tokens": 500}, batch={"global_size": 8, "micro_tokens": 600},
-                       train={"log_every": 2, "collective_timeout_s": 60}, data={"workers": 0}).exp
+    return tiny_corpus(
+        Source("a", 120, seed=1),
+        name="metrics",
+        phase={"tokens": 3000, "seq_len": 128, "checkpoint_every_tokens": 100000},
+        lr_schedule={"warmup_tokens": 500},
+        batch={"global_size": 8, "micro_tokens": 600},
+        train={"log_every": 2, "collective_timeout_s": 60},
+        data={"workers": 0},
+    ).exp
 
 
 def _train(exp, overrides):
@@ -61,8 +67,11 @@ def _train(exp, overrides):
 @pytest.mark.distributed
 def test_a_run_logs_to_jsonl_tensorboard_and_an_offline_wandb_run(experiment, tmp_path, capfd):
     run = tmp_path / "run"
-    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={run}", "metrics.wandb.mode=offline",
-                                                      "metrics.wandb.project=ettin-test"]))
+    run_distributed_test(
+        _train,
+        1,
+        args=(experiment, [f"run_dir={run}", "metrics.wandb.mode=offline", "metrics.wandb.project=ettin-test"]),
+    )
     rows = read_metrics(run)
     assert rows and all(r["loss"] > 0 for r in rows)
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
@@ -76,7 +85,10 @@ def test_a_run_logs_to_jsonl_tensorboard_and_an_offline_wandb_run(experiment, tm
     out = capfd.readouterr().out
     lines = [line for line in out.splitlines() if " | tokens " in line]
     assert len(lines) == len(rows) // 2
-    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step +\d+ \| tokens .* \| eta (\d\d:\d\d:\d\d|\?)$", line) for line in lines), lines
+    assert all(
+        re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d step +\d+ \| tokens .* \| eta (\d\d:\d\d:\d\d|\?)$", line)
+        for line in lines
+    ), lines
 
     # a requeued job continues the same W&B run (the id lives in the run folder)
     run_id = (run / "wandb_run_id").read_text().strip()
@@ -92,15 +104,25 @@ def test_the_container_fans_out_and_plot_draws_validation_curves(tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
     assert [r["step"] for r in read_all_metrics(tmp_path)] == [1, 2, 3, 3]
     assert plot(tmp_path).stat().st_size > 0
-    assert loss_curves(read_all_metrics(tmp_path)) == {"train": ([100, 200, 300], [3.0, 1.5, 1.0]),
-                                                       "validation: a": ([300], [2.5])}
+    assert loss_curves(read_all_metrics(tmp_path)) == {
+        "train": ([100, 200, 300], [3.0, 1.5, 1.0]),
+        "validation: a": ([300], [2.5]),
+    }
     assert MetricsLogger.for_run(tmp_path / "other", enabled=False).sinks == []
     assert not (tmp_path / "other").exists()
 
 
 def test_progress_line_names_the_time_left():
-    row = {"step": 10, "tokens": 1000, "loss": 2.0, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 100.0,
-           "mfu": None, "data_wait_s": 0.0}
+    row = {
+        "step": 10,
+        "tokens": 1000,
+        "loss": 2.0,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_s": 100.0,
+        "mfu": None,
+        "data_wait_s": 0.0,
+    }
     assert progress_line(row, 1000 + 3600 * 100).endswith("eta 01:00:00")
     assert "val 1.5000" in progress_line(row, 2000, eval_loss=1.5)
 

@@ -1,13 +1,14 @@
 """The model on one process: shapes, counts, masks, padded vs unpadded, attention backends."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ettin.errors import EttinError
 from ettin.attention import Documents, MaskSpec, allowed, available_backends, build_attention
 from ettin.config import load_config
+from ettin.errors import EttinError
 from ettin.flops import flops_per_token, num_parameters
 from ettin.model import IGNORE
 from ettin.parallel import init_process_groups
@@ -76,7 +77,9 @@ def test_layer_pattern_and_init_statistics():
     assert w.abs().max() <= 2 * std + 1e-7 and abs(w.std().item() - std * 0.88) < 0.004  # truncated at 2 std
     out_std = std / math.sqrt(2 * m.cfg.num_layers)
     assert m.layers[1].wo.weight.abs().max() <= 2 * out_std + 1e-7
-    assert isinstance(m.layers[0].attn_norm, torch.nn.Identity) and not isinstance(m.layers[1].attn_norm, torch.nn.Identity)
+    assert isinstance(m.layers[0].attn_norm, torch.nn.Identity) and not isinstance(
+        m.layers[1].attn_norm, torch.nn.Identity
+    )
 
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
@@ -121,8 +124,9 @@ def test_padded_batches_give_the_unpadded_outputs_and_loss():
         labels = torch.where(torch.rand(ids.shape) < 0.3, ids, IGNORE)
         padded_labels = torch.full_like(padded, IGNORE)
         padded_labels[mask.bool()] = labels
-        torch.testing.assert_close(m.forward_padded(padded, mask, labels=padded_labels), m(ids, cu, labels=labels),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            m.forward_padded(padded, mask, labels=padded_labels), m(ids, cu, labels=labels), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_loss_is_cross_entropy_on_labelled_positions_only():
@@ -145,8 +149,14 @@ def reference_attention(q, k, v, cu, spec):
     return torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
 
 
-SPECS = [MaskSpec(False, None), MaskSpec(True, None), MaskSpec(False, (64, 64)), MaskSpec(True, (63, 0)),
-         MaskSpec(False, (5, 5)), MaskSpec(True, (3, 0))]
+SPECS = [
+    MaskSpec(False, None),
+    MaskSpec(True, None),
+    MaskSpec(False, (64, 64)),
+    MaskSpec(True, (63, 0)),
+    MaskSpec(False, (5, 5)),
+    MaskSpec(True, (3, 0)),
+]
 
 
 # these run on fp32 CPU tensors; the CUDA-only kernels are checked in bf16 in test_attention.py
@@ -166,8 +176,17 @@ def test_every_backend_matches_the_reference(backend, spec):
     torch.testing.assert_close(out, reference_attention(q, k, v, cu, spec), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("spec", [MaskSpec(True, (63, 0)), MaskSpec(False, (4, 4)), MaskSpec(False, (0, 3)),
-                                  MaskSpec(True, (2, 0)), MaskSpec(False, (0, 0))], ids=str)
+@pytest.mark.parametrize(
+    "spec",
+    [
+        MaskSpec(True, (63, 0)),
+        MaskSpec(False, (4, 4)),
+        MaskSpec(False, (0, 3)),
+        MaskSpec(True, (2, 0)),
+        MaskSpec(False, (0, 0)),
+    ],
+    ids=str,
+)
 def test_blocked_local_sdpa_matches_the_reference_with_gradients(spec):
     """Local layers run in blocks of the window: empty documents, length 1, exact multiples of the
     block and one past it, in fp64, outputs and gradients."""
@@ -175,10 +194,14 @@ def test_blocked_local_sdpa_matches_the_reference_with_gradients(spec):
     cu = torch.tensor([0, 0, 1, 9, 17, 81, 145, 145], dtype=torch.int32)
     q, k, v = (torch.randn(145, 2, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     attend = build_attention("sdpa")
-    out, ref = attend(q, k, v, attend.prepare(Documents.from_cu_seqlens(cu), spec)), reference_attention(q, k, v, cu, spec)
+    out, ref = (
+        attend(q, k, v, attend.prepare(Documents.from_cu_seqlens(cu), spec)),
+        reference_attention(q, k, v, cu, spec),
+    )
     torch.testing.assert_close(out, ref)
-    for got, want in zip(torch.autograd.grad(out.square().sum(), (q, k, v)),
-                         torch.autograd.grad(ref.square().sum(), (q, k, v))):
+    for got, want in zip(
+        torch.autograd.grad(out.square().sum(), (q, k, v)), torch.autograd.grad(ref.square().sum(), (q, k, v))
+    ):
         torch.testing.assert_close(got, want)
 
 
@@ -201,7 +224,9 @@ def test_auto_backend_on_a_cpu_only_machine_is_sdpa():
 
 def test_auto_backend_on_cuda_prefers_a_gpu_kernel():
     if not torch.cuda.is_available():
-        pytest.skip("needs CUDA: on this CPU-only machine auto is sdpa (test_auto_backend_on_a_cpu_only_machine_is_sdpa)")
+        pytest.skip(
+            "needs CUDA: on this CPU-only machine auto is sdpa (test_auto_backend_on_a_cpu_only_machine_is_sdpa)"
+        )
     names = available_backends()
     assert build_attention("auto").name == next(n for n in ("varlen", "flash", "flex", "sdpa") if n in names)
     assert build_attention("auto", device_type="cpu").name == "sdpa"  # a CPU model on a GPU node

@@ -1,5 +1,6 @@
 """The objectives' labels (MLM, MNTP, CLM), the cross phase's default, the embedding row without
 lookup gradient, and a tiny decoder that learns to end its documents through transformers."""
+
 import numpy as np
 import pytest
 import torch
@@ -49,7 +50,7 @@ def test_mntp_masks_are_mlms_with_labels_one_step_earlier():
     assert torch.equal(mlm.input_ids, mntp.input_ids)  # same kernel, same keys
     expected = np.full(mlm.num_tokens, IGNORE)
     for a, b in zip(mlm.bounds, mlm.bounds[1:]):
-        expected[a:b - 1] = mlm.labels[a + 1:b].numpy()
+        expected[a : b - 1] = mlm.labels[a + 1 : b].numpy()
     assert mntp.labels.tolist() == expected.tolist()
     assert mntp.num_labels == mlm.num_labels > 0  # [CLS] is never masked: no label is lost
     assert mlm.digests[:2] == mntp.digests[:2] and mlm.digests[2:] != mntp.digests[2:]  # no mask in the short ones

@@ -1,4 +1,5 @@
 """The planner (`ettin plan`) and the run graph of a submission: pure, no Slurm needed."""
+
 from __future__ import annotations
 
 import math
@@ -6,10 +7,11 @@ import math
 import pytest
 
 from ettin.config import ConfigError, load_config
-from ettin.errors import EttinError
 from ettin.data.schedule import BatchSchedule
+from ettin.errors import EttinError
 from ettin.flops import flops_per_token
-from ettin.launch.plan import estimate, main as plan_main, published_tokens_per_gpu_s
+from ettin.launch.plan import estimate, published_tokens_per_gpu_s
+from ettin.launch.plan import main as plan_main
 from ettin.launch.runs import CHAIN, known_sizes, parse_list, parse_phases, plan_runs
 from ettin.launch.slurm_job import JobSpec, parse_time, requeue_lines
 
@@ -56,9 +58,17 @@ def test_plan_cli_prints_every_run_and_says_what_a_sample_is(capsys):
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith(("17m ", "1b "))]
     assert [(r[0], r[1], r[2]) for r in rows] == [
-        ("17m", "clm", "pretrain"), ("17m", "clm", "extension"), ("17m", "clm", "decay"), ("17m", "clm", "cross"),
-        ("1b", "clm", "pretrain"), ("1b", "clm", "extension"), ("1b", "clm", "decay"), ("1b", "clm", "cross"),
-        ("17m", "all", "total"), ("1b", "all", "total")]
+        ("17m", "clm", "pretrain"),
+        ("17m", "clm", "extension"),
+        ("17m", "clm", "decay"),
+        ("17m", "clm", "cross"),
+        ("1b", "clm", "pretrain"),
+        ("1b", "clm", "extension"),
+        ("1b", "clm", "decay"),
+        ("1b", "clm", "cross"),
+        ("17m", "all", "total"),
+        ("1b", "all", "total"),
+    ]
     assert rows[0][9] == "2M" and rows[4][9] == "64k"  # the given rate; the published one for 1b
     assert "days on 8 GPUs" in out and "a sample is about seq_len tokens" in out
 
@@ -70,8 +80,10 @@ def test_estimate_scales_mlm_by_its_labelled_tokens():
     assert estimate(pretrain, 4, 1e6)["tokens_per_gpu_s"] == pytest.approx(1e6)  # the reference itself
     rate = {cfg.phase.name: estimate(cfg, 4, 1e6)["tokens_per_gpu_s"] for cfg in (decay, extension)}
     assert rate["extension"] < rate["decay"] < 1e6  # same length, fewer labels: faster; long: slower
-    ratio = (flops_per_token(pretrain.model, 1024, label_fraction=0.30)["total"]
-             / flops_per_token(decay.model, 7999, label_fraction=0.15)["total"])
+    ratio = (
+        flops_per_token(pretrain.model, 1024, label_fraction=0.30)["total"]
+        / flops_per_token(decay.model, 7999, label_fraction=0.15)["total"]
+    )
     assert rate["decay"] == pytest.approx(1e6 * ratio)
 
 
@@ -110,7 +122,9 @@ def test_plan_ramp_shows_each_stage_batch_steps_and_tokens(capsys):
     assert plan_main(["--ramp", "--sizes", "150m", "--phases", "cross", "--tokens-per-sample", "2000"]) == 0
     out = capsys.readouterr().out
     assert "(2,000 tokens per sample)" in out
-    assert int(_ramp_tables(out)["150m cross"][-2][1].replace(",", "")) > int(tables["150m cross"][-2][1].replace(",", ""))
+    assert int(_ramp_tables(out)["150m cross"][-2][1].replace(",", "")) > int(
+        tables["150m cross"][-2][1].replace(",", "")
+    )
     assert plan_main(["--ramp", "--phases", "decay"]) == 0 and "no batch-size ramp" in capsys.readouterr().out
     assert plan_main(["--ramp", "--tokens-per-sample", "0"]) == 2
     assert capsys.readouterr().err.startswith("error: --tokens-per-sample must be positive")
@@ -126,8 +140,9 @@ def test_plan_memory_every_size_and_phase_fits_80gb_on_four_gpus(capsys):
     assert header.split()[:3] == ["size", "objective", "phase"] and header.endswith("fits")
     sizes = known_sizes()
     rows = [line.split() for line in lines if line.split() and line.split()[0] in sizes]
-    assert [(r[0], r[1], r[2]) for r in rows] == [(s, o, p) for s in sizes for o in ("mlm", "clm")
-                                                  for p in ("pretrain", "extension", "decay", "cross")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (s, o, p) for s in sizes for o in ("mlm", "clm") for p in ("pretrain", "extension", "decay", "cross")
+    ]
     for r in rows:
         assert r[4:7] == ["1", "1", "4"]  # TP, ZeRO, DP
         assert r[-1] == "yes" and float(r[-3]) <= 80 * 0.9 and r[-2] == "80", r
@@ -136,31 +151,56 @@ def test_plan_memory_every_size_and_phase_fits_80gb_on_four_gpus(capsys):
 
 
 def test_plan_memory_given_budget_and_layout(capsys):
-    assert plan_main(["--memory", "--sizes", "1b", "--objectives", "clm", "--phases", "decay",
-                      "--micro-tokens", "2000000"]) == 0
+    assert (
+        plan_main(
+            ["--memory", "--sizes", "1b", "--objectives", "clm", "--phases", "decay", "--micro-tokens", "2000000"]
+        )
+        == 0
+    )
     (row,) = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("1b ")]
     assert row[7] == "2,000,000" and row[-1] == "NO" and float(row[-3]) > 80
-    assert plan_main(["--memory", "--sizes", "150m", "--phases", "pretrain", "--gpus", "8",
-                      "parallel.tensor=2", "parallel.zero_stage=2", "train.device_memory_gb=141"]) == 0
+    assert (
+        plan_main(
+            [
+                "--memory",
+                "--sizes",
+                "150m",
+                "--phases",
+                "pretrain",
+                "--gpus",
+                "8",
+                "parallel.tensor=2",
+                "parallel.zero_stage=2",
+                "train.device_memory_gb=141",
+            ]
+        )
+        == 0
+    )
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("150m ")]
     assert len(rows) == 2 and all(r[4:7] == ["2", "2", "4"] and r[-2] == "141" and r[-1] == "yes" for r in rows)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--memory", "--gpus", "3", "parallel.tensor=2"], "--gpus 3 is not divisible by parallel.tensor=2"),
-    (["--memory", "--micro-tokens", "-5"], "--micro-tokens must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--memory", "--gpus", "3", "parallel.tensor=2"], "--gpus 3 is not divisible by parallel.tensor=2"),
+        (["--memory", "--micro-tokens", "-5"], "--micro-tokens must be >= 0"),
+    ],
+)
 def test_plan_memory_bad_input_is_one_line(capsys, argv, message):
     assert plan_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--sizes", "17m,99m"], "--sizes: unknown size '99m'"),
-    (["--phases", "pretrain,warmup"], "--phases: unknown phase 'warmup'"),
-    (["--tokens-per-gpu-s", "fast"], "--tokens-per-gpu-s 'fast' must be a number"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "17m,99m"], "--sizes: unknown size '99m'"),
+        (["--phases", "pretrain,warmup"], "--phases: unknown phase 'warmup'"),
+        (["--tokens-per-gpu-s", "fast"], "--tokens-per-gpu-s 'fast' must be a number"),
+    ],
+)
 def test_plan_bad_input_is_one_line(capsys, argv, message):
     assert plan_main(argv) == 2
     err = capsys.readouterr().err
@@ -188,12 +228,19 @@ def test_all_sizes_both_objectives_three_phases_and_cross_make_48_runs(tmp_path)
         assert run.run_dir == tmp_path / run.key
         seen.add(run.key)
     cross = next(r for r in runs if r.key == "150m-clm-cross")
-    assert cross.overrides(tmp_path) == ["model=150m", "objective=clm", "phase=cross", f"run_dir={tmp_path / '150m-clm-cross'}",
-                                         f"phase.init_checkpoint={tmp_path / '150m-mlm-decay'}"]
+    assert cross.overrides(tmp_path) == [
+        "model=150m",
+        "objective=clm",
+        "phase=cross",
+        f"run_dir={tmp_path / '150m-clm-cross'}",
+        f"phase.init_checkpoint={tmp_path / '150m-mlm-decay'}",
+    ]
 
 
 def test_bad_names_and_resources_are_one_line():
-    with pytest.raises(ConfigError, match=r"^--sizes: unknown size '2b'; known: 17m, 32m, 68m, 150m, 400m, 1b \(or all\)$"):
+    with pytest.raises(
+        ConfigError, match=r"^--sizes: unknown size '2b'; known: 17m, 32m, 68m, 150m, 400m, 1b \(or all\)$"
+    ):
         parse_list("17m,2b", known_sizes(), "size", "--sizes")
     with pytest.raises(ConfigError, match="added with --cross"):
         parse_phases("pretrain,cross")
@@ -219,7 +266,12 @@ def test_requeue_rule_is_the_same_in_the_template(request):
 
     template = (Path(request.config.rootpath) / "slurm" / "ettin-train.sbatch").read_text()
     assert "\n".join(requeue_lines("$MAX_REQUEUES")) in template
-    for line in ("#SBATCH --signal=USR2@120", "#SBATCH --requeue", "#SBATCH --open-mode=append", "#SBATCH --dependency=singleton"):
+    for line in (
+        "#SBATCH --signal=USR2@120",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --dependency=singleton",
+    ):
         assert line in template
 
 
@@ -234,15 +286,32 @@ def test_a_corrupt_jobs_json_is_one_line_naming_it_in_status_cancel_and_submit(t
     root = tmp_path / "runs"
     root.mkdir()
     (root / "jobs.json").write_text('{"runs": {"17m-mlm-pretrain": {"job_id": "12')
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(request.config.rootpath / "src"), str(request.config.rootpath),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(request.config.rootpath / "src"), str(request.config.rootpath), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
     for tool, extra in (("status", ["--no-slurm"]), ("cancel", []), ("submit", ["--sizes", "17m", "--dry-run"])):
-        proc = subprocess.run([sys.executable, "-m", f"launch.{tool}", "--run-root", str(root), *extra],
-                              capture_output=True, text=True, cwd=request.config.rootpath, env=env, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", f"launch.{tool}", "--run-root", str(root), *extra],
+            capture_output=True,
+            text=True,
+            cwd=request.config.rootpath,
+            env=env,
+            timeout=120,
+        )
         assert proc.returncode == 2, (tool, proc.stderr)
-        assert proc.stderr.startswith(f"error: {root / 'jobs.json'}: is not valid JSON (Unterminated string "), proc.stderr
-        assert proc.stderr.endswith("; restore it from a backup, or delete it (status then lists the runs from their "
-                                    "folders; cancel their jobs with scancel)\n") and proc.stderr.count("\n") == 1, proc.stderr
+        assert proc.stderr.startswith(f"error: {root / 'jobs.json'}: is not valid JSON (Unterminated string "), (
+            proc.stderr
+        )
+        assert (
+            proc.stderr.endswith(
+                "; restore it from a backup, or delete it (status then lists the runs from their "
+                "folders; cancel their jobs with scancel)\n"
+            )
+            and proc.stderr.count("\n") == 1
+        ), proc.stderr
     (root / "jobs.json").write_text('{"runs": {"17m-mlm-pretrain": {"job_id": "12"}}}')  # valid JSON, not a record
     from ettin.launch.registry import read_jobs
     from ettin.launch.status import status_main

@@ -3,6 +3,7 @@
 Shards are read back through streaming's StreamingDataset with the output directory as its
 *remote* and a scratch *local*, so reading never decompresses into (changes) the checked output.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -59,8 +60,9 @@ def child_env() -> dict:
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     env = child_env()
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_samples(out: Path, scratch: Path) -> list[tuple[str, list[int]]]:
@@ -70,8 +72,9 @@ def read_samples(out: Path, scratch: Path) -> list[tuple[str, list[int]]]:
 
     clean_stale_shared_memory()
     before = sorted(p.name for p in out.iterdir())
-    dataset = StreamingDataset(remote=str(out), local=str(scratch / f"local-{uuid.uuid4().hex}"),
-                               shuffle=False, batch_size=1)
+    dataset = StreamingDataset(
+        remote=str(out), local=str(scratch / f"local-{uuid.uuid4().hex}"), shuffle=False, batch_size=1
+    )
     samples = [dataset[i] for i in range(len(dataset))]
     assert all(s["input_ids"].dtype.name == "uint32" for s in samples)
     del dataset
@@ -84,8 +87,7 @@ def expected_samples(tokenizer, docs: list[tuple[str, str]], seq_len: int):
     samples = []
     for doc_id, text in docs:
         ids = tokenizer.encode(text, add_special_tokens=False).ids
-        samples += [(f"{doc_id}#{k}", chunk)
-                    for k, chunk in enumerate(chunk_document(ids, seq_len, CLS, SEP))]
+        samples += [(f"{doc_id}#{k}", chunk) for k, chunk in enumerate(chunk_document(ids, seq_len, CLS, SEP))]
     return samples
 
 
@@ -102,39 +104,41 @@ def tokenizer(tokenizer_path):  # tokenizer_path: conftest.py's session tokenize
 # Chunking on hand-made token lists
 
 
-@pytest.mark.parametrize("seq_len, n, spans, dropped, moved", [
-    # one piece, however short: a document's first chunk is always kept
-    (1024, 1, [(0, 1)], 0, 0),
-    (1024, 127, [(0, 127)], 0, 0),
-    (1024, 1022, [(0, 1022)], 0, 0),
-    # full pieces of seq_len - 2; a tail of >= 512 stays as it is
-    (1024, 2044, [(0, 1022), (1022, 2044)], 0, 0),
-    (1024, 2044 + 600, [(0, 1022), (1022, 2044), (2044, 2644)], 0, 0),
-    (1024, 1022 + 512, [(0, 1022), (1022, 1534)], 0, 0),
-    # a tail under 128 is dropped
-    (1024, 1022 + 127, [(0, 1022)], 127, 0),
-    (1024, 2044 + 1, [(0, 1022), (1022, 2044)], 1, 0),
-    # a tail of 128..511 takes tokens from the end of the piece before, up to 512
-    (1024, 1022 + 128, [(0, 638), (638, 1150)], 0, 384),
-    (1024, 1022 + 300, [(0, 810), (810, 1322)], 0, 212),
-    (1024, 2044 + 511, [(0, 1022), (1022, 2043), (2043, 2555)], 0, 1),
-    # seq_len 7999: pieces of 7997
-    (7999, 7997, [(0, 7997)], 0, 0),
-    (7999, 7997 * 2 + 100, [(0, 7997), (7997, 15994)], 100, 0),
-    (7999, 7997 + 200, [(0, 7685), (7685, 8197)], 0, 312),
-    (7999, 7997 + 4000, [(0, 7997), (7997, 11997)], 0, 0),
-    # seq_len 256 (tiny.yaml): back-filling would leave the piece before under 512: no back-fill
-    (256, 254 + 200, [(0, 254), (254, 454)], 0, 0),
-    (256, 254 + 100, [(0, 254)], 100, 0),
-])
+@pytest.mark.parametrize(
+    "seq_len, n, spans, dropped, moved",
+    [
+        # one piece, however short: a document's first chunk is always kept
+        (1024, 1, [(0, 1)], 0, 0),
+        (1024, 127, [(0, 127)], 0, 0),
+        (1024, 1022, [(0, 1022)], 0, 0),
+        # full pieces of seq_len - 2; a tail of >= 512 stays as it is
+        (1024, 2044, [(0, 1022), (1022, 2044)], 0, 0),
+        (1024, 2044 + 600, [(0, 1022), (1022, 2044), (2044, 2644)], 0, 0),
+        (1024, 1022 + 512, [(0, 1022), (1022, 1534)], 0, 0),
+        # a tail under 128 is dropped
+        (1024, 1022 + 127, [(0, 1022)], 127, 0),
+        (1024, 2044 + 1, [(0, 1022), (1022, 2044)], 1, 0),
+        # a tail of 128..511 takes tokens from the end of the piece before, up to 512
+        (1024, 1022 + 128, [(0, 638), (638, 1150)], 0, 384),
+        (1024, 1022 + 300, [(0, 810), (810, 1322)], 0, 212),
+        (1024, 2044 + 511, [(0, 1022), (1022, 2043), (2043, 2555)], 0, 1),
+        # seq_len 7999: pieces of 7997
+        (7999, 7997, [(0, 7997)], 0, 0),
+        (7999, 7997 * 2 + 100, [(0, 7997), (7997, 15994)], 100, 0),
+        (7999, 7997 + 200, [(0, 7685), (7685, 8197)], 0, 312),
+        (7999, 7997 + 4000, [(0, 7997), (7997, 11997)], 0, 0),
+        # seq_len 256 (tiny.yaml): back-filling would leave the piece before under 512: no back-fill
+        (256, 254 + 200, [(0, 254), (254, 454)], 0, 0),
+        (256, 254 + 100, [(0, 254)], 100, 0),
+    ],
+)
 def test_plan_chunks(seq_len, n, spans, dropped, moved):
     plan = plan_chunks(n, seq_len)
     assert (plan.spans, plan.dropped_tokens, plan.moved_tokens) == (spans, dropped, moved)
 
 
 @pytest.mark.parametrize("seq_len", [1024, 7999, 256])
-@pytest.mark.parametrize("n", [0, 1, 100, 127, 128, 1000, 1022, 1023, 1150, 1400, 2044, 2100,
-                               2600, 8100, 16000, 20000])
+@pytest.mark.parametrize("n", [0, 1, 100, 127, 128, 1000, 1022, 1023, 1150, 1400, 2044, 2100, 2600, 8100, 16000, 20000])
 def test_chunk_document_wraps_and_keeps_every_kept_token_once(seq_len, n):
     tokens = [10 + i for i in range(n)]  # distinct, so duplicates and reorderings would show
     chunks = chunk_document(tokens, seq_len, CLS, SEP)
@@ -149,7 +153,7 @@ def test_chunk_document_wraps_and_keeps_every_kept_token_once(seq_len, n):
         if k < len(chunks) - 1:  # only a tail may be short; a back-fill leaves >= 512 before it
             assert len(chunk) - 2 >= min(512, seq_len - 2)
     body = [t for chunk in chunks for t in chunk[1:-1]]
-    assert body == tokens[:len(body)], "tokens duplicated, reordered or skipped"
+    assert body == tokens[: len(body)], "tokens duplicated, reordered or skipped"
     assert len(body) + plan.dropped_tokens == n
     if seq_len >= 1024 and len(chunks) > 1:
         assert len(chunks[-1]) - 2 >= 512  # a kept tail is back-filled to at least 512
@@ -185,23 +189,21 @@ def test_every_input_format_round_trips(tmp_path, tokenizer, tokenizer_path):
 
     # 1022 + ~60 tokens: the tail is dropped; 1022 + ~300: the tail is back-filled to 512
     a = texts(4) + [text_of_tokens(tokenizer, rng, 1022 + 60), text_of_tokens(tokenizer, rng, 1322)]
-    write_jsonl(corpus / "a.jsonl", [{"text": t, "id": f"doc-{i}"} if i % 2 else {"text": t}
-                                     for i, t in enumerate(a)])
-    docs["corpus/a.jsonl"] = [(f"doc-{i}" if i % 2 else f"corpus/a.jsonl:{i + 1}", t)
-                              for i, t in enumerate(a)]
+    write_jsonl(corpus / "a.jsonl", [{"text": t, "id": f"doc-{i}"} if i % 2 else {"text": t} for i, t in enumerate(a)])
+    docs["corpus/a.jsonl"] = [(f"doc-{i}" if i % 2 else f"corpus/a.jsonl:{i + 1}", t) for i, t in enumerate(a)]
     b = texts(4)
     write_jsonl(corpus / "sub" / "b.jsonl.gz", [{"text": t} for t in b], opener=gzip.open)
     docs["corpus/sub/b.jsonl.gz"] = [(f"corpus/sub/b.jsonl.gz:{i + 1}", t) for i, t in enumerate(b)]
     c = texts(4)
-    frames = [zstandard.ZstdCompressor().compress(
-        "".join(json.dumps({"text": t}) + "\n" for t in half).encode()) for half in (c[:2], c[2:])]
+    frames = [
+        zstandard.ZstdCompressor().compress("".join(json.dumps({"text": t}) + "\n" for t in half).encode())
+        for half in (c[:2], c[2:])
+    ]
     (corpus / "c.jsonl.zst").write_bytes(b"".join(frames))  # two frames, as `cat` makes them
     docs["corpus/c.jsonl.zst"] = [(f"corpus/c.jsonl.zst:{i + 1}", t) for i, t in enumerate(c)]
     d = texts(5)
-    pq.write_table(pa.table({"text": d, "id": ["p0", None, "p2", "p3", "p4"]}),
-                   corpus / "d.parquet", row_group_size=2)
-    docs["corpus/d.parquet"] = [(f"corpus/d.parquet:{i + 1}" if i == 1 else f"p{i}", t)
-                                for i, t in enumerate(d)]
+    pq.write_table(pa.table({"text": d, "id": ["p0", None, "p2", "p3", "p4"]}), corpus / "d.parquet", row_group_size=2)
+    docs["corpus/d.parquet"] = [(f"corpus/d.parquet:{i + 1}" if i == 1 else f"p{i}", t) for i, t in enumerate(d)]
     e = texts(1)[0]
     (corpus / "e.txt").write_text(e)
     docs["corpus/e.txt"] = [("corpus/e.txt", e)]
@@ -225,10 +227,10 @@ def test_every_input_format_round_trips(tmp_path, tokenizer, tokenizer_path):
     # --text-field names another field (here a parquet column) and ids follow the file name
     body = texts(2)
     pq.write_table(pa.table({"body": body}), tmp_path / "other.parquet")
-    prepare([tmp_path / "other.parquet"], tmp_path / "out-body", tokenizer_path,
-            text_field="body", seq_len=7999)
+    prepare([tmp_path / "other.parquet"], tmp_path / "out-body", tokenizer_path, text_field="body", seq_len=7999)
     assert read_samples(tmp_path / "out-body", tmp_path) == expected_samples(
-        tokenizer, [(f"other.parquet:{i + 1}", t) for i, t in enumerate(body)], 7999)
+        tokenizer, [(f"other.parquet:{i + 1}", t) for i, t in enumerate(body)], 7999
+    )
 
     assert {p.name for p in out.iterdir()} == {"index.json", "stats.json", "shard.00000.mds.zstd"}
     assert stats == json.loads((out / "stats.json").read_text())
@@ -238,7 +240,8 @@ def test_every_input_format_round_trips(tmp_path, tokenizer, tokenizer_path):
     assert stats["seq_len"] == 1024 and (stats["cls_id"], stats["sep_id"]) == (CLS, SEP)
     assert stats["tokenizer"] == {
         "sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
-        "vocab_size": tokenizer.get_vocab_size()}
+        "vocab_size": tokenizer.get_vocab_size(),
+    }
 
 
 def test_input_names_must_be_unique(tmp_path):
@@ -259,9 +262,10 @@ def write_corpus(directory: Path, files: int, docs_per_file: int, seed: int) -> 
     rng = random.Random(seed)
     directory.mkdir(parents=True)
     for f in range(files):
-        write_jsonl(directory / f"part-{f:03d}.jsonl",
-                    [{"text": make_text(rng, rng.choice([5, 150, 900, 1600]))}
-                     for _ in range(docs_per_file)])
+        write_jsonl(
+            directory / f"part-{f:03d}.jsonl",
+            [{"text": make_text(rng, rng.choice([5, 150, 900, 1600]))} for _ in range(docs_per_file)],
+        )
 
 
 def test_output_is_identical_for_1_and_3_workers(tmp_path, tokenizer_path):
@@ -285,21 +289,31 @@ def test_killed_run_resumes_to_the_same_output(tmp_path, tokenizer_path):
 
     out = tmp_path / "out"
     staging = out / STAGING_DIR
-    args = ["data_tools", "prepare", str(corpus), "--out", str(out), "--tokenizer",
-            str(tokenizer_path), "--shard-size", "64kb", "--quiet"]
+    args = [
+        "data_tools",
+        "prepare",
+        str(corpus),
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(tokenizer_path),
+        "--shard-size",
+        "64kb",
+        "--quiet",
+    ]
     env = child_env()
 
     def parts() -> list[str]:
         return [p.name for p in staging.glob("*") if re.fullmatch(r"[0-9a-f]{16}", p.name)]
 
     def start_and_kill(ready) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
         deadline = time.monotonic() + 120
         while not ready() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.002)
-        assert proc.poll() is None, ("the run ended before it could be killed:\n"
-                                     + proc.communicate()[1].decode())
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.communicate()[1].decode()
         proc.send_signal(signal.SIGKILL)  # the main process only: its workers must die with it
         proc.wait()
 
@@ -339,19 +353,24 @@ def test_bad_records_are_counted_and_reported(tmp_path, tokenizer_path, capsys):
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    (corpus / "a.jsonl").write_bytes(b"\n".join([
-        b'{"text": "fine document one"}',
-        b'{"text": "unterminated',                    # 2 invalid_json
-        b'{"body": "no text field"}',                 # 3 missing_text
-        b'{"text": "caf\xe9 latin-1"}',               # 4 non_utf8
-        b'{"text": "   "}',                           # 5 empty_text
-        b"",                                          # 6 blank: skipped silently
-        b'["an", "array"]',                           # 7 missing_text
-        b'{"text": 42}',                              # 8 missing_text
-        b'{"text": "lone \\ud800 surrogate"}',        # 9 non_utf8
-        b'{"text": ""}',                              # 10 empty_text
-        b'{"text": "fine document two"}',
-    ]) + b"\n")
+    (corpus / "a.jsonl").write_bytes(
+        b"\n".join(
+            [
+                b'{"text": "fine document one"}',
+                b'{"text": "unterminated',  # 2 invalid_json
+                b'{"body": "no text field"}',  # 3 missing_text
+                b'{"text": "caf\xe9 latin-1"}',  # 4 non_utf8
+                b'{"text": "   "}',  # 5 empty_text
+                b"",  # 6 blank: skipped silently
+                b'["an", "array"]',  # 7 missing_text
+                b'{"text": 42}',  # 8 missing_text
+                b'{"text": "lone \\ud800 surrogate"}',  # 9 non_utf8
+                b'{"text": ""}',  # 10 empty_text
+                b'{"text": "fine document two"}',
+            ]
+        )
+        + b"\n"
+    )
     write_jsonl(corpus / "b.jsonl.gz", ['{"text": "ok"}', "{oops"], opener=gzip.open)
     pq.write_table(pa.table({"text": ["ok", None, ""]}), corpus / "c.parquet")
     (corpus / "d.txt").write_bytes(b"line one\nline two \xff\xfe\n")
@@ -360,31 +379,31 @@ def test_bad_records_are_counted_and_reported(tmp_path, tokenizer_path, capsys):
     out = tmp_path / "out"
     assert main([str(corpus), "--out", str(out), "--tokenizer", str(tokenizer_path), "-q"]) == 0
     stats = json.loads((out / "stats.json").read_text())
-    examples = {kind: [(e["file"], e["line"]) for e in entry["examples"]]
-                for kind, entry in stats["bad_records"].items()}
+    examples = {
+        kind: [(e["file"], e["line"]) for e in entry["examples"]] for kind, entry in stats["bad_records"].items()
+    }
     assert examples == {
         "invalid_json": [("corpus/a.jsonl", 2), ("corpus/b.jsonl.gz", 2)],
-        "missing_text": [("corpus/a.jsonl", 3), ("corpus/a.jsonl", 7), ("corpus/a.jsonl", 8),
-                         ("corpus/c.parquet", 2)],
+        "missing_text": [("corpus/a.jsonl", 3), ("corpus/a.jsonl", 7), ("corpus/a.jsonl", 8), ("corpus/c.parquet", 2)],
         "non_utf8": [("corpus/a.jsonl", 4), ("corpus/a.jsonl", 9), ("corpus/d.txt", 2)],
-        "empty_text": [("corpus/a.jsonl", 5), ("corpus/a.jsonl", 10), ("corpus/c.parquet", 3),
-                       ("corpus/e.txt", 1)],
+        "empty_text": [("corpus/a.jsonl", 5), ("corpus/a.jsonl", 10), ("corpus/c.parquet", 3), ("corpus/e.txt", 1)],
     }
     assert {k: v["count"] for k, v in stats["bad_records"].items()} == {
-        "invalid_json": 2, "missing_text": 4, "non_utf8": 3, "empty_text": 4}
+        "invalid_json": 2,
+        "missing_text": 4,
+        "non_utf8": 3,
+        "empty_text": 4,
+    }
     assert stats["bad_records_total"] == 13 and stats["documents"] == 4
     assert [s["bad_records"] for s in stats["inputs"]] == [8, 1, 2, 1, 1]
     printed = capsys.readouterr().out
-    assert ("skipped 13 bad records: invalid_json 2, missing_text 4, non_utf8 3, empty_text 4"
-            in printed)
+    assert "skipped 13 bad records: invalid_json 2, missing_text 4, non_utf8 3, empty_text 4" in printed
     assert "invalid_json: corpus/a.jsonl:2:" in printed and "non_utf8: corpus/d.txt:2:" in printed
     ids = [i for i, _ in read_samples(out, tmp_path)]
-    assert ids == ["corpus/a.jsonl:1#0", "corpus/a.jsonl:11#0", "corpus/b.jsonl.gz:1#0",
-                   "corpus/c.parquet:1#0"]
+    assert ids == ["corpus/a.jsonl:1#0", "corpus/a.jsonl:11#0", "corpus/b.jsonl.gz:1#0", "corpus/c.parquet:1#0"]
 
 
-def test_unreadable_file_stops_the_run_and_a_rerun_without_it_reuses_the_rest(tmp_path,
-                                                                               tokenizer_path):
+def test_unreadable_file_stops_the_run_and_a_rerun_without_it_reuses_the_rest(tmp_path, tokenizer_path):
     write_corpus(tmp_path / "corpus", files=3, docs_per_file=4, seed=6)
     truncated = gzip.compress((tmp_path / "corpus" / "part-000.jsonl").read_bytes())[:-40]
     (tmp_path / "corpus" / "part-001.jsonl.gz").write_bytes(truncated)
@@ -415,17 +434,28 @@ def test_missing_input_and_bad_tokenizer_are_one_line_errors(tmp_path, tokenizer
     prepare([good], out, tokenizer_path)
     finished = dir_bytes(out)
 
-    line = one_error_line(run_cli("data_tools", "prepare", str(tmp_path / "missing.jsonl"),
-                                  "--out", str(out), "--tokenizer", str(tokenizer_path)))
+    line = one_error_line(
+        run_cli(
+            "data_tools",
+            "prepare",
+            str(tmp_path / "missing.jsonl"),
+            "--out",
+            str(out),
+            "--tokenizer",
+            str(tokenizer_path),
+        )
+    )
     assert "missing.jsonl does not exist" in line
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{ not a tokenizer")
     for bad in (garbage, tmp_path / "nowhere.json"):
-        line = one_error_line(run_cli("data_tools", "prepare", str(good), "--out", str(out),
-                                      "--tokenizer", str(bad), "--overwrite"))
+        line = one_error_line(
+            run_cli("data_tools", "prepare", str(good), "--out", str(out), "--tokenizer", str(bad), "--overwrite")
+        )
         assert str(bad) in line
-    line = one_error_line(run_cli("data_tools", "prepare", str(good), "--out", str(out),
-                                  "--tokenizer", str(tokenizer_path)))
+    line = one_error_line(
+        run_cli("data_tools", "prepare", str(good), "--out", str(out), "--tokenizer", str(tokenizer_path))
+    )
     assert "already holds a finished dataset" in line and "--overwrite" in line
     assert dir_bytes(out) == finished, "a failed run changed an existing dataset"
     assert not (tmp_path / "missing.jsonl").exists()
@@ -445,9 +475,18 @@ def test_train_tokenizer_is_deterministic_with_specials_first(tmp_path):
     (tmp_path / "docs" / "guide.rst").write_text(make_text(rng, 500))
     shas = []
     for name in ("one.json", "two.json"):
-        result = run_cli("data_tools", "train-tokenizer", str(tmp_path / "a.jsonl"),
-                         "--plain-text", str(tmp_path / "docs"), "--vocab-size", "320",
-                         "--out", str(tmp_path / name), "-q")
+        result = run_cli(
+            "data_tools",
+            "train-tokenizer",
+            str(tmp_path / "a.jsonl"),
+            "--plain-text",
+            str(tmp_path / "docs"),
+            "--vocab-size",
+            "320",
+            "--out",
+            str(tmp_path / name),
+            "-q",
+        )
         assert result.returncode == 0, result.stderr
         assert "trained on 31 documents" in result.stdout
         shas.append(hashlib.sha256((tmp_path / name).read_bytes()).hexdigest())
@@ -458,8 +497,17 @@ def test_train_tokenizer_is_deterministic_with_specials_first(tmp_path):
     assert tok.encode("the model").ids[0] == 1 and tok.encode("the model").ids[-1] == 2
     text = "naïve café 数据 — def return"
     assert tok.decode(tok.encode(text, add_special_tokens=False).ids) == text
-    one_error_line(run_cli("data_tools", "train-tokenizer", str(tmp_path / "a.jsonl"),
-                           "--vocab-size", "100", "--out", str(tmp_path / "small.json")))
+    one_error_line(
+        run_cli(
+            "data_tools",
+            "train-tokenizer",
+            str(tmp_path / "a.jsonl"),
+            "--vocab-size",
+            "100",
+            "--out",
+            str(tmp_path / "small.json"),
+        )
+    )
 
 
 def test_inspect_prints_the_summary(tmp_path, tokenizer_path, capsys):
@@ -485,15 +533,18 @@ def test_inspect_prints_the_summary(tmp_path, tokenizer_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
 
 
-@pytest.mark.parametrize("command", [
-    ["data_tools", "--help"],
-    ["data_tools", "prepare", "--help"],
-    ["data_tools", "train-tokenizer", "--help"],
-    ["data_tools", "inspect", "--help"],
-    ["data_tools.prepare", "--help"],
-    ["data_tools.train_tokenizer", "--help"],
-    ["data_tools.inspect", "--help"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["data_tools", "--help"],
+        ["data_tools", "prepare", "--help"],
+        ["data_tools", "train-tokenizer", "--help"],
+        ["data_tools", "inspect", "--help"],
+        ["data_tools.prepare", "--help"],
+        ["data_tools.train_tokenizer", "--help"],
+        ["data_tools.inspect", "--help"],
+    ],
+)
 def test_help(command):
     result = run_cli(*command)
     assert result.returncode == 0, result.stderr
@@ -525,26 +576,37 @@ def test_ettin_data_runs_the_same_tools(tmp_path, tokenizer_path, capsys):
     from data_tools.prepare import main
 
     write_corpus(tmp_path / "corpus", files=3, docs_per_file=6, seed=8)
-    common = [str(tmp_path / "corpus"), "--tokenizer", str(tokenizer_path), "--shard-size",
-              "16kb", "-q"]
+    common = [str(tmp_path / "corpus"), "--tokenizer", str(tokenizer_path), "--shard-size", "16kb", "-q"]
     assert main([*common, "--out", str(tmp_path / "tools")]) == 0
     tools = capsys.readouterr().out
     assert run_ettin_data(["prepare", *common, "--out", str(tmp_path / "ettin")]) == 0
     ettin = capsys.readouterr().out
     assert dir_bytes(tmp_path / "ettin") == dir_bytes(tmp_path / "tools")
-    assert (tools.replace(str(tmp_path / "tools"), "OUT").splitlines()[:-1]
-            == ettin.replace(str(tmp_path / "ettin"), "OUT").splitlines()[:-1])  # not "done in"
+    assert (
+        tools.replace(str(tmp_path / "tools"), "OUT").splitlines()[:-1]
+        == ettin.replace(str(tmp_path / "ettin"), "OUT").splitlines()[:-1]
+    )  # not "done in"
 
     assert run_ettin_data(["inspect", str(tmp_path / "ettin"), "-q"]) == 0
     assert "samples  " in capsys.readouterr().out
-    assert run_ettin_data(["prepare", str(tmp_path / "missing.jsonl"), "--out",
-                           str(tmp_path / "x"), "--tokenizer", str(tokenizer_path)]) == 2
+    assert (
+        run_ettin_data(
+            [
+                "prepare",
+                str(tmp_path / "missing.jsonl"),
+                "--out",
+                str(tmp_path / "x"),
+                "--tokenizer",
+                str(tokenizer_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "missing.jsonl" in err[0]
 
 
-def test_ettin_data_prepare_reports_ctrl_c_as_resumable(tmp_path, tokenizer_path, capsys,
-                                                        monkeypatch):
+def test_ettin_data_prepare_reports_ctrl_c_as_resumable(tmp_path, tokenizer_path, capsys, monkeypatch):
     import ettin.data.prepare
 
     def interrupted(*args, **kwargs):
@@ -552,6 +614,10 @@ def test_ettin_data_prepare_reports_ctrl_c_as_resumable(tmp_path, tokenizer_path
 
     monkeypatch.setattr(ettin.data.prepare, "prepare", interrupted)
     (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
-    assert run_ettin_data(["prepare", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"),
-                           "--tokenizer", str(tokenizer_path)]) == 130
+    assert (
+        run_ettin_data(
+            ["prepare", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"), "--tokenizer", str(tokenizer_path)]
+        )
+        == 130
+    )
     assert capsys.readouterr().err == "error: interrupted; rerun the same command to resume\n"

@@ -9,6 +9,7 @@ Published file per run (<n> is the size's name there: very_tiny, tiny, mini, bas
   cross      cross-train/<n>/encoder_<n>.yaml is encoder -> decoder (our objective=clm, phase=cross);
              cross-train/<n>/decoder_<n>.yaml is decoder -> encoder (our objective=mlm, phase=cross)
 """
+
 from __future__ import annotations
 
 import pytest
@@ -39,18 +40,70 @@ SIZES = {  # size: (name, layers, hidden, inner, heads, lr, wd, t_warmup, bs_war
 # local_attn_rotary_emb_base (None: unset, so bert24's local layers use rotary_emb_base). "size" marks a
 # per-size value from SIZES; "all" marks one_minus_sqrt's t_decay = t_max = ${max_duration}.
 PHASE = {
-    "pretrain": dict(seq=1024, tokens=1_700_000_000_000, lr=1.0, sched="warmup_stable_decay", t_warmup="size",
-                     alpha_f=0.02, t_decay=0, bs_warmup="size", seed=21, save=8_500_000_000, mlm=0.30,
-                     rope=10_000.0, local_rope=None, data="ettin_tokenized_data"),
-    "extension": dict(seq=7999, tokens=250_000_000_000, lr=1.0, sched="one_minus_sqrt", t_warmup=0, alpha_f=0.5,
-                      t_decay="all", bs_warmup=0, seed=21, save=8_500_000_000, mlm=0.30,
-                      rope=160_000.0, local_rope=None, data="sample_250B"),
-    "decay": dict(seq=7999, tokens=50_000_000_000, lr=0.5, sched="one_minus_sqrt", t_warmup=0, alpha_f=0.04,
-                  t_decay="all", bs_warmup=0, seed=21, save=8_500_000_000, mlm=0.15,
-                  rope=160_000.0, local_rope=160_000.0, data="ProLong"),
-    "cross": dict(seq=7999, tokens=50_000_000_000, lr=0.5, sched="warmup_stable_decay", t_warmup=3_000_000_000,
-                  alpha_f=0.02, t_decay=10_000_000_000, bs_warmup=10_000_000_000, seed=210, save=10_000_000_000,
-                  mlm=0.15, rope=160_000.0, local_rope=160_000.0, data="ProLong"),
+    "pretrain": dict(
+        seq=1024,
+        tokens=1_700_000_000_000,
+        lr=1.0,
+        sched="warmup_stable_decay",
+        t_warmup="size",
+        alpha_f=0.02,
+        t_decay=0,
+        bs_warmup="size",
+        seed=21,
+        save=8_500_000_000,
+        mlm=0.30,
+        rope=10_000.0,
+        local_rope=None,
+        data="ettin_tokenized_data",
+    ),
+    "extension": dict(
+        seq=7999,
+        tokens=250_000_000_000,
+        lr=1.0,
+        sched="one_minus_sqrt",
+        t_warmup=0,
+        alpha_f=0.5,
+        t_decay="all",
+        bs_warmup=0,
+        seed=21,
+        save=8_500_000_000,
+        mlm=0.30,
+        rope=160_000.0,
+        local_rope=None,
+        data="sample_250B",
+    ),
+    "decay": dict(
+        seq=7999,
+        tokens=50_000_000_000,
+        lr=0.5,
+        sched="one_minus_sqrt",
+        t_warmup=0,
+        alpha_f=0.04,
+        t_decay="all",
+        bs_warmup=0,
+        seed=21,
+        save=8_500_000_000,
+        mlm=0.15,
+        rope=160_000.0,
+        local_rope=160_000.0,
+        data="ProLong",
+    ),
+    "cross": dict(
+        seq=7999,
+        tokens=50_000_000_000,
+        lr=0.5,
+        sched="warmup_stable_decay",
+        t_warmup=3_000_000_000,
+        alpha_f=0.02,
+        t_decay=10_000_000_000,
+        bs_warmup=10_000_000_000,
+        seed=210,
+        save=10_000_000_000,
+        mlm=0.15,
+        rope=160_000.0,
+        local_rope=160_000.0,
+        data="ProLong",
+    ),
 }
 
 # --------------------------------------------------------------------------- the published exceptions
@@ -58,8 +111,10 @@ EXCEPTIONS = [  # (size, objective, phase) patterns (None: any) -> published val
     # the 1b ("huge") files run a third of the tokens after pretraining, written out in full
     (("1b", None, "extension"), dict(tokens=83_333_000_000)),
     (("1b", None, "decay"), dict(tokens=16_666_666_667)),
-    (("1b", None, "cross"), dict(tokens=16_666_666_667, t_warmup=1_000_000_000, t_decay=3_333_000_000,
-                                 save=3_333_333_333)),
+    (
+        ("1b", None, "cross"),
+        dict(tokens=16_666_666_667, t_warmup=1_000_000_000, t_decay=3_333_000_000, save=3_333_333_333),
+    ),
     # local_attn_rotary_emb_base: 10000.0 in these files
     (("17m", None, "extension"), dict(local_rope=10_000.0)),
     *[((size, "clm", "decay"), dict(local_rope=10_000.0)) for size in ("17m", "32m", "68m", "400m")],
@@ -101,10 +156,15 @@ def expected(size: str, objective: str, phase: str) -> dict:
     constant = wsd and row["t_decay"] == 0  # pretraining: warmup, then the peak until the end
     start = row["lr"]  # optimizer.lr / peak: our schedule levels are fractions of optim.lr (the size's peak)
     out = {
-        "model.num_layers": row["layers"], "model.hidden_size": row["hidden"],
-        "model.intermediate_size": row["inner"], "model.num_heads": row["heads"],
+        "model.num_layers": row["layers"],
+        "model.hidden_size": row["hidden"],
+        "model.intermediate_size": row["inner"],
+        "model.num_heads": row["heads"],
         "model.vocab_size": 50368,
-        "optim.lr": row["peak"], "optim.weight_decay": row["wd"], "optim.betas": [0.9, 0.98], "optim.eps": 1e-6,
+        "optim.lr": row["peak"],
+        "optim.weight_decay": row["wd"],
+        "optim.betas": [0.9, 0.98],
+        "optim.eps": 1e-6,
         "lr_schedule.shape": "constant" if constant else ("wsd" if wsd else OUR_SHAPE[row["sched"]]),
         "lr_schedule.warmup_tokens": row["t_warmup"],
         "lr_schedule.start_factor": start,
@@ -114,13 +174,17 @@ def expected(size: str, objective: str, phase: str) -> dict:
         "batch.global_size": 4608,
         "batch.warmup_tokens": row["bs_warmup"],
         "batch.warmup_start_size": GPUS * (row["micro"] if row["bs_warmup"] else SIZES[size][9]),
-        "phase.tokens": row["tokens"], "phase.seq_len": row["seq"], "phase.seed": row["seed"],
-        "phase.init": OUR_INIT[phase], "phase.checkpoint_every_tokens": row["save"],
+        "phase.tokens": row["tokens"],
+        "phase.seq_len": row["seq"],
+        "phase.seed": row["seed"],
+        "phase.init": OUR_INIT[phase],
+        "phase.checkpoint_every_tokens": row["save"],
         "model.global_rope_theta": row["rope"],
         "model.local_rope_theta": row["rope"] if row["local_rope"] is None else row["local_rope"],
         "objective.name": objective if not (objective == "mlm" and phase == "cross") else CROSS_MLM_OBJECTIVE,
         "model.causal": objective == "clm",
-        "model.window_left": WINDOW[objective][0], "model.window_right": WINDOW[objective][1],
+        "model.window_left": WINDOW[objective][0],
+        "model.window_right": WINDOW[objective][1],
         "model.global_every": 3,  # global_attn_every_n_layers
         "data.mixture": OUR_MIXTURE[row["data"]],
     }
@@ -143,8 +207,11 @@ RUNS = [(s, o, p) for s in SIZES for o in OBJECTIVES for p in PHASES]
 def test_golden_recipe(size, objective, phase):
     cfg = load_config("ettin", [f"model={size}", f"objective={objective}", f"phase={phase}"])
     want = expected(size, objective, phase)
-    wrong = [f"{key}: published {value!r}, resolved {resolved(cfg, key)!r}" for key, value in want.items()
-             if resolved(cfg, key) != (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)]
+    wrong = [
+        f"{key}: published {value!r}, resolved {resolved(cfg, key)!r}"
+        for key, value in want.items()
+        if resolved(cfg, key) != (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+    ]
     assert not wrong, f"{size} {objective} {phase} ({published(size, objective, phase)['name']}):\n" + "\n".join(wrong)
 
 
@@ -152,7 +219,8 @@ def test_the_table_matches_the_recipe_summary():
     """Spot checks of the table itself against RECIPE.md's prose numbers, so a typo in it cannot hide."""
     assert [GPUS * SIZES[s][9] for s in SIZES] == [576, 512, 384, 288, 192, 96]
     assert [published(s, "mlm", "cross")["lr"] * SIZES[s][5] for s in SIZES] == pytest.approx(
-        [1.5e-3, 1.5e-3, 1.5e-3, 4e-4, 2.5e-4, 2.5e-4])
+        [1.5e-3, 1.5e-3, 1.5e-3, 4e-4, 2.5e-4, 2.5e-4]
+    )
     assert expected("1b", "clm", "cross")["lr_schedule.end_factor"] == pytest.approx(0.01)
     assert expected("400m", "mlm", "decay")["lr_schedule.end_factor"] == pytest.approx(0.02)
     assert len(RUNS) == 48
@@ -162,8 +230,9 @@ def test_the_table_matches_the_recipe_summary():
 
 
 def test_config_diff_shows_only_what_overrides_change(capsys):
-    assert main(["config", "diff", "ettin", "model=400m", "phase=decay", "optim.lr=1e-3",
-                 "batch.global_size=2304"]) == 0
+    assert (
+        main(["config", "diff", "ettin", "model=400m", "phase=decay", "optim.lr=1e-3", "batch.global_size=2304"]) == 0
+    )
     assert capsys.readouterr().out.splitlines() == ["batch.global_size: 4608 -> 2304", "optim.lr: 0.0005 -> 0.001"]
 
 
@@ -174,8 +243,9 @@ def test_config_diff_of_the_recipe_itself(capsys):
 
 
 def test_config_diff_bare_shows_group_choices_too():
-    lines = config_diff("ettin", ["model=400m", "model.causal=true", "objective.name=clm", "model.window_right=0"],
-                        bare=True)
+    lines = config_diff(
+        "ettin", ["model=400m", "model.causal=true", "objective.name=clm", "model.window_right=0"], bare=True
+    )
     assert "groups.model: 150m -> 400m" in lines and "model.num_layers: 22 -> 28" in lines
     assert "model.causal: false -> true" in lines and "objective.name: mlm -> clm" in lines
     assert all(" -> " in line for line in lines)
@@ -185,13 +255,15 @@ def test_config_diff_lists_sources_in_order_and_marks_absent_keys():
     lines = config_diff("ettin", ["phase=decay"], bare=True)
     sources = [line for line in lines if line.startswith("data.sources[")]
     assert sources.index("data.sources[2].weight: 263.9 -> 10.5") < sources.index(
-        "data.sources[10].weight: 7.3 -> <absent>")
+        "data.sources[10].weight: 7.3 -> <absent>"
+    )
 
 
 def test_config_diff_reports_mistakes_as_one_error_line(capsys):
     assert main(["config", "diff", "ettin", "optim.lrr=1e-3"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: override optim.lrr: unknown key 'optim.lrr' (did you mean 'lr'?)"]
+        "error: override optim.lrr: unknown key 'optim.lrr' (did you mean 'lr'?)"
+    ]
 
 
 def test_config_diff_help_describes_it(capsys):

@@ -1,6 +1,7 @@
 """Each set of allowed config values is written once: the open ones are tables next to their code
 (attention backends, LR-schedule shapes) that the config reads; the closed ones are Literal
 annotations that drive the loader's and validate's checks. Plus the renamed ``schedule`` key."""
+
 import dataclasses
 import logging
 from typing import Literal, get_args, get_origin, get_type_hints
@@ -71,7 +72,9 @@ def test_an_unusable_backend_is_refused_with_what_it_needs(monkeypatch):
 def test_a_registered_schedule_shape_is_accepted_and_drives_lr_factor(monkeypatch):
     with pytest.raises(ConfigError, match="lr_schedule.shape must be constant, one_minus_sqrt or wsd, got 'half'"):
         load_config("tiny", ["lr_schedule.shape=half"])
-    monkeypatch.setitem(lr_schedule.SHAPES, "half", lambda t, s, phase_tokens: s.start_factor * (1 - t / phase_tokens / 2))
+    monkeypatch.setitem(
+        lr_schedule.SHAPES, "half", lambda t, s, phase_tokens: s.start_factor * (1 - t / phase_tokens / 2)
+    )
     cfg = load_config("tiny", ["lr_schedule.shape=half", "lr_schedule.warmup_tokens=1000", "phase.tokens=10000"])
     s, total = cfg.lr_schedule, cfg.phase.tokens
     assert s.shape == "half"
@@ -109,8 +112,15 @@ LITERALS = literal_fields()
 
 def test_the_closed_choices_are_literals():
     keys = {key for key, _ in LITERALS}
-    assert {"phase.init", "train.device", "train.grad_accum_dtype", "train.verify_checkpoints",
-            "metrics.wandb.mode", "parallel.zero_stage", "optim.name"} <= keys
+    assert {
+        "phase.init",
+        "train.device",
+        "train.grad_accum_dtype",
+        "train.verify_checkpoints",
+        "metrics.wandb.mode",
+        "parallel.zero_stage",
+        "optim.name",
+    } <= keys
 
 
 @pytest.mark.parametrize("key, allowed", LITERALS, ids=[k for k, _ in LITERALS])
@@ -191,8 +201,10 @@ DEPRECATION = "config key 'schedule' is renamed 'lr_schedule'; the old name work
 
 def test_the_old_schedule_key_still_works_in_a_file_and_an_override(tmp_path, said):
     old = tmp_path / "old.yaml"
-    old.write_text("defaults: {model: 17m, objective: mlm, phase: pretrain}\n"
-                   "schedule: {warmup_tokens: 123, shape: wsd, decay_tokens: 1000}\n")
+    old.write_text(
+        "defaults: {model: 17m, objective: mlm, phase: pretrain}\n"
+        "schedule: {warmup_tokens: 123, shape: wsd, decay_tokens: 1000}\n"
+    )
     cfg = load_config(str(old), ["schedule.end_factor=0.25"])
     s = cfg.lr_schedule
     assert (s.warmup_tokens, s.shape, s.decay_tokens, s.end_factor) == (123, "wsd", 1000, 0.25)

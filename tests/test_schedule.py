@@ -1,6 +1,7 @@
 """The batch-size ramp counted in real tokens: the mixture's mean tokens per sample, the ramp's
 boundaries as a pure function, the constant in the ledger's order key, and a resume that refuses
 data with another mean. Recipe values of the ramp per size and phase are pinned here too."""
+
 import json
 import shutil
 import subprocess
@@ -31,7 +32,8 @@ def _write_corpus(root):
     write_mds_source(root / "short", _samples(60, SHORT, 0), stats=tok)
     write_mds_source(root / "long", _samples(40, LONG, 7), compression=None, stats=tok)
     exp = root / "exp.yaml"
-    exp.write_text(textwrap.dedent(f"""\
+    exp.write_text(
+        textwrap.dedent(f"""\
         defaults: {{model: 17m, objective: mlm, phase: pretrain}}
         model: {{vocab_size: {VOCAB}, hidden_size: 32, intermediate_size: 48, num_heads: 2, num_layers: 1,
                  pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3}}
@@ -46,7 +48,8 @@ def _write_corpus(root):
           mixture_block: 10
           shuffle_block: 16
           sources: [{{name: short, path: short, weight: 3}}, {{name: long, path: long, weight: 2}}]
-        """))
+        """)
+    )
     return str(exp)
 
 
@@ -114,8 +117,12 @@ def test_the_order_key_carries_the_constant(corpus):
 
 
 def _train(exp, run_dir, *overrides):
-    return subprocess.run([sys.executable, "-m", "ettin.cli", "train", exp, f"run_dir={run_dir}", *overrides],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "ettin.cli", "train", exp, f"run_dir={run_dir}", *overrides],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
@@ -145,8 +152,12 @@ PRETRAIN_RAMP = {"17m": 125e9, "32m": 100e9, "68m": 75e9, "150m": 50e9, "400m": 
 
 @pytest.mark.parametrize("size", list(START))
 def test_recipe_ramps_per_size_and_phase(size):
-    for phase, tokens, start in (("pretrain", PRETRAIN_RAMP[size], START[size][0]), ("extension", 0, None),
-                                 ("decay", 0, None), ("cross", 10e9, START[size][1])):
+    for phase, tokens, start in (
+        ("pretrain", PRETRAIN_RAMP[size], START[size][0]),
+        ("extension", 0, None),
+        ("decay", 0, None),
+        ("cross", 10e9, START[size][1]),
+    ):
         cfg = load_config("ettin", [f"model={size}", f"phase={phase}"])
         assert cfg.batch.warmup_tokens == tokens and cfg.batch.global_size == 4608, (size, phase)
         if start:

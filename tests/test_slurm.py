@@ -8,6 +8,7 @@ and a 2 sizes x 2 objectives x 2 phases chain. The cluster (the ``slurm`` fixtur
 is stopped at the end of the session (slurm/local/down.sh). Skipped, with the reason, only when
 Slurm cannot be installed on this machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ from ettin.launch.cluster import job_info
 from ettin.launch.registry import read_jobs
 from ettin.launch.runs import newest_checkpoint
 from ettin.launch.status import cancel_main, collect, status_main
-from ettin.launch.submit import DRY_RUN_MARK, main as submit_main
+from ettin.launch.submit import DRY_RUN_MARK
+from ettin.launch.submit import main as submit_main
 
 from conftest import REPO, Source, free_port_block, job_pids
 
@@ -35,11 +37,17 @@ pytestmark = pytest.mark.slurm
 @pytest.fixture(scope="session")
 def corpus(tiny_corpus):
     """Real MDS shards and a tiny experiment: every size's recipe file is overridden to the same tiny model."""
-    return tiny_corpus(Source("a", 3000, seed=1, min_len=40, max_len=126, weight=1), name="slurm-data",
-                       exp_name="tiny.yaml", phase={"tokens": 6000, "seq_len": 128, "checkpoint_every_tokens": 2000},
-                       lr_schedule={"warmup_tokens": 1000, "decay_tokens": 1000}, optim={"lr": "3e-3", "weight_decay": 0.01},
-                       batch={"global_size": 8, "micro_tokens": 200, "warmup_tokens": 0},
-                       train={"log_every": 1000, "collective_timeout_s": 60}, data={"workers": 0})
+    return tiny_corpus(
+        Source("a", 3000, seed=1, min_len=40, max_len=126, weight=1),
+        name="slurm-data",
+        exp_name="tiny.yaml",
+        phase={"tokens": 6000, "seq_len": 128, "checkpoint_every_tokens": 2000},
+        lr_schedule={"warmup_tokens": 1000, "decay_tokens": 1000},
+        optim={"lr": "3e-3", "weight_decay": 0.01},
+        batch={"global_size": 8, "micro_tokens": 200, "warmup_tokens": 0},
+        train={"log_every": 1000, "collective_timeout_s": 60},
+        data={"workers": 0},
+    )
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -84,8 +92,12 @@ def assert_no_position_repeated_or_skipped(entries) -> None:
 
 def test_status_of_an_empty_run_root_needs_no_cluster(tmp_path):
     """launch.status on an empty run root is one error line, without Slurm (plan is tested in tests/test_plan.py)."""
-    out = subprocess.run([sys.executable, "-m", "launch.status", "--run-root", str(tmp_path / "none")], cwd=REPO,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.status", "--run-root", str(tmp_path / "none")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and out.stderr.startswith("error: run root") and out.stderr.count("\n") == 1
 
 
@@ -94,9 +106,33 @@ def test_status_of_an_empty_run_root_needs_no_cluster(tmp_path):
 
 def test_dry_run_emits_48_valid_scripts_with_the_right_dependencies(slurm, tmp_path):
     root = tmp_path / "runs"
-    out = subprocess.run([sys.executable, "-m", "launch.submit", "--sizes", "all", "--objectives", "mlm,clm", "--phases",
-                          "pretrain,extension,decay", "--cross", "--nodes", "2", "--gpus-per-node", "2", "--partition", "debug",
-                          "--dry-run", "--run-root", str(root)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launch.submit",
+            "--sizes",
+            "all",
+            "--objectives",
+            "mlm,clm",
+            "--phases",
+            "pretrain,extension,decay",
+            "--cross",
+            "--nodes",
+            "2",
+            "--gpus-per-node",
+            "2",
+            "--partition",
+            "debug",
+            "--dry-run",
+            "--run-root",
+            str(root),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert not root.exists()  # nothing written, nothing submitted
     chunks = out.stdout.split(DRY_RUN_MARK)[1:]
@@ -106,13 +142,22 @@ def test_dry_run_emits_48_valid_scripts_with_the_right_dependencies(slurm, tmp_p
         head, script = chunk.split("\n", 1)
         scripts[head.split()[0]] = script
     sizes = ["17m", "32m", "68m", "150m", "400m", "1b"]
-    assert set(scripts) == {f"{s}-{o}-{p}" for s in sizes for o in ("mlm", "clm") for p in ("pretrain", "extension", "decay", "cross")}
+    assert set(scripts) == {
+        f"{s}-{o}-{p}" for s in sizes for o in ("mlm", "clm") for p in ("pretrain", "extension", "decay", "cross")
+    }
     for key, script in scripts.items():
         size, objective, phase = key.split("-")
-        sbatch = dict(line[len("#SBATCH --"):].split("=", 1) if "=" in line else (line[len("#SBATCH --"):], "")
-                      for line in script.splitlines() if line.startswith("#SBATCH --"))
-        source = {"pretrain": None, "extension": f"{size}-{objective}-pretrain", "decay": f"{size}-{objective}-extension",
-                  "cross": f"{size}-{'clm' if objective == 'mlm' else 'mlm'}-decay"}[phase]
+        sbatch = dict(
+            line[len("#SBATCH --") :].split("=", 1) if "=" in line else (line[len("#SBATCH --") :], "")
+            for line in script.splitlines()
+            if line.startswith("#SBATCH --")
+        )
+        source = {
+            "pretrain": None,
+            "extension": f"{size}-{objective}-pretrain",
+            "decay": f"{size}-{objective}-extension",
+            "cross": f"{size}-{'clm' if objective == 'mlm' else 'mlm'}-decay",
+        }[phase]
         expected = f"'afterok:<{source}>,singleton'" if source else "singleton"
         assert sbatch["dependency"] == expected, key
         assert sbatch["job-name"] == f"ettin-{key}" and sbatch["nodes"] == "2" and sbatch["ntasks-per-node"] == "2"
@@ -126,7 +171,9 @@ def test_dry_run_emits_48_valid_scripts_with_the_right_dependencies(slurm, tmp_p
     # and sbatch itself accepts them (without the placeholder dependency; this cluster has no GPUs: 2 CPU ranks per node)
     for key, script in scripts.items():
         script = "\n".join(line for line in script.splitlines() if not line.startswith("#SBATCH --dependency"))
-        test = subprocess.run(["sbatch", "--test-only", "--gpus-per-node=0"], input=script, capture_output=True, text=True)
+        test = subprocess.run(
+            ["sbatch", "--test-only", "--gpus-per-node=0"], input=script, capture_output=True, text=True
+        )
         assert test.returncode == 0, (key, test.stderr)
 
 
@@ -145,17 +192,36 @@ def test_bad_input_is_one_line_and_submits_nothing(slurm, corpus, tmp_path, caps
     cases = [
         (["--sizes", "17m,99m"], {}, "--sizes: unknown size '99m'; known: 17m, 32m, 68m, 150m, 400m, 1b (or all)"),
         (["--sizes", "17m", "--phases", "pretrain,warmup"], {}, "--phases: unknown phase 'warmup'"),
-        (["--sizes", "17m", "--nodes", "1", "--gpus-per-node", "3", "--tp", "2"], {},
-         "--nodes 1 x --gpus-per-node 3 = 3 ranks is not divisible by --tp 2"),
-        (["--sizes", "17m", "--run-root", str(not_a_dir / "runs")], {}, f"run root {not_a_dir / 'runs'} is not writable"),
+        (
+            ["--sizes", "17m", "--nodes", "1", "--gpus-per-node", "3", "--tp", "2"],
+            {},
+            "--nodes 1 x --gpus-per-node 3 = 3 ranks is not divisible by --tp 2",
+        ),
+        (
+            ["--sizes", "17m", "--run-root", str(not_a_dir / "runs")],
+            {},
+            f"run root {not_a_dir / 'runs'} is not writable",
+        ),
         (["--sizes", "17m"], {"SLURM_CONF": str(dead_conf)}, "Slurm is not reachable (scontrol ping via"),
         (["--sizes", "17m"], {"PATH": "/nonexistent"}, "Slurm is not reachable: sbatch/scontrol not found on PATH"),
         (["--sizes", "17m", "--time", "00:02:00"], {}, "--time 00:02:00 leaves under 60 s to train"),
         (["--sizes", "17m", "model.num_hedas=3"], {}, "17m-mlm-pretrain: override model.num_hedas"),
         (["--sizes", "17m", "model=150m"], {}, "override 'model=150m': model is set per run by --sizes"),
-        (["--sizes", "17m", "--phases", "extension"], {}, "17m-mlm-extension starts from 17m-mlm-pretrain, which is not in"),
-        (["--sizes", "17m", "--partition", "nope"], {}, "Slurm rejects the job (sbatch: error: invalid partition specified: nope)"),
-        (["--sizes", "17m", "--nodes", "3"], {}, "Slurm rejects the job (allocation failure: Requested node configuration"),
+        (
+            ["--sizes", "17m", "--phases", "extension"],
+            {},
+            "17m-mlm-extension starts from 17m-mlm-pretrain, which is not in",
+        ),
+        (
+            ["--sizes", "17m", "--partition", "nope"],
+            {},
+            "Slurm rejects the job (sbatch: error: invalid partition specified: nope)",
+        ),
+        (
+            ["--sizes", "17m", "--nodes", "3"],
+            {},
+            "Slurm rejects the job (allocation failure: Requested node configuration",
+        ),
     ]
     for argv, env, message in cases:
         with monkeypatch.context() as mp:
@@ -167,7 +233,9 @@ def test_bad_input_is_one_line_and_submits_nothing(slurm, corpus, tmp_path, caps
         assert err.startswith(f"error: {message}") and err.count("\n") == 1, (argv, err)
         assert out == ""
     assert not (tmp_path / "runs" / "jobs.json").exists()
-    assert subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout == jobs_before
+    assert (
+        subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True).stdout == jobs_before
+    )
 
 
 # ----------------------------------------------------------------------------- real jobs
@@ -181,21 +249,64 @@ def two_topologies(slurm, corpus, tmp_path_factory):
     extensions.mkdir()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TORCH_EXTENSIONS_DIR", str(extensions))  # sbatch hands the environment to the job
-        code = submit_main(["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--nodes", "2", "--gpus-per-node", "2",
-                            "--cpu", "--time", "00:10:00", "--experiment", corpus["exp"], "--run-root", str(root / "dp4")])
+        code = submit_main(
+            [
+                "--sizes",
+                "17m",
+                "--objectives",
+                "mlm",
+                "--phases",
+                "pretrain",
+                "--nodes",
+                "2",
+                "--gpus-per-node",
+                "2",
+                "--cpu",
+                "--time",
+                "00:10:00",
+                "--experiment",
+                corpus["exp"],
+                "--run-root",
+                str(root / "dp4"),
+            ]
+        )
         assert code == 0
         dp4 = read_jobs(root / "dp4")["17m-mlm-pretrain"]
         dp2_dir = root / "dp2" / "17m-mlm-pretrain"
         dp2_dir.mkdir(parents=True)
-        out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1",
-                              "--time=10", "--job-name=ettin-dp2", f"--output={dp2_dir}/%x-%j.out", str(REPO / "slurm" / "ettin-train.sbatch"),
-                              corpus["exp"], "model=17m", f"run_dir={dp2_dir}", "train.device=cpu"],
-                             capture_output=True, text=True, cwd=REPO)
+        out = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--nodes=1",
+                "--ntasks-per-node=2",
+                "--gpus-per-node=0",
+                "--cpus-per-task=1",
+                "--time=10",
+                "--job-name=ettin-dp2",
+                f"--output={dp2_dir}/%x-%j.out",
+                str(REPO / "slurm" / "ettin-train.sbatch"),
+                corpus["exp"],
+                "model=17m",
+                f"run_dir={dp2_dir}",
+                "train.device=cpu",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+        )
         assert out.returncode == 0, out.stderr
         dp2_job = out.stdout.strip().split(";")[0]
     infos = wait_for([dp4["job_id"], dp2_job], 300, job_logs(Path(dp4["run_dir"])) + job_logs(dp2_dir))
-    return {"dp4": Path(dp4["run_dir"]), "dp4_job": dp4["job_id"], "dp4_root": root / "dp4", "dp2": dp2_dir,
-            "dp2_job": dp2_job, "infos": infos, "extensions": extensions}
+    return {
+        "dp4": Path(dp4["run_dir"]),
+        "dp4_job": dp4["job_id"],
+        "dp4_root": root / "dp4",
+        "dp2": dp2_dir,
+        "dp2_job": dp2_job,
+        "infos": infos,
+        "extensions": extensions,
+    }
 
 
 def test_two_nodes_two_tasks_train_checkpoint_and_complete(two_topologies, capsys):
@@ -218,7 +329,9 @@ def test_two_nodes_two_tasks_train_checkpoint_and_complete(two_topologies, capsy
     # and the planner measures its throughput
     from ettin.launch.plan import main as plan_main
 
-    assert plan_main(["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--from-run", str(t["dp4"])]) == 0
+    assert (
+        plan_main(["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--from-run", str(t["dp4"])]) == 0
+    )
     assert f"measured in {t['dp4']}" in capsys.readouterr().out
 
 
@@ -228,7 +341,9 @@ def test_one_node_and_two_nodes_give_identical_ledgers(two_topologies):
     assert newest_checkpoint(t["dp2"])[1]["world_size"] == 2
     dp2, dp4 = ledger(t["dp2"]), ledger(t["dp4"])
     assert len(dp2) == len(dp4) > 3
-    assert [(e.step, e.start, e.end, e.tokens, e.hash) for e in dp2] == [(e.step, e.start, e.end, e.tokens, e.hash) for e in dp4]
+    assert [(e.step, e.start, e.end, e.tokens, e.hash) for e in dp2] == [
+        (e.step, e.start, e.end, e.tokens, e.hash) for e in dp4
+    ]
     assert_no_position_repeated_or_skipped(dp4)
 
 
@@ -247,9 +362,32 @@ def test_time_limit_warns_saves_requeues_and_completes(slurm, corpus, two_topolo
     rows = [json.loads(line) for line in (two_topologies["dp2"] / "metrics.jsonl").read_text().splitlines()][1:]
     tokens = int(statistics.median(r["tokens_per_s"] for r in rows) * 130)
     root = tmp_path / "runs"
-    jobs = submit(capsys, "--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--nodes", "1", "--gpus-per-node", "2",
-                  "--cpu", "--time", "00:03:00", "--signal-seconds", "90", "--max-requeues", "3", "--experiment", corpus["exp"],
-                  "--run-root", str(root), f"phase.tokens={tokens}", f"phase.checkpoint_every_tokens={10 * tokens}")
+    jobs = submit(
+        capsys,
+        "--sizes",
+        "17m",
+        "--objectives",
+        "mlm",
+        "--phases",
+        "pretrain",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "2",
+        "--cpu",
+        "--time",
+        "00:03:00",
+        "--signal-seconds",
+        "90",
+        "--max-requeues",
+        "3",
+        "--experiment",
+        corpus["exp"],
+        "--run-root",
+        str(root),
+        f"phase.tokens={tokens}",
+        f"phase.checkpoint_every_tokens={10 * tokens}",
+    )
     job = jobs["17m-mlm-pretrain"]
     run_dir = root / "17m-mlm-pretrain"
     deadline = time.time() + 300
@@ -279,9 +417,28 @@ def test_time_limit_warns_saves_requeues_and_completes(slurm, corpus, two_topolo
 
 def test_two_sizes_two_objectives_two_phases_run_in_dependency_order(slurm, corpus, tmp_path, capsys):
     root = tmp_path / "runs"
-    jobs = submit(capsys, "--sizes", "17m,32m", "--objectives", "mlm,clm", "--phases", "pretrain,extension", "--nodes", "1",
-                  "--gpus-per-node", "1", "--cpu", "--time", "00:10:00", "--experiment", corpus["exp"], "--run-root", str(root),
-                  "phase.tokens=3000", "phase.checkpoint_every_tokens=1500")
+    jobs = submit(
+        capsys,
+        "--sizes",
+        "17m,32m",
+        "--objectives",
+        "mlm,clm",
+        "--phases",
+        "pretrain,extension",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--cpu",
+        "--time",
+        "00:10:00",
+        "--experiment",
+        corpus["exp"],
+        "--run-root",
+        str(root),
+        "phase.tokens=3000",
+        "phase.checkpoint_every_tokens=1500",
+    )
     assert len(jobs) == 8 and (root / "jobs.txt").is_file()
     records = read_jobs(root)
     infos = wait_for(list(jobs.values()), 420, [p for r in records.values() for p in job_logs(Path(r["run_dir"]))])
@@ -296,7 +453,9 @@ def test_two_sizes_two_objectives_two_phases_run_in_dependency_order(slurm, corp
             final = newest_checkpoint(root / pre)[0]
             log = (root / ext / "slurm" / f"{jobs[ext]}_0_log.out").read_text()
             assert f"phase extension: starting from {final}" in log
-    out = subprocess.run([sys.executable, "-m", "launch.status", "--run-root", str(root)], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.status", "--run-root", str(root)], cwd=REPO, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0].split()[:4] == ["run", "phase", "job", "state"] and len(lines) == 9
@@ -305,12 +464,32 @@ def test_two_sizes_two_objectives_two_phases_run_in_dependency_order(slurm, corp
 
 def test_cancel_stops_a_set_and_a_live_run_is_not_submitted_twice(slurm, corpus, tmp_path, capsys):
     root = tmp_path / "runs"
-    common = ["--objectives", "mlm", "--phases", "pretrain", "--nodes", "1", "--gpus-per-node", "1", "--cpu", "--time", "00:05:00",
-              "--experiment", corpus["exp"], "--run-root", str(root), "--sbatch", "begin=now+1hour"]  # held: never starts
+    common = [
+        "--objectives",
+        "mlm",
+        "--phases",
+        "pretrain",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "1",
+        "--cpu",
+        "--time",
+        "00:05:00",
+        "--experiment",
+        corpus["exp"],
+        "--run-root",
+        str(root),
+        "--sbatch",
+        "begin=now+1hour",
+    ]  # held: never starts
     jobs = submit(capsys, "--sizes", "17m,32m", *common)
     assert submit_main(["--sizes", "17m", *common]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: 17m-mlm-pretrain already has job {jobs['17m-mlm-pretrain']} (PENDING)") and err.count("\n") == 1
+    assert (
+        err.startswith(f"error: 17m-mlm-pretrain already has job {jobs['17m-mlm-pretrain']} (PENDING)")
+        and err.count("\n") == 1
+    )
     assert cancel_main(["--run-root", str(root), "--sizes", "17m"]) == 0
     assert f"cancelled 17m-mlm-pretrain (job {jobs['17m-mlm-pretrain']}, was PENDING)" in capsys.readouterr().out
     infos = job_info(list(jobs.values()))
@@ -328,9 +507,23 @@ def test_cancel_stops_a_set_and_a_live_run_is_not_submitted_twice(slurm, corpus,
 
 def test_template_chain_script_submits_phases_with_afterok(slurm, corpus, tmp_path):
     """slurm/ettin-chain.sh: pretrain -> extension -> decay with the template, each waiting for the one before."""
-    out = subprocess.run([str(REPO / "slurm" / "ettin-chain.sh"), "17m", "clm", str(tmp_path / "runs"), "--hold", "--gpus-per-node=0",
-                          "--cpus-per-task=1", "--ntasks-per-node=1", "--", "train.device=cpu"],
-                         capture_output=True, text=True, env={**os.environ, "ETTIN_EXPERIMENT": corpus["exp"]})
+    out = subprocess.run(
+        [
+            str(REPO / "slurm" / "ettin-chain.sh"),
+            "17m",
+            "clm",
+            str(tmp_path / "runs"),
+            "--hold",
+            "--gpus-per-node=0",
+            "--cpus-per-task=1",
+            "--ntasks-per-node=1",
+            "--",
+            "train.device=cpu",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ETTIN_EXPERIMENT": corpus["exp"]},
+    )
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.splitlines()]
     try:
@@ -348,14 +541,35 @@ def test_a_killed_rank_ends_the_job_in_seconds_and_a_resubmission_resumes(slurm,
     Slurm ends the step at once (srun --kill-on-bad-exit=1), the job fails within 2 minutes, and
     the resubmitted run resumes from its newest complete checkpoint and finishes, its ledger whole."""
     root = tmp_path / "runs"
-    args = ["--sizes", "17m", "--objectives", "mlm", "--phases", "pretrain", "--nodes", "2", "--gpus-per-node", "1", "--cpu",
-            "--time", "00:10:00", "--experiment", corpus["exp"], "--run-root", str(root),
-            "phase.tokens=30000", "phase.checkpoint_every_tokens=2000", "train.collective_timeout_s=600"]
+    args = [
+        "--sizes",
+        "17m",
+        "--objectives",
+        "mlm",
+        "--phases",
+        "pretrain",
+        "--nodes",
+        "2",
+        "--gpus-per-node",
+        "1",
+        "--cpu",
+        "--time",
+        "00:10:00",
+        "--experiment",
+        corpus["exp"],
+        "--run-root",
+        str(root),
+        "phase.tokens=30000",
+        "phase.checkpoint_every_tokens=2000",
+        "train.collective_timeout_s=600",
+    ]
     job = submit(capsys, *args)["17m-mlm-pretrain"]
     run_dir = root / "17m-mlm-pretrain"
     deadline = time.time() + 300
     while newest_checkpoint(run_dir) is None or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 6:
-        assert time.time() < deadline and job_info([job])[job].active, "\n".join(p.read_text()[-2000:] for p in job_logs(run_dir))
+        assert time.time() < deadline and job_info([job])[job].active, "\n".join(
+            p.read_text()[-2000:] for p in job_logs(run_dir)
+        )
         time.sleep(0.2)
     pids = job_pids(job)
     assert sorted(pids) == [0, 1], pids

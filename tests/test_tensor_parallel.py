@@ -1,4 +1,5 @@
 """Tensor parallelism on spawned gloo ranks: TP=2 and TP=4 (and TP2 x DP2) reproduce TP=1."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -30,8 +31,10 @@ def _run_model(tp: int, out_path: str):
         logits = gather_tp(model(ids, cu).detach(), dim=-1)
         loss = model(ids, cu, labels=labels)
         loss.backward()
-        grads = {n: gather_tp(p.grad, p.partition_dim) if is_tp_sharded(p) else p.grad.clone()
-                 for n, p in model.named_parameters()}
+        grads = {
+            n: gather_tp(p.grad, p.partition_dim) if is_tp_sharded(p) else p.grad.clone()
+            for n, p in model.named_parameters()
+        }
         results[objective] = {"init": full_state_dict(model), "logits": logits, "loss": loss.detach(), "grads": grads}
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {k: v["loss"].item() for k, v in results.items()})
@@ -100,7 +103,7 @@ def _check_linear_cross_entropy_bf16_confident(tp: int):
 
     init_process_groups(tp)
     g = torch.Generator().manual_seed(0)
-    w0 = torch.randn(64, 32, generator=g) / 32 ** 0.5
+    w0 = torch.randn(64, 32, generator=g) / 32**0.5
     labels = torch.randint(0, 64, (40,), generator=g)
     x0 = (16 * w0[labels] / w0[labels].square().sum(1, keepdim=True)).bfloat16()  # label logit 16: 1 - p ~ 5e-4
     w0, b0 = w0.bfloat16(), torch.zeros(64).bfloat16()

@@ -1,4 +1,5 @@
 """Training engine on CPU with gloo: exact resume, topology changes, exits, phase chains."""
+
 import json
 import math
 import os
@@ -28,14 +29,24 @@ from conftest import Source
 @pytest.fixture(scope="module")
 def corpus(tiny_corpus):
     """Two sources mixed 3:1 (zstd, and raw with longer samples), a 3-layer model, a batch-size ramp."""
-    return tiny_corpus(Source("a", 400, seed=1, weight=3),
-                       Source("b", 200, seed=2, min_len=30, max_len=120, compression=None, weight=1),
-                       name="train", model={"num_layers": 3},
-                       phase={"tokens": 12000, "seq_len": 128, "checkpoint_every_tokens": 3000},
-                       lr_schedule={"warmup_tokens": 2000}, optim={"lr": "3e-3", "weight_decay": 0.01},
-                       batch={"global_size": 10, "micro_tokens": 300, "warmup_tokens": 2560, "warmup_start_size": 4,
-                              "warmup_stages": 2},
-                       train={"log_every": 1000, "collective_timeout_s": 60}, data={"workers": 0})
+    return tiny_corpus(
+        Source("a", 400, seed=1, weight=3),
+        Source("b", 200, seed=2, min_len=30, max_len=120, compression=None, weight=1),
+        name="train",
+        model={"num_layers": 3},
+        phase={"tokens": 12000, "seq_len": 128, "checkpoint_every_tokens": 3000},
+        lr_schedule={"warmup_tokens": 2000},
+        optim={"lr": "3e-3", "weight_decay": 0.01},
+        batch={
+            "global_size": 10,
+            "micro_tokens": 300,
+            "warmup_tokens": 2560,
+            "warmup_start_size": 4,
+            "warmup_stages": 2,
+        },
+        train={"log_every": 1000, "collective_timeout_s": 60},
+        data={"workers": 0},
+    )
 
 
 def _train(exp, overrides, expect):
@@ -81,9 +92,19 @@ def test_stableadamw_matches_torch_optimi_per_tensor():
     params = [torch.randn(40, 30), torch.randn(30)]
     ours_p = [p.clone().requires_grad_() for p in params]
     ref_p = [p.clone().requires_grad_() for p in params]
-    ours = StableAdamW([{"params": ours_p, "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
-    ref = Reference([{"params": ref_p, "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01,
-                    decouple_lr=True, max_lr=1e-2, foreach=False)
+    ours = StableAdamW(
+        [{"params": ours_p, "weight_decay": 0.01}], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01
+    )
+    ref = Reference(
+        [{"params": ref_p, "weight_decay": 0.01}],
+        lr=1e-2,
+        betas=(0.9, 0.98),
+        eps=1e-6,
+        weight_decay=0.01,
+        decouple_lr=True,
+        max_lr=1e-2,
+        foreach=False,
+    )
     for step in range(6):
         g = [torch.randn_like(p) * (10 if step == 3 else 1) for p in params]  # a spike: update clipping acts
         for p, q, gi in zip(ours_p, ref_p, g):
@@ -117,10 +138,21 @@ def test_slurm_environment_becomes_torch_distributed():
 
     assert first_host("gpu[003-010,012],cpu1") in ("gpu003",)
     assert first_host("127.0.0.[1-2]") == "127.0.0.1" and first_host("node7") == "node7"
-    env = {"SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "n[1-2]",
-           "SLURM_JOB_ID": "12345"}
+    env = {
+        "SLURM_PROCID": "3",
+        "SLURM_NTASKS": "4",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_NODELIST": "n[1-2]",
+        "SLURM_JOB_ID": "12345",
+    }
     out = setup_distributed_env(env)
-    assert out == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "n1", "MASTER_PORT": str(15000 + 12345)}
+    assert out == {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": str(15000 + 12345),
+    }
 
 
 def test_gpu_binding_and_cuda_settings():
@@ -134,8 +166,11 @@ def test_gpu_binding_and_cuda_settings():
     assert local_device_index(env, 4) == 3 and env["LOCAL_RANK"] == "3"
     assert local_device_index({}, 8) == 0
     env = {}
-    assert cuda_environment(1, environ=env) == {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
-                                                "CUDA_DEVICE_MAX_CONNECTIONS": None, "CUBLAS_WORKSPACE_CONFIG": None}
+    assert cuda_environment(1, environ=env) == {
+        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+        "CUDA_DEVICE_MAX_CONNECTIONS": None,
+        "CUBLAS_WORKSPACE_CONFIG": None,
+    }
     assert cuda_environment(2, environ=env)["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
     assert cuda_environment(1, deterministic=True, environ=env)["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     env = {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}  # the user's own setting wins
@@ -193,7 +228,15 @@ def test_the_micro_budget_changes_no_sample_and_no_step(corpus, tmp_path):
     runs = {}
     for budget in (60, 0):
         runs[budget] = tmp_path / f"budget{budget}"
-        train(corpus, runs[budget], 2, 0, "model.attn_out_dropout=0.0", "train.max_steps=4", f"batch.micro_tokens={budget}")
+        train(
+            corpus,
+            runs[budget],
+            2,
+            0,
+            "model.attn_out_dropout=0.0",
+            "train.max_steps=4",
+            f"batch.micro_tokens={budget}",
+        )
     a, b = metrics(runs[60]), metrics(runs[0])
     assert [e.hash for e in ledger(runs[60])] == [e.hash for e in ledger(runs[0])]
     for step in a:
@@ -205,9 +248,21 @@ def test_the_micro_budget_changes_no_sample_and_no_step(corpus, tmp_path):
 @pytest.mark.slow
 def test_a_config_that_cannot_fit_is_refused_before_the_first_step(corpus, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run}",
-                           "train.device_memory_gb=0.5", "batch.micro_tokens=100000000"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ettin.cli",
+            "train",
+            corpus["exp"],
+            f"run_dir={run}",
+            "train.device_memory_gb=0.5",
+            "batch.micro_tokens=100000000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "batch.micro_tokens" in errors[0], proc.stderr
@@ -222,10 +277,24 @@ def launch(corpus, run_dir, world, *overrides, env_extra=None):
     port = str(free_port())
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env_extra or {})}
-        procs.append(subprocess.Popen([sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run_dir}",
-                                       *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            **(env_extra or {}),
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run_dir}", *overrides],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -305,8 +374,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 
 @pytest.mark.distributed
 def test_phase_chain_and_cross_objective(corpus, tmp_path):
-    short = ["phase.tokens=3000", "phase.checkpoint_every_tokens=1e9", "lr_schedule.warmup_tokens=1000", "batch.warmup_tokens=0",
-             "phase.seq_len=128"]
+    short = [
+        "phase.tokens=3000",
+        "phase.checkpoint_every_tokens=1e9",
+        "lr_schedule.warmup_tokens=1000",
+        "batch.warmup_tokens=0",
+        "phase.seq_len=128",
+    ]
     runs = {}
     for objective in ("mlm", "clm"):
         prev = None
@@ -316,8 +390,17 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
             train(corpus, run, 1, 0, f"objective={objective}", f"phase={phase}", *short, *extra)
             runs[(objective, phase)] = prev = run
     cross = tmp_path / "mlm-to-clm"
-    train(corpus, cross, 1, 0, "objective=clm", "phase=cross", *short, "lr_schedule.decay_tokens=1000",
-          f"phase.init_checkpoint={runs[('mlm', 'decay')]}")
+    train(
+        corpus,
+        cross,
+        1,
+        0,
+        "objective=clm",
+        "phase=cross",
+        *short,
+        "lr_schedule.decay_tokens=1000",
+        f"phase.init_checkpoint={runs[('mlm', 'decay')]}",
+    )
     for (objective, phase), run in runs.items():
         cfg = load_config(corpus["exp"], [f"objective={objective}", f"phase={phase}", *short])
         m = metrics(run)
@@ -336,13 +419,24 @@ def test_phase_chain_and_cross_objective(corpus, tmp_path):
     cfg = load_config(corpus["exp"], ["objective=clm", "phase=cross", *short, "lr_schedule.decay_tokens=1000"])
     m, tokens_before = metrics(cross), 0
     for step in sorted(m):
-        assert m[step]["lr"] == pytest.approx(cfg.optim.lr * lr_factor(tokens_before, cfg.lr_schedule, cfg.phase.tokens))
+        assert m[step]["lr"] == pytest.approx(
+            cfg.optim.lr * lr_factor(tokens_before, cfg.lr_schedule, cfg.phase.tokens)
+        )
         tokens_before = m[step]["tokens"]
     # decoder -> encoder: MNTP by default, with the cross phase's batch ramp
     ramp = ["lr_schedule.decay_tokens=1000", "batch.warmup_tokens=1500", "batch.warmup_start_size=4"]
     to_encoder = tmp_path / "clm-to-mntp"
-    train(corpus, to_encoder, 1, 0, "objective=mlm", "phase=cross", *short, *ramp,
-          f"phase.init_checkpoint={runs[('clm', 'decay')]}")
+    train(
+        corpus,
+        to_encoder,
+        1,
+        0,
+        "objective=mlm",
+        "phase=cross",
+        *short,
+        *ramp,
+        f"phase.init_checkpoint={runs[('clm', 'decay')]}",
+    )
     cfg = load_config(str(list_checkpoints(to_encoder)[-1] / "config.yaml"))
     assert cfg.objective.name == "mntp" and not cfg.model.causal and cfg.phase.seed == 210
     m = metrics(to_encoder)
@@ -372,8 +466,12 @@ def test_resume_refuses_settings_that_would_change_the_order(corpus, tmp_path):
     run = tmp_path / "run"
     train(corpus, run, 1, 0, "train.max_steps=2")
     for change in ("batch.global_size=12", "phase.seed=22", "data.shuffle_block=7"):
-        proc = subprocess.run([sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run}",
-                               "train.max_steps=4", change], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ettin.cli", "train", corpus["exp"], f"run_dir={run}", "train.max_steps=4", change],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "would change which samples each step sees" in proc.stderr, proc.stderr
         assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
@@ -401,18 +499,28 @@ def test_a_truncated_newest_checkpoint_is_passed_over_on_resume_and_named_as_ini
     size = damaged.stat().st_size
     damaged.write_bytes(damaged.read_bytes()[:1000])
 
-    proc = ettin_cli("train", corpus["exp"], f"run_dir={tmp_path / 'next'}", "phase=extension",
-                     f"phase.init_checkpoint={run}", "train.max_steps=1")
+    proc = ettin_cli(
+        "train",
+        corpus["exp"],
+        f"run_dir={tmp_path / 'next'}",
+        "phase=extension",
+        f"phase.init_checkpoint={run}",
+        "train.max_steps=1",
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: {damaged}: has 1,000 bytes, its manifest says"), proc.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"error: {damaged}: has 1,000 bytes, its manifest says"), (
+        proc.stderr
+    )
 
     proc = ettin_cli("train", corpus["exp"], f"run_dir={run}", "train.max_steps=6", "phase.checkpoint_every_tokens=250")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     warnings = [line for line in logged(proc.stdout) if line.startswith("warning:")]
-    assert warnings == [f"warning: {damaged} is damaged (has 1,000 bytes, its manifest says {size:,} (truncated or "
-                        f"replaced)); moved {ckpts[-1].name} aside to damaged-{ckpts[-1].name}, resuming from "
-                        f"{ckpts[-2].name}"], proc.stdout
+    assert warnings == [
+        f"warning: {damaged} is damaged (has 1,000 bytes, its manifest says {size:,} (truncated or "
+        f"replaced)); moved {ckpts[-1].name} aside to damaged-{ckpts[-1].name}, resuming from "
+        f"{ckpts[-2].name}"
+    ], proc.stdout
     assert f"resumed from {ckpts[-2]} " in proc.stdout
     entries = ledger(run)
     assert [e.step for e in entries] == list(range(6)) and all(a.end == b.start for a, b in zip(entries, entries[1:]))

@@ -1,10 +1,11 @@
 """Held-out validation parts of the training sources: a keyed choice the training order never yields."""
+
 import subprocess
 import sys
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from ettin.config import ConfigError, load_config
 from ettin.data.loader import DataPipeline
@@ -28,12 +29,17 @@ def test_held_out_choice_and_training_map():
 
 
 def test_the_choice_is_the_same_in_another_process():
-    code = ("from ettin.data.order import HeldOut, derive_key; import hashlib; "
-            "h = HeldOut([10**6], [1000], [derive_key(0, 'web', 10**6, 'validation')]); "
-            "print(hashlib.sha256(h.validation[0].tobytes()).hexdigest())")
-    from ettin.data.order import HeldOut as H, derive_key
+    code = (
+        "from ettin.data.order import HeldOut, derive_key; import hashlib; "
+        "h = HeldOut([10**6], [1000], [derive_key(0, 'web', 10**6, 'validation')]); "
+        "print(hashlib.sha256(h.validation[0].tobytes()).hexdigest())"
+    )
+    from ettin.data.order import HeldOut as H
+    from ettin.data.order import derive_key
+
     here = H([10**6], [1000], [derive_key(0, "web", 10**6, "validation")])
     import hashlib
+
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert there == hashlib.sha256(here.validation[0].tobytes()).hexdigest()
 
@@ -41,11 +47,16 @@ def test_the_choice_is_the_same_in_another_process():
 @pytest.fixture(scope="module")
 def experiment(tiny_corpus):
     """Source a (150 samples) weighted 2, source b (60 longer, raw) holding 7 out; 10% held out by default."""
-    return tiny_corpus(Source("a", 150, seed=1, weight=2),
-                       Source("b", 60, seed=2, min_len=30, max_len=120, compression=None, validation=7),
-                       name="validation", phase={"tokens": 3000, "seq_len": 128, "checkpoint_every_tokens": 1500},
-                       lr_schedule={"warmup_tokens": 500}, batch={"global_size": 8, "micro_tokens": 600},
-                       train={"collective_timeout_s": 60}, data={"workers": 0, "validation": 0.1}).exp
+    return tiny_corpus(
+        Source("a", 150, seed=1, weight=2),
+        Source("b", 60, seed=2, min_len=30, max_len=120, compression=None, validation=7),
+        name="validation",
+        phase={"tokens": 3000, "seq_len": 128, "checkpoint_every_tokens": 1500},
+        lr_schedule={"warmup_tokens": 500},
+        batch={"global_size": 8, "micro_tokens": 600},
+        train={"collective_timeout_s": 60},
+        data={"workers": 0, "validation": 0.1},
+    ).exp
 
 
 def test_the_training_order_never_yields_a_validation_sample(experiment):
@@ -89,16 +100,28 @@ def _resumes_refused(exp, run_dir, changes):
 
 @pytest.mark.distributed
 def test_a_resume_refuses_a_changed_validation_part(experiment, runs):
-    run_distributed_test(_resumes_refused, 1, args=(experiment, str(runs / "clm"), [
-        ["objective=clm", "data.validation=0.2"], ["objective=clm", "data.validation=0", PLAIN_SOURCES],
-        ["objective=clm", "eval.seed=1"]]))
+    run_distributed_test(
+        _resumes_refused,
+        1,
+        args=(
+            experiment,
+            str(runs / "clm"),
+            [
+                ["objective=clm", "data.validation=0.2"],
+                ["objective=clm", "data.validation=0", PLAIN_SOURCES],
+                ["objective=clm", "eval.seed=1"],
+            ],
+        ),
+    )
 
 
 def test_validation_settings_are_checked(experiment):
     with pytest.raises(ConfigError, match=r"data.validation must be a fraction in \(0, 1\), a whole count"):
         load_config(experiment, ["data.validation=2.5"])
     with pytest.raises(Exception, match="leaves none of its 60 samples"):
-        DataPipeline.from_config(load_config(experiment, [PLAIN_SOURCES.replace("path: b}", "path: b, validation: 60}")]))
+        DataPipeline.from_config(
+            load_config(experiment, [PLAIN_SOURCES.replace("path: b}", "path: b, validation: 60}")])
+        )
 
 
 def _eval_to_file(target, out, overrides=(), like=None):
@@ -122,8 +145,15 @@ def _scores(row):
 def runs(experiment, tmp_path_factory):
     """The paired models, trained once: the encoder evaluated every 1,000 tokens with an extra set."""
     root = tmp_path_factory.mktemp("runs")
-    run_distributed_test(_train, 1, args=(experiment, [f"run_dir={root / 'mlm'}", "eval.every_tokens=1000",
-                                                      "eval.sets.extra=b", "train.log_every=1"], 0))
+    run_distributed_test(
+        _train,
+        1,
+        args=(
+            experiment,
+            [f"run_dir={root / 'mlm'}", "eval.every_tokens=1000", "eval.sets.extra=b", "train.log_every=1"],
+            0,
+        ),
+    )
     run_distributed_test(_train, 1, args=(experiment, [f"run_dir={root / 'clm'}", "objective=clm"], 0))
     return root
 
@@ -142,8 +172,11 @@ def test_in_loop_evaluation_and_ettin_eval_agree_for_any_dp_size(runs, tmp_path)
     first = rows[0]
     assert first["eval/a/labels"] > 0 and 0 <= first["eval/a/accuracy"] <= 1
     assert first["eval/a/perplexity"] == pytest.approx(np.exp(first["eval/a/loss"]))
-    assert first["eval/total/loss"] == pytest.approx(sum(
-        first[f"eval/{s}/loss"] * first[f"eval/{s}/labels"] for s in ("a", "b", "extra")) / first["eval/total/labels"], rel=1e-12)
+    assert first["eval/total/loss"] == pytest.approx(
+        sum(first[f"eval/{s}/loss"] * first[f"eval/{s}/labels"] for s in ("a", "b", "extra"))
+        / first["eval/total/labels"],
+        rel=1e-12,
+    )
     ckpt = sorted((run / "checkpoints").iterdir())[-1]
     saved = json.loads((ckpt / "state.json").read_text())["eval"]
     assert _scores(saved) == _scores(rows[-1])

@@ -23,23 +23,25 @@ A backend first ``prepare``s a plan for one batch and one mask kind, once per fo
 that kind then reuses it. ``reference_check`` compares a backend with a dense fp64 reference on a
 fixed set of documents, for the tests here and for acceptance runs on a GPU.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+
 from ettin.errors import EttinError
 
 
 @dataclass(frozen=True)
 class MaskSpec:
     causal: bool
-    window: Optional[tuple[int, int]]  # (left, right) in tokens; None = global
+    window: tuple[int, int] | None  # (left, right) in tokens; None = global
 
 
 # eq=False: equality of two batches would compare tensors elementwise; identity is what is meant
@@ -58,16 +60,23 @@ class Documents:
         # plain ints, whatever the caller had (numpy integers, a list): they end up in shapes
         object.__setattr__(self, "bounds", tuple(int(b) for b in self.bounds))
         object.__setattr__(self, "max_seqlen", int(self.max_seqlen))
-        if self.cu_seqlens.dim() != 1 or self.cu_seqlens.numel() != len(self.bounds) or not self.bounds or self.bounds[0] != 0:
-            raise ValueError(f"Documents: cu_seqlens {tuple(self.cu_seqlens.shape)} and bounds of length {len(self.bounds)} "
-                             "must both be the [docs + 1] offsets, starting at 0")
+        if (
+            self.cu_seqlens.dim() != 1
+            or self.cu_seqlens.numel() != len(self.bounds)
+            or not self.bounds
+            or self.bounds[0] != 0
+        ):
+            raise ValueError(
+                f"Documents: cu_seqlens {tuple(self.cu_seqlens.shape)} and bounds of length {len(self.bounds)} "
+                "must both be the [docs + 1] offsets, starting at 0"
+            )
 
     @property
     def total(self) -> int:
         return self.bounds[-1]
 
     @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: Optional[int] = None) -> "Documents":
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> Documents:
         """For tools and tests: reads the offsets back with one ``.tolist()`` (a device sync)."""
         bounds = cu_seqlens.tolist()
         if max_seqlen is None:
@@ -108,8 +117,9 @@ class SdpaAttention:
                 if e == s:
                     continue
                 qd, kd, vd = (t[s:e].transpose(0, 1) for t in (q, k, v))  # [heads, len, dim]
-                out[s:e] = F.scaled_dot_product_attention(qd, kd, vd, is_causal=spec.causal,
-                                                          dropout_p=dropout_p).transpose(0, 1)
+                out[s:e] = F.scaled_dot_product_attention(
+                    qd, kd, vd, is_causal=spec.causal, dropout_p=dropout_p
+                ).transpose(0, 1)
             return out
         _, queries, keys, mask, slots = plan
         qb, kb, vb = (t[idx].transpose(1, 2) for t, idx in ((q, queries), (k, keys), (v, keys)))
@@ -191,8 +201,13 @@ def flex_block_mask(docs: Documents, spec: MaskSpec, block: int = FLEX_BLOCK):
     longest = max(docs.max_seqlen, size - docs.total, 1)
     kv_side = block_ranges(doc, cu, before, after, longest, block)
     q_side = block_ranges(doc, cu, after, before, longest, block)
-    return BlockMask(seq_lengths=(size, size), **kv_side, **_rename(q_side, "kv", "q"),
-                     BLOCK_SIZE=(block, block), mask_mod=document_mask_mod(doc, spec))
+    return BlockMask(
+        seq_lengths=(size, size),
+        **kv_side,
+        **_rename(q_side, "kv", "q"),
+        BLOCK_SIZE=(block, block),
+        mask_mod=document_mask_mod(doc, spec),
+    )
 
 
 def _rename(lists: dict, old: str, new: str) -> dict:
@@ -234,8 +249,12 @@ def block_ranges(doc: torch.Tensor, cu: torch.Tensor, before: int, after: int, l
 
     kv_num_blocks, kv_indices = ordered(left + right, partial)
     full_kv_num_blocks, full_kv_indices = ordered(full_hi - full_lo + 1, full)
-    return dict(kv_num_blocks=kv_num_blocks, kv_indices=kv_indices,
-                full_kv_num_blocks=full_kv_num_blocks, full_kv_indices=full_kv_indices)
+    return dict(
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
+        full_kv_num_blocks=full_kv_num_blocks,
+        full_kv_indices=full_kv_indices,
+    )
 
 
 def document_mask_mod(doc: torch.Tensor, spec: MaskSpec):
@@ -272,7 +291,9 @@ class FlexAttention:
         if dropout_p:
             raise EttinError("flex attention backend has no attention-probability dropout")
         n, pad = q.shape[0], plan.seq_lengths[0] - q.shape[0]
-        q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, heads, padded, dim]
+        q, k, v = (
+            F.pad(t, (0, 0, 0, 0, 0, pad)).transpose(0, 1).unsqueeze(0) for t in (q, k, v)
+        )  # [1, heads, padded, dim]
         kernel = self._kernel or flex_kernel(q.device)
         with fx_config.patch(use_duck_shape=False):
             out = kernel(q, k, v, block_mask=plan)
@@ -303,9 +324,13 @@ class VarlenAttention:
 
     def __call__(self, q, k, v, plan, dropout_p: float = 0.0):
         if dropout_p:
-            raise EttinError("varlen attention backend has no attention-probability dropout (torch's varlen_attn fixes it at 0)")
+            raise EttinError(
+                "varlen attention backend has no attention-probability dropout (torch's varlen_attn fixes it at 0)"
+            )
         if q.dtype not in (torch.float16, torch.bfloat16):
-            raise ValueError(f"varlen attention needs fp16 or bf16 inputs, got {q.dtype}: run under autocast or use another backend")
+            raise ValueError(
+                f"varlen attention needs fp16 or bf16 inputs, got {q.dtype}: run under autocast or use another backend"
+            )
         cu, max_len, window = plan
         return self._fn(q, k, v, cu, cu, max_len, max_len, window_size=window)
 
@@ -369,12 +394,17 @@ AUTO = "auto"  # model.attn_backend's default: chosen by build_attention from AU
 # is one entry here.
 BACKENDS: dict[str, Backend] = {
     "sdpa": Backend(SdpaAttention),
-    "flex": Backend(FlexAttention, lambda: _has_module("torch.nn.attention.flex_attention"),
-                    "torch.nn.attention.flex_attention"),
-    "flash": Backend(FlashAttention, lambda: torch.cuda.is_available() and _has_module("flash_attn"),
-                     "CUDA and the flash-attn package (pip install .[flash])"),
-    "varlen": Backend(VarlenAttention, _varlen_usable,
-                      "CUDA (compute capability 8.0 or newer) and torch.nn.attention.varlen"),
+    "flex": Backend(
+        FlexAttention, lambda: _has_module("torch.nn.attention.flex_attention"), "torch.nn.attention.flex_attention"
+    ),
+    "flash": Backend(
+        FlashAttention,
+        lambda: torch.cuda.is_available() and _has_module("flash_attn"),
+        "CUDA and the flash-attn package (pip install .[flash])",
+    ),
+    "varlen": Backend(
+        VarlenAttention, _varlen_usable, "CUDA (compute capability 8.0 or newer) and torch.nn.attention.varlen"
+    ),
 }
 AUTO_ON_CUDA = ("varlen", "flash", "flex")  # auto's preference for a model on CUDA; sdpa when none is available
 
@@ -400,8 +430,10 @@ def build_attention(name: str = AUTO, device_type: str | None = None):
     if name not in BACKENDS:
         raise EttinError(f"unknown attention backend '{name}': use one of {', '.join(backend_names())}")
     if name not in names:
-        raise EttinError(f"attention backend '{name}' is not available here (it needs {BACKENDS[name].needs}; "
-                         f"available: {', '.join(names)}); set model.attn_backend to one of those")
+        raise EttinError(
+            f"attention backend '{name}' is not available here (it needs {BACKENDS[name].needs}; "
+            f"available: {', '.join(names)}); set model.attn_backend to one of those"
+        )
     return BACKENDS[name].build()
 
 
@@ -429,8 +461,9 @@ CHECK_LENGTHS = (1, 128, 129, 7, 300, 255, 2)
 CHECK_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
-def reference_check(backend_name: str, device, dtype: torch.dtype, seed: int = 0,
-                    heads: int = 2, head_dim: int = 64) -> list[dict]:
+def reference_check(
+    backend_name: str, device, dtype: torch.dtype, seed: int = 0, heads: int = 2, head_dim: int = 64
+) -> list[dict]:
     """Run one backend on ``CHECK_LENGTHS`` for the four mask kinds of ``CHECK_MASKS`` and compare
     outputs and q/k/v gradients with ``reference_attention`` in fp64 on the CPU, fed the very same
     (rounded) inputs, so only the backend's own error is measured. One row per mask:
@@ -459,6 +492,16 @@ def reference_check(backend_name: str, device, dtype: torch.dtype, seed: int = 0
             ref_grads = torch.autograd.grad(ref, exact, grad.cpu().double())
             err_grad = max((g.cpu().double() - r).abs().max().item() for g, r in zip(grads, ref_grads))
             ok = ok and err_grad <= tol * max(1.0, max(r.abs().max().item() for r in ref_grads))
-        rows.append({"backend": attend.name, "mask": mask_name, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                     "max_abs_out": err_out, "max_abs_grad": err_grad, "tol": tol, "ok": ok})
+        rows.append(
+            {
+                "backend": attend.name,
+                "mask": mask_name,
+                "device": str(device),
+                "dtype": str(dtype).replace("torch.", ""),
+                "max_abs_out": err_out,
+                "max_abs_grad": err_grad,
+                "tol": tol,
+                "ok": ok,
+            }
+        )
     return rows

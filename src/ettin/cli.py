@@ -4,6 +4,7 @@ One ``add_<command>_parser(sub)`` per command, next to its handlers; the launch,
 parsers beside their logic (ettin.launch, ettin.data.commands). Building the parser imports no torch (nor
 transformers, deepspeed, ...): ``ettin --help`` stays fast on a login node, and handlers import what they need.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,11 @@ import os
 import re
 import sys
 
-# torch warns "No CUDA runtime is found" on every CPU machine; keep stderr for what matters
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-
 from ettin.config import GROUPS, ConfigError, list_configs, load_config, to_yaml
 from ettin.errors import EttinError, run_reporting
+
+# torch warns "No CUDA runtime is found" on every CPU machine; keep stderr for what matters
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
 def _overrides_help() -> str:
@@ -39,10 +40,13 @@ def _checkpoints_of(path: str):
 
 
 def add_train_parser(sub) -> None:
-    tr = sub.add_parser("train", help="train one phase (launch with torchrun or srun; resumes by itself)",
-                        description="Train one phase of one model. Start one process per device with torchrun "
-                        "or srun; the run folder (run_dir) is resumed from its newest complete checkpoint. "
-                        "Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped early (requeue me).")
+    tr = sub.add_parser(
+        "train",
+        help="train one phase (launch with torchrun or srun; resumes by itself)",
+        description="Train one phase of one model. Start one process per device with torchrun "
+        "or srun; the run folder (run_dir) is resumed from its newest complete checkpoint. "
+        "Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped early (requeue me).",
+    )
     tr.add_argument("experiment")
     tr.add_argument("overrides", nargs="*", help=_overrides_help())
     tr.set_defaults(func=cmd_train)
@@ -82,10 +86,13 @@ def add_launch_parser(sub) -> None:
     from ettin.launch.status import add_cancel_parser, add_status_parser
     from ettin.launch.submit import add_submit_parser
 
-    launch = sub.add_parser("launch", help="submit, watch and cancel the Slurm jobs of the recipe",
-                            description="The recipe on a Slurm cluster: submit one chained job per (size, objective, "
-                            "phase), watch their state and progress, cancel them. Also runs as python -m "
-                            "launch.submit|status|cancel.").add_subparsers(dest="action", required=True)
+    launch = sub.add_parser(
+        "launch",
+        help="submit, watch and cancel the Slurm jobs of the recipe",
+        description="The recipe on a Slurm cluster: submit one chained job per (size, objective, "
+        "phase), watch their state and progress, cancel them. Also runs as python -m "
+        "launch.submit|status|cancel.",
+    ).add_subparsers(dest="action", required=True)
     add_submit_parser(launch)
     add_status_parser(launch)
     add_cancel_parser(launch)
@@ -96,22 +103,28 @@ def add_launch_parser(sub) -> None:
 
 def add_config_parser(sub) -> None:
     config = sub.add_parser("config", help="list, show and diff configurations").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     config.add_parser("list", help="list experiments and group files").set_defaults(func=cmd_config_list)
     show = config.add_parser("show", help="print the resolved config of an experiment")
     show.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
     show.add_argument("overrides", nargs="*", help=_overrides_help())
     show.set_defaults(func=cmd_config_show)
     diff = config.add_parser(
-        "diff", help="print what overrides change against the recipe",
+        "diff",
+        help="print what overrides change against the recipe",
         description="Resolve the experiment twice, as the recipe and with the overrides, and print every key whose "
         "value differs as 'key: recipe -> now' (or 'no differences'). Group choices (model=, objective=, phase=, "
         "data=) pick the recipe point to compare against; the key=value overrides are the changes shown. "
-        "Example: ettin config diff ettin model=400m phase=decay optim.lr=1e-3")
+        "Example: ettin config diff ettin model=400m phase=decay optim.lr=1e-3",
+    )
     diff.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
     diff.add_argument("overrides", nargs="*", help=_overrides_help())
-    diff.add_argument("--bare", action="store_true",
-                      help="compare against the experiment with no overrides at all, so group choices show too")
+    diff.add_argument(
+        "--bare",
+        action="store_true",
+        help="compare against the experiment with no overrides at all, so group choices show too",
+    )
     diff.set_defaults(func=cmd_config_diff)
 
 
@@ -127,8 +140,10 @@ def cmd_config_show(args) -> int:
     cfg = load_config(args.experiment, args.overrides)
     m = cfg.model
     print(f"# {cfg.name}: {' '.join(f'{k}={v}' for k, v in cfg.groups.items())}")
-    print(f"# parameters {num_parameters(m) / 1e6:.1f}M, training FLOPs/token at seq {cfg.phase.seq_len}: "
-          f"{flops_per_token(m, cfg.phase.seq_len)['total'] / 1e9:.3f} GFLOP")
+    print(
+        f"# parameters {num_parameters(m) / 1e6:.1f}M, training FLOPs/token at seq {cfg.phase.seq_len}: "
+        f"{flops_per_token(m, cfg.phase.seq_len)['total'] / 1e9:.3f} GFLOP"
+    )
     print(to_yaml(cfg), end="")
     return 0
 
@@ -176,9 +191,11 @@ def config_diff(experiment: str, overrides: list[str], bare: bool = False) -> li
             return {None: "null", True: "true", False: "false"}[value]
         return value if isinstance(value, str) else repr(value)
 
-    return [f"{key}: {show(recipe.get(key, absent))} -> {show(now.get(key, absent))}"
-            for key in sorted(set(recipe) | set(now), key=_natural)
-            if recipe.get(key, absent) != now.get(key, absent)]
+    return [
+        f"{key}: {show(recipe.get(key, absent))} -> {show(now.get(key, absent))}"
+        for key in sorted(set(recipe) | set(now), key=_natural)
+        if recipe.get(key, absent) != now.get(key, absent)
+    ]
 
 
 def cmd_config_diff(args) -> int:
@@ -192,16 +209,20 @@ def cmd_config_diff(args) -> int:
 
 def add_hf_parser(sub) -> None:
     hfp = sub.add_parser("hf", help="Hugging Face export, import and parity check").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     exp = hfp.add_parser("export", help="write a ModernBertForMaskedLM / ModernBertDecoderForCausalLM directory")
     exp.add_argument("--checkpoint", help="an ettin model folder (model.safetensors + model.json)")
     exp.add_argument("--config", help="build from this experiment instead, randomly initialized")
     exp.add_argument("--init-seed", type=int, default=21, help="seed for --config initialization (default 21)")
     exp.add_argument("--tokenizer", help="tokenizer.json to ship with the model")
     exp.add_argument("--out", required=True, help="output directory")
-    exp.add_argument("--verify-all", action="store_true",
-                     help="check the weights' digest against the checkpoint's manifest too (reads the file twice); "
-                     "sizes and the small files are always checked")
+    exp.add_argument(
+        "--verify-all",
+        action="store_true",
+        help="check the weights' digest against the checkpoint's manifest too (reads the file twice); "
+        "sizes and the small files are always checked",
+    )
     exp.add_argument("overrides", nargs="*", help=_overrides_help() + " (with --config)")
     exp.set_defaults(func=cmd_hf_export)
     imp = hfp.add_parser("import", help="read a Hugging Face ModernBERT(-decoder) directory into ettin weights")
@@ -258,9 +279,11 @@ def cmd_hf_check(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result = hf.compare_with_transformers(args.dir, lengths=args.lengths, seed=args.seed)
     ok = result["finite"] and result["max_abs_diff"] <= args.tolerance
-    print(f"{result['model']}: documents of {result['lengths']} tokens; largest |logit| {result['max_abs_logit']:.3g}; "
-          f"largest difference {result['max_abs_diff']:.3g} (tolerance {args.tolerance:g}); "
-          f"{'all finite' if result['finite'] else 'NON-FINITE logits'} -> {'OK' if ok else 'MISMATCH'}")
+    print(
+        f"{result['model']}: documents of {result['lengths']} tokens; largest |logit| {result['max_abs_logit']:.3g}; "
+        f"largest difference {result['max_abs_diff']:.3g} (tolerance {args.tolerance:g}); "
+        f"{'all finite' if result['finite'] else 'NON-FINITE logits'} -> {'OK' if ok else 'MISMATCH'}"
+    )
     return 0 if ok else 1
 
 
@@ -269,7 +292,8 @@ def cmd_hf_check(args) -> int:
 
 def add_data_order_parser(sub) -> None:
     order = sub.add_parser("data-order", help="the global data order: predict it, or export a run's").add_subparsers(
-        dest="action", required=True)
+        dest="action", required=True
+    )
     oshow = order.add_parser("show", help="print the batches of steps A..B-1 without training")
     oshow.add_argument("experiment")
     oshow.add_argument("overrides", nargs="*", help=_overrides_help())
@@ -306,12 +330,16 @@ def cmd_data_order_show(args) -> int:
         rows = pipeline.samples(start, end)
         batch = pipeline.collator([r["input_ids"] for r in rows], [r["position"] for r in rows])
         mix = ", ".join(f"{k} {v}" for k, v in sorted(Counter(r["source"] for r in rows).items()))
-        print(f"step {step}: positions [{start}, {end}), {end - start} samples, {batch.num_tokens} tokens, "
-              f"hash {step_hash(batch.digests)[:16]} ({mix})")
+        print(
+            f"step {step}: positions [{start}, {end}), {end - start} samples, {batch.num_tokens} tokens, "
+            f"hash {step_hash(batch.digests)[:16]} ({mix})"
+        )
         if args.samples:
             for r in rows:
-                print(f"  {r['position']:>10} {r['source']:<20} {r['sample_index']:>10} {len(r['input_ids']):>6} "
-                      f"{r['id']}")
+                print(
+                    f"  {r['position']:>10} {r['source']:<20} {r['sample_index']:>10} {len(r['input_ids']):>6} "
+                    f"{r['id']}"
+                )
     return 0
 
 
@@ -329,10 +357,12 @@ def cmd_data_order_export(args) -> int:
 def add_checkpoint_parser(sub) -> None:
     ckpt = sub.add_parser("checkpoint", help="check checkpoints").add_subparsers(dest="action", required=True)
     verify = ckpt.add_parser(
-        "verify", help="check every file of a run's checkpoints against their manifests",
+        "verify",
+        help="check every file of a run's checkpoints against their manifests",
         description="Check every file of each checkpoint (size and XXH3-128 digest) against its manifest.json and "
         "print one line per checkpoint: OK, BAD with the damaged file, or unverified (written before manifests). "
-        "Exit 2 when any is damaged.")
+        "Exit 2 when any is damaged.",
+    )
     verify.add_argument("path", help="a run folder or one checkpoint folder")
     verify.set_defaults(func=cmd_checkpoint_verify)
 
@@ -350,11 +380,17 @@ def cmd_checkpoint_verify(args) -> int:
             bad += 1
             print(f"{path}: BAD {e.path.name}: {e.problem}", flush=True)
             continue
-        print(f"{path}: OK" if verified else f"{path}: unverified (no manifest.json: written before ettin kept one; "
-              "its files open and parse)", flush=True)
+        print(
+            f"{path}: OK"
+            if verified
+            else f"{path}: unverified (no manifest.json: written before ettin kept one; its files open and parse)",
+            flush=True,
+        )
     if bad:
-        raise EttinError(f"{bad} of {len(found)} checkpoint(s) damaged: resume and export fall back to or name them; "
-                         "restore them from a copy or delete them")
+        raise EttinError(
+            f"{bad} of {len(found)} checkpoint(s) damaged: resume and export fall back to or name them; "
+            "restore them from a copy or delete them"
+        )
     return 0
 
 
@@ -374,9 +410,11 @@ def cmd_replay(args) -> int:
     from ettin.data.ledger import replay
 
     r = replay(args.checkpoint, args.step)
-    print(f"step {r['step']}: positions {r['positions']} (ledger {r['ledger_positions']}), {r['tokens']} tokens "
-          f"(ledger {r['ledger_tokens']}), hash {r['hash'][:16]} (ledger {r['ledger_hash'][:16]}), "
-          f"fingerprint {'same' if r['fingerprint_ok'] else 'CHANGED'} -> {'MATCH' if r['match'] else 'MISMATCH'}")
+    print(
+        f"step {r['step']}: positions {r['positions']} (ledger {r['ledger_positions']}), {r['tokens']} tokens "
+        f"(ledger {r['ledger_tokens']}), hash {r['hash'][:16]} (ledger {r['ledger_hash'][:16]}), "
+        f"fingerprint {'same' if r['fingerprint_ok'] else 'CHANGED'} -> {'MATCH' if r['match'] else 'MISMATCH'}"
+    )
     if args.decode:
         from tokenizers import Tokenizer
 
@@ -418,29 +456,42 @@ def cmd_demo(args) -> int:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="score checkpoints on the run's held-out sets (the in-loop numbers, again)",
-                       description="Evaluate a checkpoint, or every checkpoint of a run folder, on the run's "
-                                   "validation sets (data.validation parts and eval.sets), with the same numbers "
-                                   "as the in-loop evaluation. One process, or torchrun/srun for DP x TP. A run "
-                                   "folder gets eval.csv, eval.md and eval.png. An exported Hugging Face folder "
-                                   "is scored through transformers on the sets of --like RUN. --compare puts the "
-                                   "in-loop validation curves of several runs side by side.")
-    p.add_argument("target", nargs="?",
-                   help="a checkpoint folder, a run folder, or a Hugging Face folder (with --like)")
+    p = sub.add_parser(
+        "eval",
+        help="score checkpoints on the run's held-out sets (the in-loop numbers, again)",
+        description="Evaluate a checkpoint, or every checkpoint of a run folder, on the run's "
+        "validation sets (data.validation parts and eval.sets), with the same numbers "
+        "as the in-loop evaluation. One process, or torchrun/srun for DP x TP. A run "
+        "folder gets eval.csv, eval.md and eval.png. An exported Hugging Face folder "
+        "is scored through transformers on the sets of --like RUN. --compare puts the "
+        "in-loop validation curves of several runs side by side.",
+    )
+    p.add_argument(
+        "target", nargs="?", help="a checkpoint folder, a run folder, or a Hugging Face folder (with --like)"
+    )
     p.add_argument("overrides", nargs="*", help="key=value over the checkpoint's config (e.g. eval.max_tokens=100000)")
     p.add_argument("--sets", help="comma-separated set names (default: all)")
     p.add_argument("--out", help="where a run folder's table goes (default: the run folder)")
     p.add_argument("--compare", nargs="+", metavar="RUN", help="runs to put side by side (e.g. encoder and decoder)")
-    p.add_argument("--like", metavar="RUN_OR_CHECKPOINT",
-                   help="for a Hugging Face folder: the run whose sets, masks and token budget to use")
+    p.add_argument(
+        "--like",
+        metavar="RUN_OR_CHECKPOINT",
+        help="for a Hugging Face folder: the run whose sets, masks and token budget to use",
+    )
     p.set_defaults(func=cmd_eval)
 
 
 def cmd_eval(args) -> int:
     import torch.distributed as dist
 
-    from ettin.train.evaluate import (checkpoints_of, compare_runs, evaluate_checkpoints, format_table, is_hf_folder,
-                                      write_table)
+    from ettin.train.evaluate import (
+        checkpoints_of,
+        compare_runs,
+        evaluate_checkpoints,
+        format_table,
+        is_hf_folder,
+        write_table,
+    )
 
     if args.compare:
         print(compare_runs(args.compare))

@@ -6,6 +6,7 @@ then the phase's ``rules`` (size/objective-specific recipe values), the experime
 and finally ``key=value`` overrides from the command line. ``group=name`` on the command line
 swaps a group file. Every mistake becomes one :class:`ConfigError` line naming the key and fix.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,10 +16,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
 from ettin.errors import EttinError
 from ettin.train.lr_schedule import SHAPES
 
@@ -106,18 +108,19 @@ class PhaseConfig:
     tokens: int = 1_700_000_000_000  # real tokens, padding excluded
     seq_len: int = 1024
     init: PhaseInit = "scratch"
-    previous: Optional[str] = None  # the phase whose final checkpoint this one starts from
+    previous: str | None = None  # the phase whose final checkpoint this one starts from
     seed: int = 21
     checkpoint_every_tokens: int = 8_500_000_000
     keep_checkpoints: int = 0  # 0 keeps all
     # init != scratch: what to start from: a run folder (its newest checkpoint) or a checkpoint, or a
     # Hugging Face model folder (weights only; model settings reconciled in ettin.pretrained)
-    init_checkpoint: Optional[str] = None
+    init_checkpoint: str | None = None
 
 
 @dataclass
 class LRScheduleConfig:
     """The learning-rate schedule (ettin.train.lr_schedule); not the batch-size ramp (``batch.warmup_*``)."""
+
     shape: str = "constant"  # a name in ettin.train.lr_schedule.SHAPES
     warmup_tokens: int = 0
     start_factor: float = 1.0  # LR after warmup, as a fraction of optim.lr
@@ -130,7 +133,7 @@ class OptimConfig:
     name: OptimizerName = "stableadamw"
     lr: float = 8e-4
     weight_decay: float = 1e-5  # fully decoupled; never on norms and biases
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-6
 
 
@@ -152,16 +155,16 @@ class SourceConfig:
     name: str = "???"
     path: str = "???"  # relative to data.root unless absolute or a URI
     weight: float = 1.0  # relative share of the mixture (the recipe uses billions of tokens)
-    validation: Optional[float] = None  # this source's held-out part (None: data.validation)
+    validation: float | None = None  # this source's held-out part (None: data.validation)
 
 
 @dataclass
 class DataConfig:
     root: str = "data"
     mixture: str = "custom"
-    tokenizer: Optional[str] = None  # path to tokenizer.json
-    sources: List[SourceConfig] = field(default_factory=list)
-    cache_dir: Optional[str] = None  # where compressed/remote shards are decompressed (default ~/.cache/ettin/mds)
+    tokenizer: str | None = None  # path to tokenizer.json
+    sources: list[SourceConfig] = field(default_factory=list)
+    cache_dir: str | None = None  # where compressed/remote shards are decompressed (default ~/.cache/ettin/mds)
     mixture_block: int = 8192  # positions per mixture block: each source's share holds in every block
     shuffle_block: int = 65536  # samples shuffled together (a few shards): bounds what a rank reads at once
     workers: int = 2  # DataLoader workers per rank (the output does not depend on it)
@@ -203,24 +206,26 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Held-out evaluation: the sources' validation parts (data.validation) and separate MDS folders."""
+
     every_tokens: int = 0  # evaluate every N training tokens (0: only at checkpoints and the phase's end)
     # per set, about this many tokens, from shards spread over the source (0: all of it, which on a
     # large corpus reads every shard at start-up)
     max_tokens: int = 2_000_000
     seed: int = 0  # keys the held-out choice and the validation masks, never the step
-    sets: Dict[str, str] = field(default_factory=dict)  # name -> MDS folder (relative to data.root)
+    sets: dict[str, str] = field(default_factory=dict)  # name -> MDS folder (relative to data.root)
 
 
 @dataclass
 class WandbConfig:
     mode: WandbMode = "disabled"  # offline: a run folder under <run_dir>/wandb, `wandb sync` it later
-    project: Optional[str] = None
-    entity: Optional[str] = None
+    project: str | None = None
+    entity: str | None = None
 
 
 @dataclass
 class MetricsConfig:
     """Where the metrics go besides <run_dir>/metrics.jsonl (always written)."""
+
     tensorboard: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -240,7 +245,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    groups: Dict[str, str] = field(default_factory=dict)  # which file each group came from (informational)
+    groups: dict[str, str] = field(default_factory=dict)  # which file each group came from (informational)
 
 
 # ----------------------------------------------------------------------------- locating files
@@ -365,7 +370,7 @@ def _coerce(value: Any, hint: Any, where: str, path: str) -> Any:
         origin, args = get_origin(hint), get_args(hint)
     if dataclasses.is_dataclass(hint):
         return _check_layer(value, hint, where, path)
-    if origin in (list, List) and args and dataclasses.is_dataclass(args[0]):
+    if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: '{path}' must be a list, got {value!r}")
         return [_check_layer(v, args[0], where, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -446,7 +451,9 @@ def load_config(experiment: str, overrides: list[str] | None = None) -> Experime
         path = config_dir() / "experiment" / f"{experiment}.yaml"
         if not path.is_file():
             known = list_configs()["experiment"]
-            raise ConfigError(f"unknown experiment '{experiment}'{_did_you_mean(experiment, known)}; known: {', '.join(known)}")
+            raise ConfigError(
+                f"unknown experiment '{experiment}'{_did_you_mean(experiment, known)}; known: {', '.join(known)}"
+            )
     body = _load_yaml(path)
     selected = {k: str(v) for k, v in (body.pop("defaults", None) or {}).items()}
     for key in selected:
@@ -499,8 +506,9 @@ def load_config(experiment: str, overrides: list[str] | None = None) -> Experime
     return obj
 
 
-def _adopt_checkpoint_model(cfg: ExperimentConfig, layers: list[tuple[str, dict]], selected: dict[str, str],
-                            experiment: Path) -> None:
+def _adopt_checkpoint_model(
+    cfg: ExperimentConfig, layers: list[tuple[str, dict]], selected: dict[str, str], experiment: Path
+) -> None:
     """Reconcile cfg.model with phase.init_checkpoint's (ettin.pretrained), told which model keys the
     phase file (its rules included), the experiment file and the overrides chose."""
     from ettin.pretrained import adopt_checkpoint_model
@@ -540,69 +548,115 @@ def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
         need(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     need(tp >= 1, f"parallel.tensor must be >= 1, got {tp}")
     if m.num_heads > 0 and tp >= 1:
-        need(m.hidden_size % m.num_heads == 0,
-             f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})")
+        need(
+            m.hidden_size % m.num_heads == 0,
+            f"model.hidden_size ({m.hidden_size}) must be divisible by model.num_heads ({m.num_heads})",
+        )
         need(m.head_dim % 2 == 0, f"head dim {m.head_dim} must be even for RoPE")
-        need(m.num_heads % tp == 0,
-             f"model.num_heads ({m.num_heads}) is not divisible by parallel.tensor ({tp}): pick a TP size that divides it")
-        need(m.vocab_size % tp == 0,
-             f"model.vocab_size ({m.vocab_size}) is not divisible by parallel.tensor ({tp}): pad the vocab or pick another TP size")
-        need(m.intermediate_size % tp == 0,
-             f"model.intermediate_size ({m.intermediate_size}) is not divisible by parallel.tensor ({tp})")
+        need(
+            m.num_heads % tp == 0,
+            f"model.num_heads ({m.num_heads}) is not divisible by parallel.tensor ({tp}): pick a TP size that divides it",
+        )
+        need(
+            m.vocab_size % tp == 0,
+            f"model.vocab_size ({m.vocab_size}) is not divisible by parallel.tensor ({tp}): pad the vocab or pick another TP size",
+        )
+        need(
+            m.intermediate_size % tp == 0,
+            f"model.intermediate_size ({m.intermediate_size}) is not divisible by parallel.tensor ({tp})",
+        )
     for key in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id"):
-        need(0 <= getattr(m, key) < m.vocab_size,
-             f"model.{key} ({getattr(m, key)}) must be a token id below model.vocab_size ({m.vocab_size})")
-    need(cfg.phase.seq_len <= m.max_position_embeddings,
-         f"phase.seq_len ({cfg.phase.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}): "
-         "lower phase.seq_len or raise the limit")
+        need(
+            0 <= getattr(m, key) < m.vocab_size,
+            f"model.{key} ({getattr(m, key)}) must be a token id below model.vocab_size ({m.vocab_size})",
+        )
+    need(
+        cfg.phase.seq_len <= m.max_position_embeddings,
+        f"phase.seq_len ({cfg.phase.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}): "
+        "lower phase.seq_len or raise the limit",
+    )
     need(cfg.phase.seq_len > 2, f"phase.seq_len must be > 2, got {cfg.phase.seq_len}")
     need(m.window_left >= 0 and m.window_right >= 0, "model.window_left/window_right must be >= 0")
     need(not m.causal or m.window_right == 0, "a causal model must have model.window_right = 0")
     backends = backend_names()
-    need(m.attn_backend in backends, f"model.attn_backend '{m.attn_backend}' unknown{_did_you_mean(m.attn_backend, backends)}; "
-         f"use one of {', '.join(backends)}")
+    need(
+        m.attn_backend in backends,
+        f"model.attn_backend '{m.attn_backend}' unknown{_did_you_mean(m.attn_backend, backends)}; "
+        f"use one of {', '.join(backends)}",
+    )
     name = cfg.objective.name
-    need(name in OBJECTIVE_CAUSAL, f"objective.name must be one of {', '.join(OBJECTIVE_CAUSAL)}, got '{name}'"
-         f"{_did_you_mean(name, OBJECTIVE_CAUSAL)}")
-    need(name not in OBJECTIVE_CAUSAL or OBJECTIVE_CAUSAL[name] == m.causal,
-         f"objective {name} needs model.causal={str(OBJECTIVE_CAUSAL.get(name)).lower()}")
+    need(
+        name in OBJECTIVE_CAUSAL,
+        f"objective.name must be one of {', '.join(OBJECTIVE_CAUSAL)}, got '{name}'"
+        f"{_did_you_mean(name, OBJECTIVE_CAUSAL)}",
+    )
+    need(
+        name not in OBJECTIVE_CAUSAL or OBJECTIVE_CAUSAL[name] == m.causal,
+        f"objective {name} needs model.causal={str(OBJECTIVE_CAUSAL.get(name)).lower()}",
+    )
     need(0 < cfg.objective.mask_rate < 1, f"objective.mask_rate must be in (0, 1), got {cfg.objective.mask_rate}")
     for key in ("tokens", "checkpoint_every_tokens"):
         need(getattr(cfg.phase, key) > 0, f"phase.{key} must be positive, got {getattr(cfg.phase, key)}")
-    need(cfg.phase.init != "scratch" or not cfg.phase.init_checkpoint,
-         f"phase.init=scratch ignores phase.init_checkpoint ({cfg.phase.init_checkpoint}): set phase.init=pretrained "
-         "to start from its weights, or drop phase.init_checkpoint")
-    need(cfg.phase.init != "pretrained" or cfg.phase.init_checkpoint,
-         "phase.init=pretrained needs phase.init_checkpoint (a Hugging Face model folder or a run folder)")
+    need(
+        cfg.phase.init != "scratch" or not cfg.phase.init_checkpoint,
+        f"phase.init=scratch ignores phase.init_checkpoint ({cfg.phase.init_checkpoint}): set phase.init=pretrained "
+        "to start from its weights, or drop phase.init_checkpoint",
+    )
+    need(
+        cfg.phase.init != "pretrained" or cfg.phase.init_checkpoint,
+        "phase.init=pretrained needs phase.init_checkpoint (a Hugging Face model folder or a run folder)",
+    )
     need(cfg.train.collective_timeout_s > 0, "train.collective_timeout_s must be positive")
-    for where, value in [("data.validation", cfg.data.validation),
-                         *((f"data.sources[{i}].validation", s.validation) for i, s in enumerate(cfg.data.sources))]:
-        need(value is None or (value >= 0 and (value < 1 or float(value).is_integer())),
-             f"{where} must be a fraction in (0, 1), a whole count >= 1, or 0, got {value}")
-    need(cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),
-         "metrics.wandb.mode is set: name the W&B project with metrics.wandb.project=NAME")
-    need(cfg.metrics.wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
-         f"metrics.wandb.mode={cfg.metrics.wandb.mode} needs the wandb package: pip install '.[wandb]', "
-         "or set metrics.wandb.mode=disabled")
-    need(cfg.phase.init in ("scratch", "pretrained") or cfg.phase.previous,
-         f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)")
+    for where, value in [
+        ("data.validation", cfg.data.validation),
+        *((f"data.sources[{i}].validation", s.validation) for i, s in enumerate(cfg.data.sources)),
+    ]:
+        need(
+            value is None or (value >= 0 and (value < 1 or float(value).is_integer())),
+            f"{where} must be a fraction in (0, 1), a whole count >= 1, or 0, got {value}",
+        )
+    need(
+        cfg.metrics.wandb.mode == "disabled" or bool(cfg.metrics.wandb.project),
+        "metrics.wandb.mode is set: name the W&B project with metrics.wandb.project=NAME",
+    )
+    need(
+        cfg.metrics.wandb.mode == "disabled" or importlib.util.find_spec("wandb") is not None,
+        f"metrics.wandb.mode={cfg.metrics.wandb.mode} needs the wandb package: pip install '.[wandb]', "
+        "or set metrics.wandb.mode=disabled",
+    )
+    need(
+        cfg.phase.init in ("scratch", "pretrained") or cfg.phase.previous,
+        f"phase.init={cfg.phase.init} needs phase.previous (the phase to start from)",
+    )
     lrs = cfg.lr_schedule
     for key in ("warmup_tokens", "decay_tokens"):
         need(getattr(lrs, key) >= 0, f"lr_schedule.{key} must be >= 0, got {getattr(lrs, key)}")
-    need(lrs.shape in SHAPES, f"lr_schedule.shape must be {_either(SHAPES)}, got '{lrs.shape}'{_did_you_mean(lrs.shape, SHAPES)}")
-    need(lrs.warmup_tokens + lrs.decay_tokens <= cfg.phase.tokens,
-         "lr_schedule.warmup_tokens + lr_schedule.decay_tokens exceed phase.tokens")
+    need(
+        lrs.shape in SHAPES,
+        f"lr_schedule.shape must be {_either(SHAPES)}, got '{lrs.shape}'{_did_you_mean(lrs.shape, SHAPES)}",
+    )
+    need(
+        lrs.warmup_tokens + lrs.decay_tokens <= cfg.phase.tokens,
+        "lr_schedule.warmup_tokens + lr_schedule.decay_tokens exceed phase.tokens",
+    )
     need(cfg.optim.lr > 0, f"optim.lr must be positive, got {cfg.optim.lr}")
     need(cfg.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}")
     need(cfg.batch.global_size > 0, f"batch.global_size must be positive, got {cfg.batch.global_size}")
-    need(cfg.batch.micro_tokens >= 0, f"batch.micro_tokens must be >= 0 (0: from the memory model), got {cfg.batch.micro_tokens}")
+    need(
+        cfg.batch.micro_tokens >= 0,
+        f"batch.micro_tokens must be >= 0 (0: from the memory model), got {cfg.batch.micro_tokens}",
+    )
     need(cfg.train.device_memory_gb > 0, f"train.device_memory_gb must be positive, got {cfg.train.device_memory_gb}")
     need(cfg.train.peak_flops_per_device >= 0, "train.peak_flops_per_device must be >= 0 (0: by device name)")
     need(cfg.batch.warmup_tokens >= 0, f"batch.warmup_tokens must be >= 0, got {cfg.batch.warmup_tokens}")
-    need(cfg.batch.warmup_start_size > 0 and cfg.batch.warmup_stages > 0,
-         "batch.warmup_start_size and batch.warmup_stages must be positive")
-    need(cfg.data.mixture_block >= 2 * max(1, len(cfg.data.sources)),
-         f"data.mixture_block ({cfg.data.mixture_block}) must be at least twice the number of sources")
+    need(
+        cfg.batch.warmup_start_size > 0 and cfg.batch.warmup_stages > 0,
+        "batch.warmup_start_size and batch.warmup_stages must be positive",
+    )
+    need(
+        cfg.data.mixture_block >= 2 * max(1, len(cfg.data.sources)),
+        f"data.mixture_block ({cfg.data.mixture_block}) must be at least twice the number of sources",
+    )
     need(cfg.data.shuffle_block > 0, "data.shuffle_block must be positive")
     need(cfg.data.workers >= 0 and cfg.data.prefetch > 0, "data.workers must be >= 0 and data.prefetch > 0")
     for i, s in enumerate(cfg.data.sources):

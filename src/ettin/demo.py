@@ -13,6 +13,7 @@
 7. a summary table.
 Every step is the command a user would type; they are printed as they run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,8 @@ def build_corpus(out: Path) -> tuple[Path, Path]:
 def experiment(out: Path, steps: int) -> Path:
     tokens = steps * 12 * 200  # ~200 real tokens per 256-token sample here
     path = out / "demo.yaml"
-    path.write_text(textwrap.dedent(f"""\
+    path.write_text(
+        textwrap.dedent(f"""\
         # Written by `make demo`: a 17m-shaped model with a {VOCAB}-token vocabulary.
         defaults: {{model: 17m, objective: mlm, phase: pretrain}}
         model: {{vocab_size: {VOCAB}, pad_token_id: 0, cls_token_id: 1, sep_token_id: 2, mask_token_id: 3,
@@ -90,7 +92,8 @@ def experiment(out: Path, steps: int) -> Path:
           sources:
             - {{name: code, path: code, weight: 2}}
             - {{name: docs, path: docs, weight: 1}}
-        """))
+        """)
+    )
     return path
 
 
@@ -106,7 +109,7 @@ def show_models(out: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(out / "hf" / "decoder").eval()
     ids = tok("[CLS]import os\n", return_tensors="pt", add_special_tokens=False).input_ids
     gen = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)
-    text = tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)
+    text = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
     print(f"\nfill-mask  {prompt!r} -> " + ", ".join(f"{g['token_str']!r} ({g['score']:.2f})" for g in guesses))
     print(f"generate   'import os\\n' -> {text!r}\n")
     return {"fill": guesses, "generated": text}
@@ -116,7 +119,9 @@ def summary(out: Path, replay_ok: bool, seconds: float) -> None:
     from ettin.train.layout import list_checkpoints
     from ettin.train.metrics import read_all_metrics, read_metrics
 
-    print(f"{'model':<8} {'steps':>6} {'tokens':>9} {'loss start -> end':>18} {'val loss':>8} {'tokens/s':>9} {'checkpoints':>11}")
+    print(
+        f"{'model':<8} {'steps':>6} {'tokens':>9} {'loss start -> end':>18} {'val loss':>8} {'tokens/s':>9} {'checkpoints':>11}"
+    )
     for objective in ("mlm", "clm"):
         rows = read_metrics(out / "runs" / objective)
         val = [r["eval/total/loss"] for r in read_all_metrics(out / "runs" / objective) if "eval/total/loss" in r]
@@ -124,10 +129,14 @@ def summary(out: Path, replay_ok: bool, seconds: float) -> None:
         start = sum(r["loss"] for r in rows[:5]) / min(5, len(rows))
         end = sum(r["loss"] for r in rows[-5:]) / min(5, len(rows))
         name = "encoder" if objective == "mlm" else "decoder"
-        print(f"{name:<8} {rows[-1]['step']:>6} {rows[-1]['tokens']:>9,} {start:>8.3f} -> {end:<7.3f} {val[-1]:>8.3f} {rate:>9,.0f} "
-              f"{len(list_checkpoints(out / 'runs' / objective)):>11}")
-    print(f"replay of a checkpoint's batch: {'OK (hash matches the ledger)' if replay_ok else 'MISMATCH'}; "
-          f"total {seconds / 60:.1f} min")
+        print(
+            f"{name:<8} {rows[-1]['step']:>6} {rows[-1]['tokens']:>9,} {start:>8.3f} -> {end:<7.3f} {val[-1]:>8.3f} {rate:>9,.0f} "
+            f"{len(list_checkpoints(out / 'runs' / objective)):>11}"
+        )
+    print(
+        f"replay of a checkpoint's batch: {'OK (hash matches the ledger)' if replay_ok else 'MISMATCH'}; "
+        f"total {seconds / 60:.1f} min"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,17 +154,69 @@ def main(argv: list[str] | None = None) -> int:
 
     print("== 1-2. corpus, tokenizer, MDS shards", flush=True)
     code, docs = build_corpus(out)
-    run([*data, "train-tokenizer", docs, "--plain-text", code, "--vocab-size", VOCAB, "--out", out / "tokenizer.json", "-q"])
-    run([*data, "prepare", "--plain-text", code, "--out", out / "data" / "code", "--tokenizer", out / "tokenizer.json",
-         "--seq-len", SEQ_LEN, "--workers", 2, "--quiet"])
-    run([*data, "prepare", docs, "--out", out / "data" / "docs", "--tokenizer", out / "tokenizer.json",
-         "--seq-len", SEQ_LEN, "--quiet"])
+    run(
+        [
+            *data,
+            "train-tokenizer",
+            docs,
+            "--plain-text",
+            code,
+            "--vocab-size",
+            VOCAB,
+            "--out",
+            out / "tokenizer.json",
+            "-q",
+        ]
+    )
+    run(
+        [
+            *data,
+            "prepare",
+            "--plain-text",
+            code,
+            "--out",
+            out / "data" / "code",
+            "--tokenizer",
+            out / "tokenizer.json",
+            "--seq-len",
+            SEQ_LEN,
+            "--workers",
+            2,
+            "--quiet",
+        ]
+    )
+    run(
+        [
+            *data,
+            "prepare",
+            docs,
+            "--out",
+            out / "data" / "docs",
+            "--tokenizer",
+            out / "tokenizer.json",
+            "--seq-len",
+            SEQ_LEN,
+            "--quiet",
+        ]
+    )
     exp = experiment(out, args.steps)
 
     print("== 3. train the paired models on 2 data-parallel ranks", flush=True)
     for objective in ("mlm", "clm"):
-        run([bin_dir / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "ettin.cli", "train", exp,
-             f"objective={objective}", f"run_dir={out / 'runs' / objective}"])
+        run(
+            [
+                bin_dir / "torchrun",
+                "--standalone",
+                "--nproc_per_node",
+                2,
+                "-m",
+                "ettin.cli",
+                "train",
+                exp,
+                f"objective={objective}",
+                f"run_dir={out / 'runs' / objective}",
+            ]
+        )
 
     print("== 4. validation loss of the paired models at each checkpoint (held-out 2% of each source)", flush=True)
     run([*ettin, "eval", "--compare", out / "runs" / "mlm", out / "runs" / "clm"], lines=100)
@@ -171,7 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     print("== 6. export to Hugging Face and use the models through transformers", flush=True)
     for objective, name in (("mlm", "encoder"), ("clm", "decoder")):
         last = list_checkpoints(out / "runs" / objective)[-1]
-        run([*ettin, "hf", "export", "--checkpoint", last, "--tokenizer", out / "tokenizer.json", "--out", out / "hf" / name])
+        run(
+            [
+                *ettin,
+                "hf",
+                "export",
+                "--checkpoint",
+                last,
+                "--tokenizer",
+                out / "tokenizer.json",
+                "--out",
+                out / "hf" / name,
+            ]
+        )
         run([*ettin, "hf", "check", out / "hf" / name])
     show_models(out)
     summary(out, replay_ok, time.time() - started)

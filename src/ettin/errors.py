@@ -5,11 +5,13 @@ an :class:`EttinError` (or a subclass) whose ``str()`` names the thing and the f
 point catches this family only, prints ``error: <message>`` and exits 2 (:func:`report`). Anything
 else is a bug in ettin and keeps its traceback (exit 1).
 """
+
 from __future__ import annotations
 
 import re
 import sys
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 # exit codes of the entry points (here, not in ettin.train.trainer: the torch-free launch tools
 # read them too, e.g. the Slurm job script's requeue rule in ettin.launch.slurm_job)

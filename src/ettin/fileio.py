@@ -8,6 +8,7 @@ turns it into a :class:`FileError` whose one line names the path, says what is w
 
 Nothing here imports torch at module level: the launch tools read ``jobs.json`` on a login node.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,7 @@ def read_json(path: str | Path, fix: str | None = None, expect: type = dict) -> 
     try:
         body = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _fail(path, f"is not valid JSON ({'empty' if not text.strip() else e})",
-                    fix) from None
+        raise _fail(path, f"is not valid JSON ({'empty' if not text.strip() else e})", fix) from None
     if not isinstance(body, expect):
         raise _fail(path, f"holds a JSON {type(body).__name__}, not a {expect.__name__}", fix)
     return body

@@ -15,10 +15,11 @@ What is counted (model FLOPs, 2 per multiply-add; training = forward + 2x backwa
 
 Norms, GELU, RoPE, softmax and the loss are elementwise and not counted.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,8 +75,9 @@ def _head(cfg: ModelConfig) -> int:
     return 2 * (h * h + h * cfg.vocab_size)
 
 
-def step_flops(model_cfg: ModelConfig, doc_lengths: Sequence[int] | np.ndarray, num_labels: float,
-               training: bool = True) -> float:
+def step_flops(
+    model_cfg: ModelConfig, doc_lengths: Sequence[int] | np.ndarray, num_labels: float, training: bool = True
+) -> float:
     """The FLOPs of one forward(+backward) over these documents (all of a step's micro-batches
     together, or one) with ``num_labels`` labelled tokens. Vectorized: a few numpy passes over
     the lengths, cheap for thousands of documents every step."""
@@ -83,10 +85,14 @@ def step_flops(model_cfg: ModelConfig, doc_lengths: Sequence[int] | np.ndarray, 
     tokens = int(lengths.sum())
     n_global, n_local = _layer_kinds(model_cfg)
     attn_per_pair = 4 * model_cfg.hidden_size
-    pairs = (n_global * attention_pairs(lengths, *window(model_cfg, True))
-             + (n_local * attention_pairs(lengths, *window(model_cfg, False)) if n_local else 0))
-    forward = (model_cfg.num_layers * _layer_matmul(model_cfg) * tokens + attn_per_pair * pairs
-               + _head(model_cfg) * float(num_labels))
+    pairs = n_global * attention_pairs(lengths, *window(model_cfg, True)) + (
+        n_local * attention_pairs(lengths, *window(model_cfg, False)) if n_local else 0
+    )
+    forward = (
+        model_cfg.num_layers * _layer_matmul(model_cfg) * tokens
+        + attn_per_pair * pairs
+        + _head(model_cfg) * float(num_labels)
+    )
     return float((3 if training else 1) * forward)
 
 
@@ -101,8 +107,9 @@ def label_fraction(cfg) -> float:
     return 1.0 if cfg.objective.name == "clm" else float(cfg.objective.mask_rate)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True,
-                    label_fraction: float | None = None) -> dict[str, float]:
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, training: bool = True, label_fraction: float | None = None
+) -> dict[str, float]:
     """FLOPs per token for documents of exactly ``seq_len`` tokens, split by layer type and head
     (training = forward + 2x backward); the head runs on ``label_fraction`` of the tokens (default
     :func:`default_label_fraction`; pass :func:`label_fraction` of an experiment for its objective

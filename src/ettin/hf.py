@@ -15,6 +15,7 @@ trained with, which the architecture cannot say, so the export writes it into co
 - clm  -> ModernBertDecoderForCausalLM, shift 1: next-token prediction; generation starts from
   [CLS] (BOS) and ends at [SEP] (EOS), written to generation_config.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,12 @@ def _renames(cfg: ModelConfig) -> dict[str, str]:
         "head_bias": "decoder.bias",
     }
     for i in range(cfg.num_layers):
-        for ours, theirs in [("attn_norm", "attn_norm"), ("attn_out", "attn.Wo"), ("mlp_norm", "mlp_norm"), ("wo", "mlp.Wo")]:
+        for ours, theirs in [
+            ("attn_norm", "attn_norm"),
+            ("attn_out", "attn.Wo"),
+            ("mlp_norm", "mlp_norm"),
+            ("wo", "mlp.Wo"),
+        ]:
             if ours != "attn_norm" or i > 0:
                 names[f"layers.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
     return names
@@ -93,12 +99,13 @@ def to_hf_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[s
 def from_hf_state_dict(cfg: ModelConfig, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     missing = [n for n in _renames(cfg).values() if n not in hf]
     if missing:
-        raise ConversionError(f"Hugging Face weights lack {missing[0]} (and {len(missing) - 1} more): not a matching ModernBERT checkpoint")
+        raise ConversionError(
+            f"Hugging Face weights lack {missing[0]} (and {len(missing) - 1} more): not a matching ModernBERT checkpoint"
+        )
     out = {ours: hf[theirs].clone() for ours, theirs in _renames(cfg).items()}
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}.attn."
-        q, k, v = ([hf[f"{p}{n}_proj.weight"] for n in "qkv"] if cfg.causal
-                   else hf[f"{p}Wqkv.weight"].chunk(3))
+        q, k, v = [hf[f"{p}{n}_proj.weight"] for n in "qkv"] if cfg.causal else hf[f"{p}Wqkv.weight"].chunk(3)
         out[f"layers.{i}.qkv.weight"] = _heads_from_hf(q, k, v, cfg)
         out[f"layers.{i}.wi.weight"] = _glu_from_hf(hf[f"model.layers.{i}.mlp.Wi.weight"], cfg)
     return out
@@ -113,16 +120,34 @@ def hf_config(cfg: ModelConfig):
     from transformers import ModernBertConfig, ModernBertDecoderConfig
 
     common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_position_embeddings, hidden_activation="gelu",
-        classifier_activation="gelu", norm_eps=cfg.norm_eps, norm_bias=False, attention_bias=False,
-        mlp_bias=False, decoder_bias=True, classifier_bias=False, initializer_range=cfg.init_std,
-        initializer_cutoff_factor=cfg.init_cutoff, global_rope_theta=cfg.global_rope_theta,
-        local_rope_theta=cfg.local_rope_theta, global_attn_every_n_layers=cfg.global_every,
-        attention_dropout=0.0, embedding_dropout=0.0, mlp_dropout=0.0,
-        pad_token_id=cfg.pad_token_id, bos_token_id=cfg.cls_token_id, eos_token_id=cfg.sep_token_id,
-        cls_token_id=cfg.cls_token_id, sep_token_id=cfg.sep_token_id, tie_word_embeddings=True,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        hidden_activation="gelu",
+        classifier_activation="gelu",
+        norm_eps=cfg.norm_eps,
+        norm_bias=False,
+        attention_bias=False,
+        mlp_bias=False,
+        decoder_bias=True,
+        classifier_bias=False,
+        initializer_range=cfg.init_std,
+        initializer_cutoff_factor=cfg.init_cutoff,
+        global_rope_theta=cfg.global_rope_theta,
+        local_rope_theta=cfg.local_rope_theta,
+        global_attn_every_n_layers=cfg.global_every,
+        attention_dropout=0.0,
+        embedding_dropout=0.0,
+        mlp_dropout=0.0,
+        pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.cls_token_id,
+        eos_token_id=cfg.sep_token_id,
+        cls_token_id=cfg.cls_token_id,
+        sep_token_id=cfg.sep_token_id,
+        tie_word_embeddings=True,
     )
     if cfg.causal:
         if cfg.window_right != 0:
@@ -134,10 +159,14 @@ def hf_config(cfg: ModelConfig):
             warnings.warn(
                 f"this transformers version applies global_rope_theta ({cfg.global_rope_theta:g}) to the decoder's "
                 f"local layers, not local_rope_theta ({cfg.local_rope_theta:g}): its logits will differ from ours; "
-                "`ettin hf check` measures by how much", stacklevel=2)
+                "`ettin hf check` measures by how much",
+                stacklevel=2,
+            )
     else:
         if cfg.window_left != cfg.window_right:
-            raise ConversionError("an encoder export needs a symmetric window (model.window_left == model.window_right)")
+            raise ConversionError(
+                "an encoder export needs a symmetric window (model.window_left == model.window_right)"
+            )
         hf = ModernBertConfig(**common, local_attention=2 * cfg.window_left)
         hf.layer_types = layer_types(cfg)  # informational: ModernBertConfig derives them the same way
         hf.architectures = [ENCODER]
@@ -147,9 +176,20 @@ def hf_config(cfg: ModelConfig):
 def _decoder_honours_local_theta() -> bool:
     from transformers import ModernBertDecoderConfig, ModernBertDecoderModel
 
-    tiny = ModernBertDecoderConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                   num_attention_heads=1, global_rope_theta=160000.0, local_rope_theta=10000.0,
-                                   pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0)
+    tiny = ModernBertDecoderConfig(
+        vocab_size=8,
+        hidden_size=8,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        global_rope_theta=160000.0,
+        local_rope_theta=10000.0,
+        pad_token_id=0,
+        bos_token_id=0,
+        eos_token_id=0,
+        cls_token_id=0,
+        sep_token_id=0,
+    )
     model = ModernBertDecoderModel(tiny)
     return not torch.equal(model.local_rotary_emb.inv_freq, model.global_rotary_emb.inv_freq)
 
@@ -159,27 +199,44 @@ def model_config_from_hf(hf) -> ModelConfig:
     if hf.model_type not in ("modernbert", "modernbert-decoder"):
         raise ConversionError(f"model_type '{hf.model_type}' is not ModernBERT or ModernBERT-decoder")
     cfg = ModelConfig(
-        vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-        num_layers=hf.num_hidden_layers, num_heads=hf.num_attention_heads,
-        max_position_embeddings=hf.max_position_embeddings, causal=causal,
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        max_position_embeddings=hf.max_position_embeddings,
+        causal=causal,
         global_every=hf.global_attn_every_n_layers,
         window_left=hf.sliding_window - 1 if causal else hf.local_attention // 2,
         window_right=0 if causal else hf.local_attention // 2,
         global_rope_theta=float(hf.global_rope_theta),
         local_rope_theta=float(hf.local_rope_theta if hf.local_rope_theta is not None else hf.global_rope_theta),
-        norm_eps=hf.norm_eps, init_std=hf.initializer_range, init_cutoff=hf.initializer_cutoff_factor,
-        pad_token_id=hf.pad_token_id, cls_token_id=hf.cls_token_id, sep_token_id=hf.sep_token_id,
+        norm_eps=hf.norm_eps,
+        init_std=hf.initializer_range,
+        init_cutoff=hf.initializer_cutoff_factor,
+        pad_token_id=hf.pad_token_id,
+        cls_token_id=hf.cls_token_id,
+        sep_token_id=hf.sep_token_id,
     )
     types = getattr(hf, "layer_types", None)
     if causal and types is not None and list(types) != layer_types(cfg):
         raise ConversionError(f"layer_types {types} do not follow 'global every {cfg.global_every} from layer 0'")
-    if hf.hidden_activation not in ("gelu", "gelu_python") or getattr(hf, "norm_bias", False) or getattr(hf, "attention_bias", False):
+    if (
+        hf.hidden_activation not in ("gelu", "gelu_python")
+        or getattr(hf, "norm_bias", False)
+        or getattr(hf, "attention_bias", False)
+    ):
         raise ConversionError("only the Ettin/ModernBERT layout is supported (exact GELU, no norm or attention biases)")
     return cfg
 
 
-def export(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path, tokenizer: str | None = None,
-           objective: str | None = None) -> Path:
+def export(
+    cfg: ModelConfig,
+    state: dict[str, torch.Tensor],
+    out_dir: str | Path,
+    tokenizer: str | None = None,
+    objective: str | None = None,
+) -> Path:
     """Write config.json + model.safetensors (+ generation_config.json for a decoder, + tokenizer
     files) that transformers loads offline. ``objective`` (mlm, mntp or clm; see
     :func:`checkpoint_objective`) records what the head predicts; an MNTP model must pass it."""
@@ -191,8 +248,11 @@ def export(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path
     hf.save_pretrained(out)
     if cfg.causal:
         generation_config(cfg).save_pretrained(out)
-    save_file({k: v.float() for k, v in to_hf_state_dict(cfg, state).items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.float() for k, v in to_hf_state_dict(cfg, state).items()},
+        str(out / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     if tokenizer:
         save_tokenizer(tokenizer, cfg, out)
     return out
@@ -213,8 +273,9 @@ def _record_objective(hf, objective: str, causal: bool) -> None:
     if objective not in LABEL_SHIFT:
         raise ConversionError(f"unknown objective '{objective}': use one of {', '.join(LABEL_SHIFT)}")
     if (objective == "clm") != causal:
-        raise ConversionError(f"objective {objective} does not match {'a decoder' if causal else 'an encoder'} "
-                              f"(model.causal={causal})")
+        raise ConversionError(
+            f"objective {objective} does not match {'a decoder' if causal else 'an encoder'} (model.causal={causal})"
+        )
     hf.ettin_objective, hf.ettin_label_shift = objective, LABEL_SHIFT[objective]
 
 
@@ -246,10 +307,18 @@ def save_tokenizer(tokenizer_json: str, cfg: ModelConfig, out: Path) -> None:
     try:
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path))
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a bad file
-        raise ConversionError(f"tokenizer file {path} cannot be read ({str(e).splitlines()[0]}): pass a tokenizer.json "
-                              "written by `data_tools train-tokenizer` or transformers") from None
-    names = {"cls_token": cfg.cls_token_id, "sep_token": cfg.sep_token_id, "pad_token": cfg.pad_token_id,
-             "mask_token": cfg.mask_token_id, "bos_token": cfg.cls_token_id, "eos_token": cfg.sep_token_id}
+        raise ConversionError(
+            f"tokenizer file {path} cannot be read ({str(e).splitlines()[0]}): pass a tokenizer.json "
+            "written by `data_tools train-tokenizer` or transformers"
+        ) from None
+    names = {
+        "cls_token": cfg.cls_token_id,
+        "sep_token": cfg.sep_token_id,
+        "pad_token": cfg.pad_token_id,
+        "mask_token": cfg.mask_token_id,
+        "bos_token": cfg.cls_token_id,
+        "eos_token": cfg.sep_token_id,
+    }
     special = {k: tok.convert_ids_to_tokens(i) for k, i in names.items() if i < len(tok)}
     tok.add_special_tokens(special)
     tok.save_pretrained(out)
@@ -264,11 +333,15 @@ def load_hf(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ConversionError(f"{path} has no config.json: pass a Hugging Face model directory")
-    read_json(path / "config.json", "restore it from the model's source")  # names a damaged file; transformers would not
+    read_json(
+        path / "config.json", "restore it from the model's source"
+    )  # names a damaged file; transformers would not
     try:
         hf_cfg = AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise ConversionError(f"{path / 'config.json'}: transformers cannot read it ({str(e).splitlines()[0]})") from None
+        raise ConversionError(
+            f"{path / 'config.json'}: transformers cannot read it ({str(e).splitlines()[0]})"
+        ) from None
     cfg = model_config_from_hf(hf_cfg)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -310,8 +383,13 @@ def compare_with_transformers(path: str | Path, lengths=(1, 5, 64, 129, 300), se
     cu = torch.tensor([0] + lengths).cumsum(0).to(torch.int32)
     got = ours(torch.cat(docs), cu)
     diff = (got - ref).abs()
-    return {"max_abs_diff": float(diff.max()), "finite": bool(torch.isfinite(got).all() and torch.isfinite(ref).all()),
-            "max_abs_logit": float(ref.abs().max()), "lengths": lengths, "model": DECODER if cfg.causal else ENCODER}
+    return {
+        "max_abs_diff": float(diff.max()),
+        "finite": bool(torch.isfinite(got).all() and torch.isfinite(ref).all()),
+        "max_abs_logit": float(ref.abs().max()),
+        "lengths": lengths,
+        "model": DECODER if cfg.causal else ENCODER,
+    }
 
 
 def save_weights(path: str | Path, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> Path:
@@ -350,6 +428,9 @@ def load_weights(path: str | Path, verify_all: bool = False) -> tuple[ModelConfi
     body = read_json(path / MODEL_JSON, RESTORE)
     known = {f.name for f in fields(ModelConfig)}
     if set(body) - known:
-        raise FileError(path / MODEL_JSON, f"has keys this ettin does not know: {sorted(set(body) - known)}",
-                        "export it with the ettin version that wrote it")
+        raise FileError(
+            path / MODEL_JSON,
+            f"has keys this ettin does not know: {sorted(set(body) - known)}",
+            "export it with the ettin version that wrote it",
+        )
     return ModelConfig(**body), load_safetensors(path / WEIGHTS_FILE, RESTORE)

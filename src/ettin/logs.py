@@ -3,6 +3,7 @@
 Every process of a job writes to the same Slurm output file, so the other ranks stay quiet unless
 something is wrong, and then they say which rank they are.
 """
+
 from __future__ import annotations
 
 import logging

@@ -52,6 +52,7 @@ a little spare). DeepSpeed line numbers are of deepspeed 0.19.8 (runtime/…).
 refuses only what is predicted not to fit at all. The activation count is checked against what a
 real forward keeps (tests/test_memory.py); the rest is the accounting above.
 """
+
 from __future__ import annotations
 
 import math
@@ -77,17 +78,22 @@ def local_parameters(cfg: ModelConfig, tp: int) -> int:
     """Parameters on one rank: the TP-split ones divided by ``tp`` (= ``num_parameters`` at tp=1)."""
     h, i, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     split = v * h + v + n * (4 * h * h + 3 * h * i)  # embedding, vocab bias, qkv, attn out, Wi, Wo
-    whole = n * h + (n - 1) * h + 3 * h + h * h  # mlp norms, attn norms (not layer 0), embed/final/head norms, head dense
+    whole = (
+        n * h + (n - 1) * h + 3 * h + h * h
+    )  # mlp norms, attn norms (not layer 0), embed/final/head norms, head dense
     return split // tp + whole
 
 
-def layer_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int, first: bool = False,
-                          attention: str = "flash") -> float:
+def layer_bytes_per_token(
+    cfg: ModelConfig, dtype_bytes: int, tp: int, first: bool = False, attention: str = "flash"
+) -> float:
     """What one block's forward keeps for the backward, per token (see :func:`activation_bytes_per_token`)."""
     h, i, b = cfg.hidden_size, cfg.intermediate_size, dtype_bytes
     stats = 2 * 4  # a LayerNorm's fp32 mean and rstd per token
     whole = 4 * h * b + 2 * stats  # attn_norm's input (the residual) and output, mlp_norm's input and output
-    split = (6 * h + 4 * i) * b / tp  # qkv (whole storage, v is a view), rope'd q and k, attention out; Wi out, gelu, product
+    split = (
+        (6 * h + 4 * i) * b / tp
+    )  # qkv (whole storage, v is a view), rope'd q and k, attention out; Wi out, gelu, product
     if first:  # layer 0 has no attention norm: the embedding norm's output goes straight to qkv
         whole -= h * b + stats
     out = whole + split + attention_saved_bytes_per_token(cfg, dtype_bytes, tp, attention)
@@ -115,8 +121,9 @@ def attention_saved_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int,
     raise EttinError(f"attention must be flash or sdpa, got {attention!r}")
 
 
-def activation_bytes_per_token(model_cfg: ModelConfig, dtype_bytes: int, tp: int, label_fraction: float,
-                               attention: str = "flash") -> float:
+def activation_bytes_per_token(
+    model_cfg: ModelConfig, dtype_bytes: int, tp: int, label_fraction: float, attention: str = "flash"
+) -> float:
     """Bytes autograd keeps from the forward for the backward, per token of a micro-batch, with
     ``label_fraction`` of the tokens labelled (the head runs only there). Parameters are not
     counted, nor the head's per-micro-batch ``grad_w``/``grad_b`` (see :func:`head_bytes`).
@@ -136,8 +143,12 @@ def activation_bytes_per_token(model_cfg: ModelConfig, dtype_bytes: int, tp: int
     h, stats = m.hidden_size, 2 * 4
     if attention == "sdpa" and not all(m.is_global(layer) for layer in range(m.num_layers)):
         raise EttinError("attention='sdpa' models SDPA's per-document (global) path only: set model.global_every=1")
-    layers = sum(layer_bytes_per_token(m, b, tp, first=layer == 0, attention=attention) for layer in range(m.num_layers))
-    once = 8 + 2 * (h * b + stats)  # ids; embedding (embed_norm's input) and the last block's output (final_norm's input)
+    layers = sum(
+        layer_bytes_per_token(m, b, tp, first=layer == 0, attention=attention) for layer in range(m.num_layers)
+    )
+    once = 8 + 2 * (
+        h * b + stats
+    )  # ids; embedding (embed_norm's input) and the last block's output (final_norm's input)
     if tp > 1:
         once += 1  # VocabParallelEmbedding's out-of-shard mask
     if b == 4:  # fp32: rotate()'s .to() is a no-op, so each kind's cos and sin are saved once, shared by its layers
@@ -201,8 +212,10 @@ def _static_bytes(cfg, dp: int, tp: int) -> dict[str, float]:
     p = local_parameters(cfg.model, tp)
     stage, fp32_accum = cfg.parallel.zero_stage, cfg.train.grad_accum_dtype == "fp32"
     shard = p / dp  # ZeRO 1 and 2 partition the optimizer state over DP
-    largest = max(cfg.model.vocab_size // tp * cfg.model.hidden_size,
-                  2 * cfg.model.intermediate_size // tp * cfg.model.hidden_size)
+    largest = max(
+        cfg.model.vocab_size // tp * cfg.model.hidden_size,
+        2 * cfg.model.intermediate_size // tp * cfg.model.hidden_size,
+    )
     # train/engine.py: communication_data_type = grad_accum_dtype; overlap_comm (two reduce buckets) at ZeRO-2
     comm = 4 if fp32_accum else PARAM_BYTES
     bucket = PARAM_BYTES * REDUCE_BUCKET_ELEMENTS  # contiguous_gradients' bf16 staging bucket
@@ -216,8 +229,13 @@ def _static_bytes(cfg, dp: int, tp: int) -> dict[str, float]:
     else:  # stage 2: partitioned, reduced every micro-batch from two buckets (cast to the wire dtype)
         grads = (4 if fp32_accum else PARAM_BYTES) * shard + 2 * bucket + comm * REDUCE_BUCKET_ELEMENTS + oversized
         reduce = 0 if fp32_accum else 4 * shard
-    return {"parameters": p, "weights": PARAM_BYTES * p, "master_and_moments": 12 * shard, "grads": grads,
-            "step_transient": max(reduce, OPTIMIZER_TEMPORARIES * 4 * shard)}
+    return {
+        "parameters": p,
+        "weights": PARAM_BYTES * p,
+        "master_and_moments": 12 * shard,
+        "grads": grads,
+        "step_transient": max(reduce, OPTIMIZER_TEMPORARIES * 4 * shard),
+    }
 
 
 def estimate(cfg, dp: int, tp: int | None = None, micro_tokens: int | None = None) -> MemoryEstimate:
@@ -234,16 +252,32 @@ def estimate(cfg, dp: int, tp: int | None = None, micro_tokens: int | None = Non
     workspace = layer_bytes_per_token(cfg.model, PARAM_BYTES, tp)  # the backward's working space
     activations = tokens * (per_token + workspace)
     head = head_bytes(cfg.model, tp, fraction * tokens)
-    allocated = (static["weights"] + static["master_and_moments"] + static["grads"]
-                 + max(activations + head, static["step_transient"]))
+    allocated = (
+        static["weights"]
+        + static["master_and_moments"]
+        + static["grads"]
+        + max(activations + head, static["step_transient"])
+    )
     overhead = FIXED_OVERHEAD_GB * GB + FRAGMENTATION * allocated
     return MemoryEstimate(
-        dp=dp, tp=tp, zero_stage=cfg.parallel.zero_stage, grad_accum_dtype=cfg.train.grad_accum_dtype,
-        micro_tokens=budget, tokens=tokens, label_fraction=fraction, parameters=static["parameters"],
-        device_memory_gb=cfg.train.device_memory_gb, weights=static["weights"] / GB,
-        master_and_moments=static["master_and_moments"] / GB, grads=static["grads"] / GB, activations=activations / GB,
-        head=head / GB, step_transient=static["step_transient"] / GB, overhead=overhead / GB,
-        total=(allocated + overhead) / GB)
+        dp=dp,
+        tp=tp,
+        zero_stage=cfg.parallel.zero_stage,
+        grad_accum_dtype=cfg.train.grad_accum_dtype,
+        micro_tokens=budget,
+        tokens=tokens,
+        label_fraction=fraction,
+        parameters=static["parameters"],
+        device_memory_gb=cfg.train.device_memory_gb,
+        weights=static["weights"] / GB,
+        master_and_moments=static["master_and_moments"] / GB,
+        grads=static["grads"] / GB,
+        activations=activations / GB,
+        head=head / GB,
+        step_transient=static["step_transient"] / GB,
+        overhead=overhead / GB,
+        total=(allocated + overhead) / GB,
+    )
 
 
 def rank_share_tokens(cfg, dp: int) -> int:
@@ -289,4 +323,5 @@ def check_fits(cfg, dp: int, tp: int | None = None, micro_tokens: int | None = N
     raise ConfigError(
         f"predicted peak memory {e.total:.1f} GB per GPU exceeds train.device_memory_gb={e.device_memory_gb:g} "
         f"(weights {e.weights:.1f}, optimizer {e.master_and_moments:.1f}, grads {e.grads:.1f}, activations "
-        f"{e.activations:.1f} for {e.tokens} tokens, head {e.head:.1f}, overhead {e.overhead:.1f}): {', '.join(knobs)}")
+        f"{e.activations:.1f} for {e.tokens} tokens, head {e.head:.1f}, overhead {e.overhead:.1f}): {', '.join(knobs)}"
+    )

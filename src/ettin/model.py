@@ -10,6 +10,7 @@ Inputs are unpadded: ``input_ids`` is a flat stream of documents laid end to end
 ``cu_seqlens`` marks where each starts. Tensor-parallel layers come from ``ettin.parallel``;
 at TP=1 they are the same layers over a group of one.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,8 +51,10 @@ class Rotary(nn.Module):
         self.head_dim, self.theta = head_dim, theta
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float() / self.head_dim
-        inv_freq = 1.0 / (self.theta ** exponents)
+        exponents = (
+            torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=positions.device).float() / self.head_dim
+        )
+        inv_freq = 1.0 / (self.theta**exponents)
         freqs = positions[:, None].float() * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [tokens, 1 (heads), head_dim]
         return emb.cos(), emb.sin()
@@ -102,19 +105,27 @@ class Transformer(nn.Module):
         init(self.head_dense.weight)
         self.head_norm = nn.LayerNorm(h, eps=eps, bias=False)
         self.head_bias = vocab_bias(cfg.vocab_size)
-        self.rope = nn.ModuleDict({
-            "global": Rotary(cfg.head_dim, cfg.global_rope_theta),
-            "local": Rotary(cfg.head_dim, cfg.local_rope_theta),
-        })
+        self.rope = nn.ModuleDict(
+            {
+                "global": Rotary(cfg.head_dim, cfg.global_rope_theta),
+                "local": Rotary(cfg.head_dim, cfg.local_rope_theta),
+            }
+        )
         self.masks = {
             "global": MaskSpec(cfg.causal, None),
             "local": MaskSpec(cfg.causal, (cfg.window_left, cfg.window_right)),
         }
         self.attend = build_attention(attn_backend or cfg.attn_backend, device_type)
 
-    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor | Documents, max_seqlen: int | None = None,
-                labels: torch.Tensor | None = None, reduction: str = "mean",
-                label_index: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cu_seqlens: torch.Tensor | Documents,
+        max_seqlen: int | None = None,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
+        label_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits [tokens, vocab / TP] (this rank's vocab shard), or the loss over labelled tokens
         (``reduction``: mean, or sum for callers that normalize over a whole global batch).
 
@@ -129,19 +140,25 @@ class Transformer(nn.Module):
         if label_index is None:
             label_index = torch.nonzero(labels != IGNORE).squeeze(1)
         # the head runs only where there is a loss (MLM: the masked tokens)
-        total = linear_cross_entropy(self.head(x.index_select(0, label_index)), self.embed.weight, self.head_bias,
-                                     labels.index_select(0, label_index))
+        total = linear_cross_entropy(
+            self.head(x.index_select(0, label_index)),
+            self.embed.weight,
+            self.head_bias,
+            labels.index_select(0, label_index),
+        )
         return total if reduction == "sum" else total / max(label_index.numel(), 1)
 
     @torch.no_grad()
-    def score(self, input_ids: torch.Tensor, docs: Documents, labels: torch.Tensor,
-              label_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, input_ids: torch.Tensor, docs: Documents, labels: torch.Tensor, label_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed loss, labels predicted exactly) over the labelled tokens: evaluation's numbers,
         through the same head and loss as training."""
         x = self.hidden(input_ids, docs).index_select(0, label_index)
         correct = torch.zeros((), dtype=torch.int64, device=x.device)
-        total = linear_cross_entropy(self.head(x), self.embed.weight, self.head_bias, labels.index_select(0, label_index),
-                                     correct=correct)
+        total = linear_cross_entropy(
+            self.head(x), self.embed.weight, self.head_bias, labels.index_select(0, label_index), correct=correct
+        )
         return total, correct
 
     def hidden(self, input_ids: torch.Tensor, docs: Documents) -> torch.Tensor:

@@ -6,6 +6,7 @@ megatron-core layers over a group of one, so there is a single code path. Weight
 on the CPU from a full "master" tensor and split, which makes every TP size start from the
 same numbers for the same seed.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -13,13 +14,14 @@ import math
 import os
 import socket
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+
 from ettin.errors import EttinError
 
 with warnings.catch_warnings():  # megatron-core announces, per module, that it falls back to torch
@@ -27,7 +29,7 @@ with warnings.catch_warnings():  # megatron-core announces, per module, that it 
     from megatron.core import ModelParallelConfig, parallel_state, tensor_parallel
 
 
-def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: float = 600.0) -> None:
+def init_process_groups(tp: int = 1, backend: str | None = None, timeout_s: float = 600.0) -> None:
     """Initialize torch.distributed (from RANK/WORLD_SIZE env, or a group of one) and TP x DP groups."""
     skip_deepspeed_shm_op()
     if not dist.is_initialized():
@@ -42,14 +44,14 @@ def init_process_groups(tp: int = 1, backend: Optional[str] = None, timeout_s: f
             return
         parallel_state.destroy_model_parallel()
     if dist.get_world_size() % tp:
-        raise EttinError(
-            f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tp}"
-        )
+        raise EttinError(f"world size {dist.get_world_size()} is not divisible by parallel.tensor={tp}")
     # the TP and DP groups carry most collectives: give them the same bounded timeout. megatron's
     # own gloo groups go unused (ours are made by host_group, only where needed): not created.
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
-                                             create_gloo_process_groups=False)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        distributed_timeout_minutes=max(1, math.ceil(timeout_s / 60)),
+        create_gloo_process_groups=False,
+    )
     _HOST_GROUPS.clear()
     _HOST_GROUPS_TIMEOUT[0] = datetime.timedelta(seconds=timeout_s)
 
@@ -150,17 +152,34 @@ class RowLinear(tensor_parallel.RowParallelLinear):
 
 
 def column_linear(in_features: int, out_features: int, init: Callable) -> nn.Module:
-    return ColumnLinear(in_features, out_features, config=_mp_config(), init_method=init, bias=False, gather_output=False,
-                        tp_group=tp_group())
+    return ColumnLinear(
+        in_features,
+        out_features,
+        config=_mp_config(),
+        init_method=init,
+        bias=False,
+        gather_output=False,
+        tp_group=tp_group(),
+    )
 
 
 def row_linear(in_features: int, out_features: int, init: Callable) -> nn.Module:
-    return RowLinear(in_features, out_features, config=_mp_config(), init_method=init, bias=False,
-                     input_is_parallel=True, skip_bias_add=False, tp_group=tp_group())
+    return RowLinear(
+        in_features,
+        out_features,
+        config=_mp_config(),
+        init_method=init,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=False,
+        tp_group=tp_group(),
+    )
 
 
 def vocab_embedding(vocab_size: int, hidden: int, init: Callable) -> nn.Module:
-    return tensor_parallel.VocabParallelEmbedding(vocab_size, hidden, init_method=init, config=_mp_config(), tp_group=tp_group())
+    return tensor_parallel.VocabParallelEmbedding(
+        vocab_size, hidden, init_method=init, config=_mp_config(), tp_group=tp_group()
+    )
 
 
 def vocab_bias(vocab_size: int) -> nn.Parameter:
@@ -175,8 +194,14 @@ def copy_to_tp(x: torch.Tensor) -> torch.Tensor:
     return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=tp_group())
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = 1024, correct: torch.Tensor | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 1024,
+    correct: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``sum_i CE(x_i W^T + b, labels_i)`` for the vocab-split head ``W [V/tp, h]``, ``b [V/tp]``.
 
     The logits never exist whole: chunk by chunk of tokens they are computed into one reused
@@ -208,8 +233,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         buffer = torch.empty(min(chunk, x.shape[0]), rows, dtype=torch.float32, device=x.device)
         for s in range(0, x.shape[0], chunk):
-            xc, lc, hc = x[s:s + chunk], local[s:s + chunk, None], here[s:s + chunk, None]
-            logits = buffer[:len(xc)]
+            xc, lc, hc = x[s : s + chunk], local[s : s + chunk, None], here[s : s + chunk, None]
+            logits = buffer[: len(xc)]
             if x.dtype == torch.float32:
                 torch.addmm(bias, xc, weight.t(), out=logits)
             else:  # bf16 matmul, fp32 softmax
@@ -233,7 +258,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gx = torch.mm(delta, weight).float() * inv
             if tp > 1:
                 dist.all_reduce(gx, group=tp_group())
-            grad_x[s:s + len(xc)] = gx
+            grad_x[s : s + len(xc)] = gx
             grad_w += torch.mm(delta.t(), (xc.float() * inv).to(x.dtype)).float()
             grad_b += torch.mv(logits.t(), inv[:, 0])
         if grads:
@@ -277,8 +302,10 @@ def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     params = dict(model.named_parameters())
     missing, unexpected = set(params) - set(state), set(state) - set(params)
     if missing or unexpected:
-        raise EttinError(f"weights do not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
-                         "check the model config (size, vocab) against the checkpoint's model.json")
+        raise EttinError(
+            f"weights do not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}; "
+            "check the model config (size, vocab) against the checkpoint's model.json"
+        )
     for name, p in params.items():
         full = state[name]
         if is_tp_sharded(p):

@@ -26,6 +26,7 @@ Before the first step the trainer also checks the data's tokenizer against the m
 (:func:`check_tokenizer`) and loads the weights, each TP rank slicing its share of the whole
 tensors (:func:`start_from_hf`).
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,19 @@ from ettin.train.layout import MODEL_JSON, checkpoints_dir, is_checkpoint
 HF, RUN = "Hugging Face folder", "run folder"
 HF_MODEL_TYPES = ("modernbert", "modernbert-decoder")
 
-ARCHITECTURE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "global_every",
-                "norm_eps", "cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id")
+ARCHITECTURE = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "global_every",
+    "norm_eps",
+    "cls_token_id",
+    "sep_token_id",
+    "pad_token_id",
+    "mask_token_id",
+)
 ATTENTION = ("causal", "window_left", "window_right")
 PHASE = ("global_rope_theta", "local_rope_theta", "max_position_embeddings")
 SPECIALS = {"[CLS]": "cls_token_id", "[SEP]": "sep_token_id", "[PAD]": "pad_token_id", "[MASK]": "mask_token_id"}
@@ -59,8 +71,10 @@ def folder_kind(path: str | Path | None) -> str | None:
         except (json.JSONDecodeError, AttributeError):
             raise ConfigError(f"phase.init_checkpoint={path}: config.json is not a JSON object") from None
         if model_type not in HF_MODEL_TYPES:
-            raise ConfigError(f"phase.init_checkpoint={path}: config.json has model_type '{model_type}'; only "
-                              "ModernBERT encoders and ModernBERT decoders (modernbert, modernbert-decoder) can start a phase")
+            raise ConfigError(
+                f"phase.init_checkpoint={path}: config.json has model_type '{model_type}'; only "
+                "ModernBERT encoders and ModernBERT decoders (modernbert, modernbert-decoder) can start a phase"
+            )
         return HF
     if checkpoints_dir(p).is_dir() or is_checkpoint(p):
         return RUN
@@ -124,8 +138,10 @@ def adopt_checkpoint_model(cfg: ExperimentConfig, chosen: set[str], overridden: 
     kind = folder_kind(path) if cfg.phase.init != "scratch" else None
     if kind is None or (kind == RUN and not take_all):
         if take_all:
-            raise ConfigError(f"model={FROM_CHECKPOINT} needs phase.init_checkpoint to name a Hugging Face folder or a "
-                              f"run folder with a checkpoint (got {path!r}, with phase.init={cfg.phase.init})")
+            raise ConfigError(
+                f"model={FROM_CHECKPOINT} needs phase.init_checkpoint to name a Hugging Face folder or a "
+                f"run folder with a checkpoint (got {path!r}, with phase.init={cfg.phase.init})"
+            )
         return
     if kind == HF:
         theirs, unknown = hf_model_config(path)
@@ -139,7 +155,8 @@ def adopt_checkpoint_model(cfg: ExperimentConfig, chosen: set[str], overridden: 
         raise ConfigError(
             f"phase.init_checkpoint={path} is {'a decoder' if theirs.causal else 'an encoder'} and objective "
             f"{cfg.objective.name} trains {'a decoder' if m.causal else 'an encoder'}: that is the cross direction, "
-            "allowed only with phase.init=other_objective (phase=cross); or pick the checkpoint's objective")
+            "allowed only with phase.init=other_objective (phase=cross); or pick the checkpoint's objective"
+        )
     fields = ARCHITECTURE + (() if cross else ATTENTION)
     differences = []
     for key in fields:
@@ -150,8 +167,10 @@ def adopt_checkpoint_model(cfg: ExperimentConfig, chosen: set[str], overridden: 
             setattr(m, key, ckpt)
         elif ours != ckpt:
             source = "the override" if key in overridden else f"model={cfg.groups.get('model', '(experiment)')}"
-            differences.append(f"model.{key}: {source} gives {ours} but {where} has {ckpt}; use model={FROM_CHECKPOINT} "
-                               f"or model.{key}={ckpt} to take the checkpoint's")
+            differences.append(
+                f"model.{key}: {source} gives {ours} but {where} has {ckpt}; use model={FROM_CHECKPOINT} "
+                f"or model.{key}={ckpt} to take the checkpoint's"
+            )
     if differences:
         raise ConfigError("\n".join(differences))
     for key in PHASE:
@@ -206,9 +225,11 @@ def check_tokenizer(cfg: ExperimentConfig, manifest, path: str | Path) -> None:
     if data.get("vocab_size", 0) > cfg.model.vocab_size:
         bad.append("vocab")
     if bad:
-        raise ConfigError(f"the data's tokenizer ({describe(data)}; {data_where}) does not match the model's "
-                          f"({describe(model)}; {path}): prepare the data with the model's tokenizer "
-                          f"(ettin data prepare ... --tokenizer {path})")
+        raise ConfigError(
+            f"the data's tokenizer ({describe(data)}; {data_where}) does not match the model's "
+            f"({describe(model)}; {path}): prepare the data with the model's tokenizer "
+            f"(ettin data prepare ... --tokenizer {path})"
+        )
 
 
 class WholeTensors:
@@ -234,5 +255,7 @@ def start_from_hf(model: torch.nn.Module, optimizer, cfg: ExperimentConfig, mani
     check_tokenizer(cfg, manifest, path)
     theirs, weights = load_hf(path)
     restore_training_state(model, optimizer, WholeTensors(weights, path), None, 0)
-    say(f"phase {cfg.phase.name}: starting from {HF} {path} ({DECODER if theirs.causal else ENCODER}; "
-        f"weights only, fresh optimizer), clock reset")
+    say(
+        f"phase {cfg.phase.name}: starting from {HF} {path} ({DECODER if theirs.causal else ENCODER}; "
+        f"weights only, fresh optimizer), clock reset"
+    )

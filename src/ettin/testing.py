@@ -1,4 +1,5 @@
 """Helpers for tests that need real process groups: spawn gloo ranks on this machine."""
+
 from __future__ import annotations
 
 import datetime
@@ -10,7 +11,9 @@ import torch.multiprocessing as mp
 from ettin.parallel import free_port
 
 
-def run_distributed_test(fn, world_size: int, backend: str = "gloo", args: tuple = (), timeout_s: float = 300.0) -> None:
+def run_distributed_test(
+    fn, world_size: int, backend: str = "gloo", args: tuple = (), timeout_s: float = 300.0
+) -> None:
     """Run ``fn(*args)`` on ``world_size`` spawned ranks with torch.distributed initialized.
 
     ``fn`` must be importable (a module-level function); an exception on any rank fails the call.
@@ -19,8 +22,14 @@ def run_distributed_test(fn, world_size: int, backend: str = "gloo", args: tuple
 
 
 def _worker(rank, fn, world_size, backend, port, args, timeout_s):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), TORCH_CPP_LOG_LEVEL="ERROR")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        TORCH_CPP_LOG_LEVEL="ERROR",
+    )
     dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     try:
         fn(*args)
@@ -31,8 +40,14 @@ def _worker(rank, fn, world_size, backend, port, args, timeout_s):
         dist.destroy_process_group()
 
 
-def write_mds_source(path, samples, compression: str | None = "zstd", size_limit: int = 1 << 14,
-                     stats: dict | None = None, hashes: tuple[str, ...] = ("xxh3_64",)) -> None:
+def write_mds_source(
+    path,
+    samples,
+    compression: str | None = "zstd",
+    size_limit: int = 1 << 14,
+    stats: dict | None = None,
+    hashes: tuple[str, ...] = ("xxh3_64",),
+) -> None:
     """Write ``samples`` (lists of token ids) as a real MDS source folder with streaming's MDSWriter.
 
     Shards carry ``hashes`` in index.json as prepare writes them; ``hashes=()`` gives a folder
@@ -44,8 +59,9 @@ def write_mds_source(path, samples, compression: str | None = "zstd", size_limit
     from streaming import MDSWriter
 
     columns = {"input_ids": "ndarray:uint32", "id": "str"}
-    with MDSWriter(out=str(path), columns=columns, compression=compression, size_limit=size_limit,
-                   hashes=list(hashes)) as writer:
+    with MDSWriter(
+        out=str(path), columns=columns, compression=compression, size_limit=size_limit, hashes=list(hashes)
+    ) as writer:
         for i, ids in enumerate(samples):
             writer.write({"input_ids": np.asarray(ids, dtype=np.uint32), "id": f"doc{i}#0"})
     tokens = int(sum(len(s) for s in samples))
@@ -53,8 +69,9 @@ def write_mds_source(path, samples, compression: str | None = "zstd", size_limit
     (Path(path) / "stats.json").write_text(json.dumps(body))
 
 
-def synthetic_corpus(n: int, vocab: int, seed: int, min_len: int = 8, max_len: int = 64, cls_id: int = 1,
-                     sep_id: int = 2) -> list[list[int]]:
+def synthetic_corpus(
+    n: int, vocab: int, seed: int, min_len: int = 8, max_len: int = 64, cls_id: int = 1, sep_id: int = 2
+) -> list[list[int]]:
     """``n`` samples of random ordinary tokens wrapped [CLS] ... [SEP] (ids >= 5 are ordinary)."""
     import numpy as np
 

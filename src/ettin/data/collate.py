@@ -9,6 +9,7 @@ Token ``j`` of the sample at position ``p`` draws from a counter-based hash of (
 never from generator state, so a batch is the same whichever rank, worker or replay builds it.
 Each sample also gets a digest (XXH3-128 of its position, input ids and labels) for the ledger.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,7 +64,7 @@ class Batch:
             self._label_index = torch.nonzero(self.labels != IGNORE).squeeze(1)
         return self._label_index
 
-    def micro_batches(self, budget: int, count: int = 0, device: torch.device | str = "cpu") -> list["MicroBatch"]:
+    def micro_batches(self, budget: int, count: int = 0, device: torch.device | str = "cpu") -> list[MicroBatch]:
         """This batch cut by ``token_budget_cut`` into model inputs on ``device``, then one-token
         fillers up to ``count`` (every DP rank must run as many micro-batches as the busiest).
 
@@ -78,15 +79,20 @@ class Batch:
         out = []
         for a, b in token_budget_cut(bounds, budget):
             lo, hi = bounds[a], bounds[b]
-            docs = Documents(cu[a:b + 1] - lo, tuple(x - lo for x in bounds[a:b + 1]),
-                             max(bounds[d + 1] - bounds[d] for d in range(a, b)))
-            out.append(MicroBatch(tokens[0, lo:hi], tokens[1, lo:hi], docs, where[cuts[a]:cuts[b]] - lo))
+            docs = Documents(
+                cu[a : b + 1] - lo,
+                tuple(x - lo for x in bounds[a : b + 1]),
+                max(bounds[d + 1] - bounds[d] for d in range(a, b)),
+            )
+            out.append(MicroBatch(tokens[0, lo:hi], tokens[1, lo:hi], docs, where[cuts[a] : cuts[b]] - lo))
         return out + [MicroBatch.filler(device) for _ in range(count - len(out))]
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copies (DataLoader's pin thread calls this), so host-to-device copies are
         asynchronous; the label index is found here too, off the training loop's critical path."""
-        pinned = Batch(self.tokens.pin_memory(), self.cu_seqlens.pin_memory(), self.max_seqlen, self.positions, self.digests)
+        pinned = Batch(
+            self.tokens.pin_memory(), self.cu_seqlens.pin_memory(), self.max_seqlen, self.positions, self.digests
+        )
         pinned._label_index = self.label_index().pin_memory()
         return pinned
 
@@ -94,8 +100,13 @@ class Batch:
         # between loader processes the tokens go as shared memory and the small parts by value;
         # anywhere else (torch.save, all_gather_object) a view sends only its own part
         tokens = self.tokens if self.tokens.is_shared() else self.tokens.clone()
-        return {"tokens": tokens, "cu_seqlens": self.cu_seqlens.numpy(), "max_seqlen": self.max_seqlen,
-                "positions": self.positions.numpy(), "digests": self.digests}
+        return {
+            "tokens": tokens,
+            "cu_seqlens": self.cu_seqlens.numpy(),
+            "max_seqlen": self.max_seqlen,
+            "positions": self.positions.numpy(),
+            "digests": self.digests,
+        }
 
     def __setstate__(self, state):
         self.__dict__.update(state, _label_index=None)
@@ -112,12 +123,16 @@ class MicroBatch:
     label_index: torch.Tensor  # [labels] int64: where the labels are, found on the host
 
     @classmethod
-    def filler(cls, device) -> "MicroBatch":
+    def filler(cls, device) -> MicroBatch:
         """One token without a label: runs the collectives of a micro-batch, adds nothing. Made by
         kernels on the device (no host-to-device copy)."""
         docs = Documents(torch.arange(2, dtype=torch.int32, device=device), (0, 1), 1)
-        return cls(torch.zeros(1, dtype=torch.long, device=device), torch.full((1,), IGNORE, device=device), docs,
-                   torch.zeros(0, dtype=torch.long, device=device))
+        return cls(
+            torch.zeros(1, dtype=torch.long, device=device),
+            torch.full((1,), IGNORE, device=device),
+            docs,
+            torch.zeros(0, dtype=torch.long, device=device),
+        )
 
 
 def token_budget_cut(bounds: Sequence[int], budget: int) -> list[tuple[int, int]]:
@@ -167,7 +182,7 @@ def _mlm_rule(ids, labels, cu, positions, key, choose_below, mask_below, random_
     low20 = np.uint64(0xFFFFF)
     for d in range(len(positions)):
         base = (np.uint64(positions[d]) << np.uint64(24)) + key
-        doc_ids, doc_labels = ids[cu[d]:cu[d + 1]], labels[cu[d]:cu[d + 1]]
+        doc_ids, doc_labels = ids[cu[d] : cu[d + 1]], labels[cu[d] : cu[d + 1]]
         for j in range(len(doc_ids)):  # branch-free, non-negative indices: the compiler vectorizes it
             z = base + np.uint64(j)  # (p << 24 | j) + key, as j < 2^24
             z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -199,7 +214,9 @@ def mlm_kernel():
             kernel = numba.njit(nogil=True)(_mlm_rule)
         ids = np.zeros(1, np.int32)  # compile now, for exactly the argument types Collator passes
         one, zero = np.uint64(1), np.int32(0)
-        kernel(ids, ids.copy(), np.array([0, 1]), np.zeros(1, np.int64), one, one, one, one, one, zero, zero, zero, zero)
+        kernel(
+            ids, ids.copy(), np.array([0, 1]), np.zeros(1, np.int64), one, one, one, one, one, zero, zero, zero, zero
+        )
         _KERNEL = kernel
     return _KERNEL
 
@@ -235,8 +252,19 @@ class Collator:
     orionw/bert24 ``src/text_data.py`` is transformers' ``DataCollatorForLanguageModeling``,
     whose random words are ``torch.randint(len(tokenizer))`` over all 50,368 ids."""
 
-    def __init__(self, objective: str, seed: int, vocab_size: int, cls_id: int, sep_id: int, pad_id: int, mask_id: int,
-                 mask_rate: float = 0.3, mask_token_prob: float = 0.8, random_token_prob: float = 0.1):
+    def __init__(
+        self,
+        objective: str,
+        seed: int,
+        vocab_size: int,
+        cls_id: int,
+        sep_id: int,
+        pad_id: int,
+        mask_id: int,
+        mask_rate: float = 0.3,
+        mask_token_prob: float = 0.8,
+        random_token_prob: float = 0.1,
+    ):
         if objective not in OBJECTIVE_CAUSAL:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVE_CAUSAL)}, got {objective!r}")
         self.objective, self.seed, self.vocab_size = objective, int(seed), int(vocab_size)
@@ -244,10 +272,20 @@ class Collator:
         self.mask_rate, self.mask_token_prob, self.random_token_prob = mask_rate, mask_token_prob, random_token_prob
 
     @classmethod
-    def from_config(cls, cfg) -> "Collator":
+    def from_config(cls, cfg) -> Collator:
         m, o = cfg.model, cfg.objective
-        return cls(o.name, cfg.phase.seed, m.vocab_size, m.cls_token_id, m.sep_token_id, m.pad_token_id, m.mask_token_id,
-                   o.mask_rate, o.mask_token_prob, o.random_token_prob)
+        return cls(
+            o.name,
+            cfg.phase.seed,
+            m.vocab_size,
+            m.cls_token_id,
+            m.sep_token_id,
+            m.pad_token_id,
+            m.mask_token_id,
+            o.mask_rate,
+            o.mask_token_prob,
+            o.random_token_prob,
+        )
 
     @property
     def masks(self) -> bool:
@@ -262,10 +300,18 @@ class Collator:
     def apply_masks(self, inputs: np.ndarray, labels: np.ndarray, cu: np.ndarray, positions) -> None:
         """MLM-mask ``inputs`` in place and fill ``labels`` (the compiled ``_mlm_rule``). MNTP uses
         the same key ("mlm"), so its masks are exactly MLM's at the same seed and position."""
-        mlm_kernel()(inputs, labels, cu, np.asarray(positions, np.int64), np.uint64(derive_key(self.seed, "mlm")),
-                     np.uint64(_below(self.mask_rate)), np.uint64(_below(self.mask_token_prob)),
-                     np.uint64(_below(self.mask_token_prob + self.random_token_prob)), np.uint64(self.vocab_size),
-                     *(np.int32(t) for t in (self.cls_id, self.sep_id, self.pad_id, self.mask_id)))
+        mlm_kernel()(
+            inputs,
+            labels,
+            cu,
+            np.asarray(positions, np.int64),
+            np.uint64(derive_key(self.seed, "mlm")),
+            np.uint64(_below(self.mask_rate)),
+            np.uint64(_below(self.mask_token_prob)),
+            np.uint64(_below(self.mask_token_prob + self.random_token_prob)),
+            np.uint64(self.vocab_size),
+            *(np.int32(t) for t in (self.cls_id, self.sep_id, self.pad_id, self.mask_id)),
+        )
 
     def __call__(self, samples: list[np.ndarray], positions: list[int]) -> Batch:
         lengths = np.array([len(x) for x in samples], dtype=np.int64)
@@ -281,7 +327,9 @@ class Collator:
         else:
             next_token_labels(inputs, labels, cu)
         return Batch(
-            tokens=tokens, cu_seqlens=torch.from_numpy(cu.astype(np.int32)), max_seqlen=int(lengths.max(initial=0)),
+            tokens=tokens,
+            cu_seqlens=torch.from_numpy(cu.astype(np.int32)),
+            max_seqlen=int(lengths.max(initial=0)),
             positions=torch.tensor(list(positions), dtype=torch.int64),
             digests=sample_digests(inputs, labels, cu, positions),
         )

@@ -8,12 +8,14 @@ is raised as an :class:`ettin.errors.EttinError`, which the caller's
 imports nothing heavy (no torch, numpy, streaming, pyarrow or tokenizers): the handlers import
 what they use.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import NamedTuple
 
 from ettin.data.inputs import input_suffixes
 from ettin.data.prepare import DEFAULT_SEQ_LEN
@@ -35,56 +37,101 @@ def _progress(args) -> bool:
 
 def add_input_arguments(p: argparse.ArgumentParser) -> None:
     """The corpus arguments ``prepare`` and ``train-tokenizer`` share."""
-    p.add_argument("inputs", nargs="*", metavar="INPUT",
-                   help=f"{input_suffixes()} files, or directories "
-                        "holding them (walked recursively, in sorted order)")
-    p.add_argument("--plain-text", action="extend", nargs="+", default=[], metavar="PATH",
-                   help="files, or directories whose every file, are one document each "
-                        "(e.g. --plain-text Lib/*.py; give INPUTs before it)")
-    p.add_argument("--include", action="append", default=[], metavar="GLOB",
-                   help="only files whose name matches GLOB, when walking directories "
-                        "(repeatable; e.g. '*.py')")
-    p.add_argument("--text-field", default="text", metavar="NAME",
-                   help="the text field of JSONL records and parquet rows (default: text)")
+    p.add_argument(
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help=f"{input_suffixes()} files, or directories holding them (walked recursively, in sorted order)",
+    )
+    p.add_argument(
+        "--plain-text",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="PATH",
+        help="files, or directories whose every file, are one document each "
+        "(e.g. --plain-text Lib/*.py; give INPUTs before it)",
+    )
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only files whose name matches GLOB, when walking directories (repeatable; e.g. '*.py')",
+    )
+    p.add_argument(
+        "--text-field",
+        default="text",
+        metavar="NAME",
+        help="the text field of JSONL records and parquet rows (default: text)",
+    )
 
 
 def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     add_input_arguments(p)
     p.add_argument("--out", "-o", required=True, metavar="DIR", help="output dataset directory")
-    p.add_argument("--tokenizer", required=True, metavar="PATH",
-                   help="a local tokenizer.json (or a directory holding one)")
-    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, metavar="N",
-                   help=f"tokens per sample, [CLS] and [SEP] included (default: "
-                        f"{DEFAULT_SEQ_LEN}; the recipe also uses 7999)")
+    p.add_argument(
+        "--tokenizer", required=True, metavar="PATH", help="a local tokenizer.json (or a directory holding one)"
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=DEFAULT_SEQ_LEN,
+        metavar="N",
+        help=f"tokens per sample, [CLS] and [SEP] included (default: {DEFAULT_SEQ_LEN}; the recipe also uses 7999)",
+    )
     p.add_argument("--cls-id", type=int, metavar="ID", help="default: the tokenizer's [CLS]")
     p.add_argument("--sep-id", type=int, metavar="ID", help="default: the tokenizer's [SEP]")
-    p.add_argument("--shard-size", default="64mb", metavar="SIZE",
-                   help="uncompressed bytes per shard, e.g. 64mb (default) or 1048576")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="tokenizer processes, one core each (default: 1); the output does not "
-                        "depend on it")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a finished or unfinished dataset in --out")
+    p.add_argument(
+        "--shard-size",
+        default="64mb",
+        metavar="SIZE",
+        help="uncompressed bytes per shard, e.g. 64mb (default) or 1048576",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tokenizer processes, one core each (default: 1); the output does not depend on it",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a finished or unfinished dataset in --out")
     p.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
 
 
 def add_train_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     add_input_arguments(p)
     p.add_argument("--out", "-o", required=True, metavar="FILE", help="the tokenizer.json to write")
-    p.add_argument("--vocab-size", type=int, required=True, metavar="N",
-                   help="vocabulary size, special tokens included (at least 261)")
-    p.add_argument("--min-frequency", type=int, default=2, metavar="N",
-                   help="merge only pairs seen at least N times (default: 2)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        required=True,
+        metavar="N",
+        help="vocabulary size, special tokens included (at least 261)",
+    )
+    p.add_argument(
+        "--min-frequency", type=int, default=2, metavar="N", help="merge only pairs seen at least N times (default: 2)"
+    )
     p.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("directory", metavar="DIR", help="the dataset directory (holds index.json)")
-    p.add_argument("--decode", type=int, default=1, metavar="N",
-                   help="show the first N samples (default: 1), decoded with --tokenizer")
+    p.add_argument(
+        "--decode",
+        type=int,
+        default=1,
+        metavar="N",
+        help="show the first N samples (default: 1), decoded with --tokenizer",
+    )
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json to decode samples with")
-    p.add_argument("--max-chars", type=int, default=400, metavar="N",
-                   help="cut each decoded sample after N characters (default: 400)")
+    p.add_argument(
+        "--max-chars",
+        type=int,
+        default=400,
+        metavar="N",
+        help="cut each decoded sample after N characters (default: 400)",
+    )
     p.add_argument("--quiet", "-q", action="store_true", help=QUIET_HELP)
 
 
@@ -97,18 +144,31 @@ def cmd_prepare(args) -> int:
 
     started = time.perf_counter()
     try:
-        stats = prepare(args.inputs, args.out, args.tokenizer, plain_text=args.plain_text,
-                        include=args.include, seq_len=args.seq_len, text_field=args.text_field,
-                        cls_id=args.cls_id, sep_id=args.sep_id, shard_size=args.shard_size,
-                        workers=args.workers, overwrite=args.overwrite,
-                        progress=_progress(args), log=print)
+        stats = prepare(
+            args.inputs,
+            args.out,
+            args.tokenizer,
+            plain_text=args.plain_text,
+            include=args.include,
+            seq_len=args.seq_len,
+            text_field=args.text_field,
+            cls_id=args.cls_id,
+            sep_id=args.sep_id,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=_progress(args),
+            log=print,
+        )
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     seconds = time.perf_counter() - started
     print(format_report(stats, args.out))
-    print(f"done in {seconds:.1f} s ({stats['tokens'] / seconds:,.0f} tokens/s, "
-          f"{stats['text_bytes'] / seconds / 1e6:.2f} MB/s of text)")
+    print(
+        f"done in {seconds:.1f} s ({stats['tokens'] / seconds:,.0f} tokens/s, "
+        f"{stats['text_bytes'] / seconds / 1e6:.2f} MB/s of text)"
+    )
     return 0
 
 
@@ -118,10 +178,15 @@ def cmd_train_tokenizer(args) -> int:
 
     from ettin.data.tokenizer import TokenizerError, train_tokenizer
 
-    tokenizer, read = train_tokenizer(args.inputs, args.vocab_size, plain_text=args.plain_text,
-                                      include=args.include, text_field=args.text_field,
-                                      min_frequency=args.min_frequency,
-                                      progress=_progress(args))
+    tokenizer, read = train_tokenizer(
+        args.inputs,
+        args.vocab_size,
+        plain_text=args.plain_text,
+        include=args.include,
+        text_field=args.text_field,
+        min_frequency=args.min_frequency,
+        progress=_progress(args),
+    )
     out = Path(args.out)
     if out.is_dir():
         raise TokenizerError(f"--out {out} is a directory; name the tokenizer.json file")
@@ -129,9 +194,11 @@ def cmd_train_tokenizer(args) -> int:
     tokenizer.save(str(out))
     bad = sum(read.bad_records.values())
     sha = hashlib.sha256(out.read_bytes()).hexdigest()
-    print(f"wrote {out}: vocab {tokenizer.get_vocab_size(with_added_tokens=True)}, trained on "
-          f"{read.documents:,} documents ({read.text_bytes / 1e6:.1f} MB)"
-          + (f", skipped {bad:,} bad records" if bad else ""))
+    print(
+        f"wrote {out}: vocab {tokenizer.get_vocab_size(with_added_tokens=True)}, trained on "
+        f"{read.documents:,} documents ({read.text_bytes / 1e6:.1f} MB)"
+        + (f", skipped {bad:,} bad records" if bad else "")
+    )
     print(f"sha256 {sha}")
     return 0
 
@@ -166,17 +233,23 @@ COMMANDS: dict[str, DataCommand] = {
         "Tokenize documents, chunk them ([CLS] ... [SEP], at most --seq-len tokens, never across "
         "documents) and write zstd MDS shards + stats.json. A killed run resumes when rerun with "
         "the same arguments.",
-        add_prepare_arguments, cmd_prepare),
+        add_prepare_arguments,
+        cmd_prepare,
+    ),
     "train-tokenizer": DataCommand(
         "train a small byte-level BPE tokenizer",
         f"Train a byte-level BPE tokenizer whose special tokens are {' '.join(SPECIAL_TOKENS)} = "
         f"ids 0..{len(SPECIAL_TOKENS) - 1}, and save tokenizer.json.",
-        add_train_tokenizer_arguments, cmd_train_tokenizer),
+        add_train_tokenizer_arguments,
+        cmd_train_tokenizer,
+    ),
     "inspect": DataCommand(
         "summarize an MDS dataset directory",
         "Summarize an MDS dataset directory (prepare --out): shards, samples, tokens, "
         "sample-length histogram, stats.json, and the first samples.",
-        add_inspect_arguments, cmd_inspect),
+        add_inspect_arguments,
+        cmd_inspect,
+    ),
 }
 
 
@@ -191,7 +264,7 @@ def add_data_parser(subparsers) -> argparse.ArgumentParser:
     return data
 
 
-def build_parser(name: str, prog: Optional[str] = None) -> argparse.ArgumentParser:
+def build_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
     """One tool alone (``python -m data_tools NAME``), with ``func`` set to its handler."""
     command = COMMANDS[name]
     p = argparse.ArgumentParser(prog=prog, description=command.description)
@@ -200,7 +273,7 @@ def build_parser(name: str, prog: Optional[str] = None) -> argparse.ArgumentPars
     return p
 
 
-def run_tool(name: str, argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+def run_tool(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
     """Parse ``argv`` for one tool and run its handler; an EttinError is one line and exit 2."""
     args = build_parser(name, prog).parse_args(argv)
     return run_reporting(lambda: args.func(args))

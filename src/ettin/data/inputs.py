@@ -33,6 +33,7 @@ broken ``.parquet``) is an :class:`InputError` naming it.
 Light on purpose: nothing heavy at import (pyarrow and zstandard are imported by the readers that
 need them), so the command-line parsers can use :data:`INPUT_FORMATS` for their help.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -40,10 +41,11 @@ import gzip
 import io
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
 from ettin.errors import EttinError
 
@@ -86,7 +88,7 @@ class BadRecord(NamedTuple):
     detail: str
 
 
-Record = Union[Document, BadRecord]
+Record = Document | BadRecord
 
 
 def _clean_id(raw_id) -> str:
@@ -107,15 +109,17 @@ def _document(source: InputFile, line: int, text, raw_id, text_field: str):
         except UnicodeDecodeError as e:
             return BadRecord("non_utf8", line, f"invalid UTF-8 at byte {e.start} of {text_field!r}")
     if not isinstance(text, str):
-        return BadRecord("missing_text", line,
-                         f"{text_field!r} is a {type(text).__name__}, not a string")
+        return BadRecord("missing_text", line, f"{text_field!r} is a {type(text).__name__}, not a string")
     if not text or text.isspace():
         return BadRecord("empty_text", line, f"{text_field!r} is empty or whitespace")
     try:
         text_bytes = len(text.encode("utf-8"))
     except UnicodeEncodeError as e:
-        return BadRecord("non_utf8", line, f"{text_field!r} holds a lone surrogate "
-                                           f"(U+{ord(text[e.start]):04X}) at character {e.start}")
+        return BadRecord(
+            "non_utf8",
+            line,
+            f"{text_field!r} holds a lone surrogate (U+{ord(text[e.start]):04X}) at character {e.start}",
+        )
     doc_id = f"{source.name}:{line}" if raw_id is None or raw_id == "" else _clean_id(raw_id)
     return Document(line, doc_id, text, text_bytes)
 
@@ -159,8 +163,7 @@ def _jsonl_records(source: InputFile, text_field: str) -> Iterator[Record]:
                 yield BadRecord("invalid_json", line_no, f"{e.msg} at column {e.colno}")
                 continue
             if not isinstance(record, dict):
-                yield BadRecord("missing_text", line_no,
-                                f"the line is a JSON {type(record).__name__}, not an object")
+                yield BadRecord("missing_text", line_no, f"the line is a JSON {type(record).__name__}, not an object")
                 continue
             yield _document(source, line_no, record.get(text_field), record.get("id"), text_field)
 
@@ -196,8 +199,7 @@ def _text_records(source: InputFile, text_field: str) -> Iterator[Record]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        yield BadRecord("non_utf8", data.count(b"\n", 0, e.start) + 1,
-                        f"invalid UTF-8 at byte {e.start}")
+        yield BadRecord("non_utf8", data.count(b"\n", 0, e.start) + 1, f"invalid UTF-8 at byte {e.start}")
         return
     if not text or text.isspace():
         yield BadRecord("empty_text", 1, "the file is empty or whitespace")
@@ -217,8 +219,12 @@ class InputFormat(NamedTuple):
 
 
 INPUT_FORMATS: tuple[InputFormat, ...] = (
-    InputFormat("jsonl", (".jsonl", ".jsonl.gz", ".jsonl.zst"), _jsonl_records,
-                "one JSON object per line, one document each (plain, gzip or zstd)"),
+    InputFormat(
+        "jsonl",
+        (".jsonl", ".jsonl.gz", ".jsonl.zst"),
+        _jsonl_records,
+        "one JSON object per line, one document each (plain, gzip or zstd)",
+    ),
     InputFormat("parquet", (".parquet",), _parquet_records, "one document per row"),
     InputFormat(PLAIN_TEXT_KIND, (".txt",), _text_records, "the whole file is one document"),
 )
@@ -230,7 +236,7 @@ def input_suffixes(last: str = "or") -> str:
     return f"{', '.join(suffixes[:-1])} {last} {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
 
 
-def _kind_of(filename: str) -> Optional[str]:
+def _kind_of(filename: str) -> str | None:
     for fmt in INPUT_FORMATS:
         if filename.endswith(fmt.suffixes):
             return fmt.kind
@@ -249,17 +255,19 @@ def _walk(directory: Path) -> Iterator[Path]:
                 yield Path(root) / filename
 
 
-def find_inputs(paths: Sequence[Union[str, Path]], *,
-                plain_text: Sequence[Union[str, Path]] = (),
-                include: Sequence[str] = ()) -> list[InputFile]:
+def find_inputs(
+    paths: Sequence[str | Path], *, plain_text: Sequence[str | Path] = (), include: Sequence[str] = ()
+) -> list[InputFile]:
     """Expand files and directories into input files, sorted by name (module docstring)."""
     found: dict[str, InputFile] = {}
 
     def add(source: InputFile) -> None:
         other = found.get(source.name)
         if other is not None and other.path != source.path:
-            raise InputError(f"inputs {other.path} and {source.path} would both be named "
-                             f"{source.name!r}; pass a directory above them instead")
+            raise InputError(
+                f"inputs {other.path} and {source.path} would both be named "
+                f"{source.name!r}; pass a directory above them instead"
+            )
         found[source.name] = source
 
     args = [(Path(p), False) for p in paths] + [(Path(p), True) for p in plain_text]
@@ -279,12 +287,14 @@ def find_inputs(paths: Sequence[Union[str, Path]], *,
         else:
             kind = PLAIN_TEXT_KIND if as_text else _kind_of(path.name)
             if kind is None:
-                raise InputError(f"input {path}: unknown format; expected {input_suffixes()} "
-                                 f"(or pass it with --plain-text)")
+                raise InputError(
+                    f"input {path}: unknown format; expected {input_suffixes()} (or pass it with --plain-text)"
+                )
             add(InputFile.of(path, path.name, kind))
     if not found:
-        raise InputError(f"no input files found under {', '.join(str(p) for p, _ in args)}; "
-                         f"expected {input_suffixes()} files")
+        raise InputError(
+            f"no input files found under {', '.join(str(p) for p, _ in args)}; expected {input_suffixes()} files"
+        )
     return [found[name] for name in sorted(found)]
 
 
@@ -308,5 +318,4 @@ def iter_records(source: InputFile, text_field: str = "text") -> Iterator[Record
         if not isinstance(e, _read_errors()):
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"cannot read input {source.path}: {reason}; fix or remove the file "
-                         f"and rerun") from None
+        raise InputError(f"cannot read input {source.path}: {reason}; fix or remove the file and rerun") from None

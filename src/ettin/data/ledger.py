@@ -5,6 +5,7 @@ hash of its global batch (every sample's input ids and labels, masks included). 
 holds the steps since the previous one plus a header (fingerprint, seed, schedule), so "the data
 between checkpoint k-1 and k" is exact, and ``replay`` proves it by rebuilding and re-hashing.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -33,14 +34,20 @@ class Ledger:
         self.entries: list[LedgerEntry] = []
 
     @classmethod
-    def for_pipeline(cls, pipeline, cfg) -> "Ledger":
+    def for_pipeline(cls, pipeline, cfg) -> Ledger:
         from ettin.data.collate import SAMPLE_DIGEST
         from ettin.data.order import ORDER_VERSION
 
-        return cls({"fingerprint": pipeline.manifest.fingerprint(), "order_version": ORDER_VERSION,
-                    "sample_digest": SAMPLE_DIGEST,
-                    "phase": cfg.phase.name, "sources": [x.name for x in pipeline.manifest.sources],
-                    "order": order_key(cfg, pipeline.schedule)})
+        return cls(
+            {
+                "fingerprint": pipeline.manifest.fingerprint(),
+                "order_version": ORDER_VERSION,
+                "sample_digest": SAMPLE_DIGEST,
+                "phase": cfg.phase.name,
+                "sources": [x.name for x in pipeline.manifest.sources],
+                "order": order_key(cfg, pipeline.schedule),
+            }
+        )
 
     def record(self, step: int, start: int, end: int, tokens: int, digest: str) -> None:
         if self.entries and step != self.entries[-1].step + 1:
@@ -66,12 +73,19 @@ def order_key(cfg, schedule) -> dict:
     """Everything besides the data manifest that decides which samples a step sees, and how masked.
     ``warmup_tokens_per_sample`` is the data-derived constant that turned the batch ramp's tokens into
     ``warmup_samples`` (None without a ramp): a resume whose data gives another mean is refused."""
-    return {"seed": cfg.phase.seed, "mixture_block": cfg.data.mixture_block, "shuffle_block": cfg.data.shuffle_block,
-            "global_size": schedule.global_size, "warmup_samples": schedule.warmup_samples,
-            "warmup_start_size": schedule.start_size, "warmup_stages": schedule.stages,
-            "warmup_tokens_per_sample": schedule.tokens_per_sample,
-            "objective": cfg.objective.name, "mask_rate": cfg.objective.mask_rate,
-            **held_out_key(cfg)}
+    return {
+        "seed": cfg.phase.seed,
+        "mixture_block": cfg.data.mixture_block,
+        "shuffle_block": cfg.data.shuffle_block,
+        "global_size": schedule.global_size,
+        "warmup_samples": schedule.warmup_samples,
+        "warmup_start_size": schedule.start_size,
+        "warmup_stages": schedule.stages,
+        "warmup_tokens_per_sample": schedule.tokens_per_sample,
+        "objective": cfg.objective.name,
+        "mask_rate": cfg.objective.mask_rate,
+        **held_out_key(cfg),
+    }
 
 
 def held_out_key(cfg) -> dict:
@@ -109,8 +123,10 @@ def replay(checkpoint_dir: str | Path, step: int, overrides: list[str] | None = 
 
     header, entries = read_ledger(checkpoint_dir)
     if header.get("sample_digest") != SAMPLE_DIGEST:
-        raise EttinError(f"{checkpoint_dir}: its ledger digests samples with {header.get('sample_digest', 'sha256')}, "
-                         f"this ettin with {SAMPLE_DIGEST}; replay it with the ettin version that trained it")
+        raise EttinError(
+            f"{checkpoint_dir}: its ledger digests samples with {header.get('sample_digest', 'sha256')}, "
+            f"this ettin with {SAMPLE_DIGEST}; replay it with the ettin version that trained it"
+        )
     by_step = {e.step: e for e in entries}
     if step not in by_step:
         steps = f"{entries[0].step}..{entries[-1].step}" if entries else "none"
@@ -122,11 +138,21 @@ def replay(checkpoint_dir: str | Path, step: int, overrides: list[str] | None = 
     start, end = pipeline.schedule.bounds(step)
     batch = pipeline.batch(start, end)
     rebuilt = step_hash(batch.digests)
-    return {"step": step, "positions": (start, end), "ledger_positions": (entry.start, entry.end),
-            "tokens": batch.num_tokens, "ledger_tokens": entry.tokens, "hash": rebuilt, "ledger_hash": entry.hash,
-            "fingerprint_ok": fingerprint == header["fingerprint"],
-            "match": rebuilt == entry.hash and (start, end) == (entry.start, entry.end) and batch.num_tokens == entry.tokens,
-            "batch": batch, "pipeline": pipeline}
+    return {
+        "step": step,
+        "positions": (start, end),
+        "ledger_positions": (entry.start, entry.end),
+        "tokens": batch.num_tokens,
+        "ledger_tokens": entry.tokens,
+        "hash": rebuilt,
+        "ledger_hash": entry.hash,
+        "fingerprint_ok": fingerprint == header["fingerprint"],
+        "match": rebuilt == entry.hash
+        and (start, end) == (entry.start, entry.end)
+        and batch.num_tokens == entry.tokens,
+        "batch": batch,
+        "pipeline": pipeline,
+    }
 
 
 EXPORT_PREFIX = {"pretrain": "checkpoint", "extension": "ext", "decay": "decay", "cross": "cross"}

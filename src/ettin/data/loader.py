@@ -5,6 +5,7 @@ positions, so workers can build them in any order (the DataLoader hands them bac
 output never depends on the worker count, and resuming at step ``s`` just starts the index there.
 The trainer cuts each item into micro-batches by a token budget (``Batch.micro_batches``).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -33,11 +34,16 @@ class DataPipeline:
     held_out: HeldOut  # each source's validation part; the order draws from the rest
 
     @classmethod
-    def from_config(cls, cfg, cache_dir: str | None = None) -> "DataPipeline":
+    def from_config(cls, cfg, cache_dir: str | None = None) -> DataPipeline:
         manifest, readers = build_manifest(cfg.data, cfg.phase.seq_len, cache_dir)
         held_out = held_out_of(cfg, manifest)
-        order = GlobalOrder(held_out.training_samples(), manifest.sample_shares(), cfg.phase.seed,
-                            cfg.data.mixture_block, cfg.data.shuffle_block)
+        order = GlobalOrder(
+            held_out.training_samples(),
+            manifest.sample_shares(),
+            cfg.phase.seed,
+            cfg.data.mixture_block,
+            cfg.data.shuffle_block,
+        )
         # the batch ramp is counted in real tokens: converted to samples at the mixture's mean (stats.json)
         schedule = BatchSchedule.from_config(cfg, manifest.mean_tokens_per_sample())
         return cls(manifest, readers, order, schedule, Collator.from_config(cfg), held_out)
@@ -56,8 +62,15 @@ class DataPipeline:
         out = []
         for p, s, i in zip(range(start, end), sources.tolist(), indices.tolist()):
             row = self.readers[s][i]
-            out.append({"position": p, "source": self.manifest.sources[s].name, "sample_index": i,
-                        "id": row.get("id"), "input_ids": row["input_ids"]})
+            out.append(
+                {
+                    "position": p,
+                    "source": self.manifest.sources[s].name,
+                    "sample_index": i,
+                    "id": row.get("id"),
+                    "input_ids": row["input_ids"],
+                }
+            )
         return out
 
     def batch(self, start: int, end: int) -> Batch:
@@ -77,8 +90,10 @@ def held_out_of(cfg, manifest: Manifest) -> HeldOut:
     for source in manifest.sources:
         count = validation_count(settings.get(source.name, cfg.data.validation), source.samples)
         if count >= source.samples:
-            raise DataError(f"source '{source.name}': a validation part of {count} leaves none of its "
-                            f"{source.samples} samples to train on; lower data.validation")
+            raise DataError(
+                f"source '{source.name}': a validation part of {count} leaves none of its "
+                f"{source.samples} samples to train on; lower data.validation"
+            )
         counts.append(count)
     keys = [derive_key(cfg.eval.seed, s.name, s.samples, "validation") for s in manifest.sources]
     return HeldOut([s.samples for s in manifest.sources], counts, keys)
@@ -117,11 +132,24 @@ def _identity(x):
     return x
 
 
-def build_loader(dataset: RankSteps, first_step: int, last_step: int | None = None, workers: int = 2,
-                 prefetch: int = 2, pin_memory: bool = False) -> Iterator[tuple[int, Batch]]:
+def build_loader(
+    dataset: RankSteps,
+    first_step: int,
+    last_step: int | None = None,
+    workers: int = 2,
+    prefetch: int = 2,
+    pin_memory: bool = False,
+) -> Iterator[tuple[int, Batch]]:
     """(step, this rank's batch) from ``first_step`` on: the resume point is just an index.
     ``pin_memory`` (for a GPU) page-locks each batch in the loader's pin thread."""
-    loader = DataLoader(dataset, sampler=StepSampler(first_step, last_step), batch_size=None, collate_fn=_identity,
-                        num_workers=workers, prefetch_factor=prefetch if workers else None, persistent_workers=False,
-                        pin_memory=pin_memory)
+    loader = DataLoader(
+        dataset,
+        sampler=StepSampler(first_step, last_step),
+        batch_size=None,
+        collate_fn=_identity,
+        num_workers=workers,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=False,
+        pin_memory=pin_memory,
+    )
     return iter(loader)

@@ -6,6 +6,7 @@ sequence length and the order algorithm version. A resume that finds another fin
 (unless ``data.allow_fingerprint_change``). Shard hashes are not in it (they check the bytes, they
 do not place samples), and stats.json must agree with index.json (:func:`check_stats`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,8 +38,15 @@ class Manifest:
     tokenizer: dict  # {"sha256": ..., "vocab_size": ...} or {} when unknown
 
     def fingerprint(self) -> str:
-        blob = json.dumps({"sources": [asdict(s) | {"path": None} for s in self.sources], "seq_len": self.seq_len,
-                           "tokenizer": self.tokenizer, "order_version": ORDER_VERSION}, sort_keys=True)
+        blob = json.dumps(
+            {
+                "sources": [asdict(s) | {"path": None} for s in self.sources],
+                "seq_len": self.seq_len,
+                "tokenizer": self.tokenizer,
+                "order_version": ORDER_VERSION,
+            },
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def sample_shares(self) -> list[float]:
@@ -75,8 +83,10 @@ def check_stats(stats: dict, stats_file: str, reader: MDSSource) -> None:
     index_file = f"{reader.path}/index.json"
 
     def disagree(what: str) -> DataError:
-        return DataError(f"{stats_file} and {index_file} disagree: {what}; they come from different prepare runs "
-                         "or one was edited: re-run prepare or restore both")
+        return DataError(
+            f"{stats_file} and {index_file} disagree: {what}; they come from different prepare runs "
+            "or one was edited: re-run prepare or restore both"
+        )
 
     try:
         if "chunks" in stats and int(stats["chunks"]) != len(reader):
@@ -84,8 +94,10 @@ def check_stats(stats: dict, stats_file: str, reader: MDSSource) -> None:
         if "shards" in stats and int(stats["shards"]) != len(reader.shards):
             raise disagree(f"{stats['shards']} shards against {len(reader.shards)}")
         if "tokens" in stats and not 0 <= int(stats["tokens"]) <= reader.max_tokens():
-            raise disagree(f"{stats['tokens']} tokens, but the shards' {sum(s.raw_bytes for s in reader.shards)} bytes "
-                           f"hold at most {reader.max_tokens()}")
+            raise disagree(
+                f"{stats['tokens']} tokens, but the shards' {sum(s.raw_bytes for s in reader.shards)} bytes "
+                f"hold at most {reader.max_tokens()}"
+            )
     except (TypeError, ValueError):
         raise DataError(f"{stats_file}: chunks, shards and tokens must be integers; re-run prepare") from None
 
@@ -129,18 +141,32 @@ def build_manifest(data_cfg, seq_len: int, cache_dir: str | None = None) -> tupl
         if stats.get("tokenizer"):
             tokenizers[src.name] = stats["tokenizer"]
         if stats.get("seq_len") and int(stats["seq_len"]) > seq_len:
-            raise DataError(f"{path}: prepared for seq_len {stats['seq_len']}, longer than phase.seq_len {seq_len}; "
-                            "prepare it again for this sequence length")
-        entries.append(SourceEntry(src.name, path, float(src.weight), len(reader), stats.get("tokens"),
-                                   [(s.raw_name, s.raw_bytes, s.samples) for s in reader.shards]))
+            raise DataError(
+                f"{path}: prepared for seq_len {stats['seq_len']}, longer than phase.seq_len {seq_len}; "
+                "prepare it again for this sequence length"
+            )
+        entries.append(
+            SourceEntry(
+                src.name,
+                path,
+                float(src.weight),
+                len(reader),
+                stats.get("tokens"),
+                [(s.raw_name, s.raw_bytes, s.samples) for s in reader.shards],
+            )
+        )
         readers.append(reader)
     counted = [e.name for e in entries if e.tokens]
     if counted and len(counted) < len(entries):
         lacking = [e.name for e in entries if not e.tokens]
-        raise DataError(f"sources {lacking} have no stats.json token count but {counted} do: the mixture weights "
-                        "(token shares) cannot be converted consistently; add stats.json (prepare writes it)")
+        raise DataError(
+            f"sources {lacking} have no stats.json token count but {counted} do: the mixture weights "
+            "(token shares) cannot be converted consistently; add stats.json (prepare writes it)"
+        )
     distinct = {json.dumps(t, sort_keys=True) for t in tokenizers.values()}
     if len(distinct) > 1:
-        raise DataError(f"sources were tokenized with different tokenizers: {sorted(tokenizers)}; prepare them with one")
+        raise DataError(
+            f"sources were tokenized with different tokenizers: {sorted(tokenizers)}; prepare them with one"
+        )
     tokenizer = next(iter(tokenizers.values())) if tokenizers else {}
     return Manifest(entries, seq_len, tokenizer), readers

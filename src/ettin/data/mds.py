@@ -13,6 +13,7 @@ is named after what it was made from (the compressed file's size and mtime and t
 hashes), so a shard edited after a run is decompressed again, never served from a stale copy.
 A source without hashes is said to be unchecked, once per process, and read as before.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
+
 from ettin.errors import EttinError
 
 
@@ -44,7 +46,11 @@ def is_remote(path: str) -> bool:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("ETTIN_DATA_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ettin" / "mds"))
+    return Path(
+        os.environ.get(
+            "ETTIN_DATA_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ettin" / "mds"
+        )
+    )
 
 
 # Shard hash algorithms we check, fastest first; any other hashlib name streaming may have
@@ -113,8 +119,11 @@ def say_unchecked_once(path: str, count: int, total: int) -> None:
         return
     _SAID_UNCHECKED.add(path)
     which = "its shards" if count == total else f"{count} of its {total} shards"
-    print(f"warning: {path}/index.json records no hashes for {which}: their integrity is unchecked "
-          "(prepare writes them)", file=sys.stderr, flush=True)
+    print(
+        f"warning: {path}/index.json records no hashes for {which}: their integrity is unchecked (prepare writes them)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 _CACHED_COPY = re.compile(r"\.[0-9a-f]{16}$")  # the identity suffix of a cached decompressed copy
@@ -146,9 +155,18 @@ class MDSSource:
             if s.get("format") != "mds":
                 raise DataError(f"{self.path}/index.json: shard {i} is format {s.get('format')!r}, expected 'mds'")
             zip_data = s.get("zip_data") or {}
-            self.shards.append(Shard(s["raw_data"]["basename"], int(s["raw_data"]["bytes"]), zip_data.get("basename"),
-                                     zip_data.get("bytes"), s.get("compression"), int(s["samples"]),
-                                     pick_hash(s["raw_data"]), pick_hash(zip_data)))
+            self.shards.append(
+                Shard(
+                    s["raw_data"]["basename"],
+                    int(s["raw_data"]["bytes"]),
+                    zip_data.get("basename"),
+                    zip_data.get("bytes"),
+                    s.get("compression"),
+                    int(s["samples"]),
+                    pick_hash(s["raw_data"]),
+                    pick_hash(zip_data),
+                )
+            )
             if i == 0:
                 self.columns = list(zip(s["column_names"], s["column_encodings"], s["column_sizes"]))
         if not self.shards:
@@ -178,8 +196,10 @@ class MDSSource:
         else:
             local = Path(self.path) / "index.json"
             if not local.is_file():
-                raise DataError(f"{self.path}: no index.json; point data.sources[].path at an MDS folder "
-                                "(written by `python -m data_tools prepare`)")
+                raise DataError(
+                    f"{self.path}: no index.json; point data.sources[].path at an MDS folder "
+                    "(written by `python -m data_tools prepare`)"
+                )
         try:
             return json.loads(local.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -257,15 +277,19 @@ class MDSSource:
         return hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
 
     def _hash_error(self, where, algo: str) -> DataError:
-        return DataError(f"{where}: contents do not match the {algo} hash in {self.path}/index.json (source "
-                         f"{self.path}); the shard is corrupt or was changed after it was written: restore it")
+        return DataError(
+            f"{where}: contents do not match the {algo} hash in {self.path}/index.json (source "
+            f"{self.path}); the shard is corrupt or was changed after it was written: restore it"
+        )
 
     def _materialize(self, shard: Shard, raw: Path) -> None:
         """Fetch and/or decompress ``shard`` into the cache file ``raw`` (checked, written aside, then
         renamed) and remove the copies made from earlier versions of it."""
         if shard.zip_name is None:
             if not is_remote(self.path):
-                raise DataError(f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it")
+                raise DataError(
+                    f"{self.path}/{shard.raw_name}: missing shard listed in index.json; re-run prepare or restore it"
+                )
             self._download(shard.raw_name, raw, shard.raw_hash)
             self._drop_stale_copies(shard, raw)
             return
@@ -308,18 +332,24 @@ class MDSSource:
     def _check_size(self, raw: Path, shard: Shard) -> None:
         size = raw.stat().st_size
         if size != shard.raw_bytes:
-            raise DataError(f"{raw}: {size} bytes, index.json says {shard.raw_bytes}; the shard is corrupt or "
-                            "from another dataset, restore it (and clear the cache folder if it is there)")
+            raise DataError(
+                f"{raw}: {size} bytes, index.json says {shard.raw_bytes}; the shard is corrupt or "
+                "from another dataset, restore it (and clear the cache folder if it is there)"
+            )
 
     def _mapped(self, k: int) -> np.ndarray:
         mm = self._open.get(k)
         if mm is None:
             if len(self._open) >= 64:  # bound open files: the order reads a few shards at a time
                 self._open.pop(next(iter(self._open)))
-            mm = np.memmap(self.shard_file(k), dtype=np.uint8, mode="r").view(np.ndarray)  # plain views: cheaper slicing
+            mm = np.memmap(self.shard_file(k), dtype=np.uint8, mode="r").view(
+                np.ndarray
+            )  # plain views: cheaper slicing
             count = int(mm[:4].view(np.uint32)[0])
             if count != self.shards[k].samples:
-                raise DataError(f"{self.shard_file(k)}: holds {count} samples, index.json says {self.shards[k].samples}")
+                raise DataError(
+                    f"{self.shard_file(k)}: holds {count} samples, index.json says {self.shards[k].samples}"
+                )
             self._open[k] = mm
         return mm
 
@@ -348,7 +378,7 @@ class MDSSource:
     def _span(self, i: int) -> tuple[np.ndarray, int, int]:
         k, j = self.locate(i)
         mm = self._mapped(k)
-        begin, end = mm[4 + 4 * j: 12 + 4 * j].view(np.uint32)
+        begin, end = mm[4 + 4 * j : 12 + 4 * j].view(np.uint32)
         return mm, int(begin), int(end)
 
     def raw(self, i: int) -> bytes:
@@ -375,15 +405,17 @@ class MDSSource:
             which = np.flatnonzero(shard == k)
             mm, samples = self._mapped(k), self.shards[k].samples
             j = indices[which] - self.offsets[k]
-            table = mm[4:8 + 4 * samples].view("<u4")  # where each sample's bytes begin (and the last one ends)
+            table = mm[4 : 8 + 4 * samples].view("<u4")  # where each sample's bytes begin (and the last one ends)
             begin, stop = table[j].astype(np.int64), table[j + 1].astype(np.int64)
             self._check(k, j, (begin < 8 + 4 * samples) | (stop > len(mm)) | (begin + 4 * columns > stop))
             # each sample starts with the byte sizes of its variable-size columns (all of them, here)
             sizes = mm[begin[:, None] + np.arange(4 * columns)].view("<u4").astype(np.int64)
-            start = begin + 4 * columns + sizes[:, :self._ids_column].sum(axis=1)
+            start = begin + 4 * columns + sizes[:, : self._ids_column].sum(axis=1)
             end = start + sizes[:, self._ids_column]
             self._check(k, j, (start >= stop) | (end > stop))
-            header = mm[start].astype(np.int64)  # ndarray with a dynamic shape: (ndim << 2 | shape dtype), then the shape
+            header = mm[start].astype(
+                np.int64
+            )  # ndarray with a dynamic shape: (ndim << 2 | shape dtype), then the shape
             values = start + 1 + (header >> 2) * (1 << (header & 3))
             self._check(k, j, (values > end) | ((end - values) % 4 != 0))
             for w, a, b in zip(which.tolist(), values.tolist(), end.tolist()):
@@ -392,8 +424,10 @@ class MDSSource:
 
     def _check(self, k: int, samples: np.ndarray, bad: np.ndarray) -> None:
         if bad.any():
-            raise DataError(f"{self.shard_file(k)}: sample {int(samples[bad][0])} of this shard is corrupt (its offsets "
-                            "or sizes point outside it); restore the shard from its source")
+            raise DataError(
+                f"{self.shard_file(k)}: sample {int(samples[bad][0])} of this shard is corrupt (its offsets "
+                "or sizes point outside it); restore the shard from its source"
+            )
 
     def __getitem__(self, i: int) -> dict:
         from streaming.base.format.mds.encodings import mds_decode
@@ -402,12 +436,12 @@ class MDSSource:
         sizes, pos = [], 0
         for _, _, size in self.columns:
             if size is None:
-                size = int(np.frombuffer(data[pos:pos + 4], np.uint32)[0])
+                size = int(np.frombuffer(data[pos : pos + 4], np.uint32)[0])
                 pos += 4
             sizes.append(size)
         out = {}
         for (name, encoding, _), size in zip(self.columns, sizes):
-            out[name] = mds_decode(encoding, data[pos:pos + size])
+            out[name] = mds_decode(encoding, data[pos : pos + size])
             pos += size
         return out
 
@@ -415,4 +449,3 @@ class MDSSource:
         state = dict(self.__dict__)
         state["_open"] = {}
         return state
-

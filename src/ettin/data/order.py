@@ -15,6 +15,7 @@ about ranks, workers or batch sizes. Two levels:
 The bijections are Feistel networks with cycle walking: O(1) time and memory for any position,
 no permutation of the dataset is ever materialized, and they run vectorized over numpy arrays.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,7 +27,9 @@ ORDER_VERSION = 1
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-@lru_cache(maxsize=1 << 16, typed=True)  # the order asks for the same few keys over and over; typed: 1 and 1.0 repr apart
+@lru_cache(
+    maxsize=1 << 16, typed=True
+)  # the order asks for the same few keys over and over; typed: 1 and 1.0 repr apart
 def derive_key(*parts) -> int:
     """A 64-bit key from any printable parts (stable across processes and machines)."""
     return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
@@ -66,8 +69,15 @@ def permute(x: np.ndarray, n: int, key: int, rounds: int = 4) -> np.ndarray:
 class GlobalOrder:
     """``order(start, end)`` -> (source ids, sample indices) for positions ``start .. end-1``."""
 
-    def __init__(self, samples: list[int], shares: list[float], seed: int, block: int = 8192,
-                 shuffle_block: int = 65536, version: int = ORDER_VERSION):
+    def __init__(
+        self,
+        samples: list[int],
+        shares: list[float],
+        seed: int,
+        block: int = 8192,
+        shuffle_block: int = 65536,
+        version: int = ORDER_VERSION,
+    ):
         if version != ORDER_VERSION:
             raise ValueError(f"order algorithm version {version} is not this code's ({ORDER_VERSION})")
         if not samples or any(m <= 0 for m in samples):
@@ -75,7 +85,12 @@ class GlobalOrder:
         total = sum(shares)
         self.weights = [max(1, round(s / total * 2**40)) for s in shares]  # exact integer shares
         self.total_weight = sum(self.weights)
-        self.samples, self.seed, self.block, self.shuffle_block = list(samples), int(seed), int(block), int(shuffle_block)
+        self.samples, self.seed, self.block, self.shuffle_block = (
+            list(samples),
+            int(seed),
+            int(block),
+            int(shuffle_block),
+        )
         self._slots = lru_cache(maxsize=8)(self._block_slots)
 
     def __getstate__(self):  # loader workers get a copy; the block cache is rebuilt there
@@ -158,7 +173,9 @@ class GlobalOrder:
                     got[bsel] = permute(within[bsel], size, derive_key(self.seed, s, int(e), int(b)))
                 res[head] = block.astype(np.int64) * size + got.astype(np.int64)
             if (~head).any():
-                res[~head] = full + permute(ie[~head] - full, m - full, derive_key(self.seed, s, int(e), "tail")).astype(np.int64)
+                res[~head] = full + permute(
+                    ie[~head] - full, m - full, derive_key(self.seed, s, int(e), "tail")
+                ).astype(np.int64)
             out[sel] = res
         return out
 
@@ -189,8 +206,10 @@ class HeldOut:
 
     def __init__(self, samples: list[int], counts: list[int], keys: list[int]):
         self.samples, self.counts = list(samples), list(counts)
-        self.validation = [np.sort(permute(np.arange(v, dtype=np.uint64), m, key).astype(np.int64))
-                           for m, v, key in zip(samples, counts, keys)]
+        self.validation = [
+            np.sort(permute(np.arange(v, dtype=np.uint64), m, key).astype(np.int64))
+            for m, v, key in zip(samples, counts, keys)
+        ]
         # gaps[k] = training samples stored before the k-th held-out one (non-decreasing)
         self._gaps = [v - np.arange(len(v), dtype=np.int64) for v in self.validation]
 

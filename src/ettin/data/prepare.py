@@ -47,6 +47,7 @@ Output, parallelism and resumability
     The input list may change between the runs (a broken file fixed or removed); the tokenizer
     and the chunk settings may not (``plan.json`` in the staging folder records them).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -58,16 +59,15 @@ import re
 import shutil
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import NamedTuple
 
-from ettin.data.inputs import (BAD_RECORD_KINDS, BadRecord, Document, InputFile, find_inputs,
-                               iter_records)
-from ettin.data.tokenizer import (load_tokenizer, resolve_tokenizer_path, special_token_ids,
-                                  tokenizer_identity)
+from ettin.data.inputs import BAD_RECORD_KINDS, BadRecord, Document, InputFile, find_inputs, iter_records
+from ettin.data.tokenizer import load_tokenizer, resolve_tokenizer_path, special_token_ids, tokenizer_identity
 from ettin.errors import EttinError
 from ettin.fileio import write_json_atomic
 
@@ -116,9 +116,11 @@ class ChunkPlan(NamedTuple):
 def plan_chunks(num_tokens: int, seq_len: int) -> ChunkPlan:
     """Which token ranges of a ``num_tokens``-token document become samples (module docstring)."""
     if seq_len < MIN_SEQ_LEN:
-        raise PrepareError(f"seq_len {seq_len} is too short: a sample must hold a "
-                           f"{MIN_CHUNK_TOKENS}-token chunk plus [CLS] and [SEP] "
-                           f"(seq_len >= {MIN_SEQ_LEN})")
+        raise PrepareError(
+            f"seq_len {seq_len} is too short: a sample must hold a "
+            f"{MIN_CHUNK_TOKENS}-token chunk plus [CLS] and [SEP] "
+            f"(seq_len >= {MIN_SEQ_LEN})"
+        )
     body = seq_len - 2
     spans = [(start, min(start + body, num_tokens)) for start in range(0, num_tokens, body)]
     if len(spans) < 2:
@@ -136,19 +138,25 @@ def plan_chunks(num_tokens: int, seq_len: int) -> ChunkPlan:
     return ChunkPlan(spans, 0, 0)
 
 
-def chunk_document(tokens: Sequence[int], seq_len: int, cls_id: int,
-                   sep_id: int) -> list[list[int]]:
+def chunk_document(tokens: Sequence[int], seq_len: int, cls_id: int, sep_id: int) -> list[list[int]]:
     """A document's samples: its kept pieces, each wrapped ``[CLS] … [SEP]``."""
-    return [[cls_id, *map(int, tokens[start:end]), sep_id]
-            for start, end in plan_chunks(len(tokens), seq_len).spans]
+    return [[cls_id, *map(int, tokens[start:end]), sep_id] for start, end in plan_chunks(len(tokens), seq_len).spans]
 
 
 # ---------------------------------------------------------------------------------------------
 # Counts
 
 
-COUNT_FIELDS = ("records", "documents", "chunks", "tokens", "dropped_chunks", "dropped_tokens",
-                "moved_tokens", "text_bytes")
+COUNT_FIELDS = (
+    "records",
+    "documents",
+    "chunks",
+    "tokens",
+    "dropped_chunks",
+    "dropped_tokens",
+    "moved_tokens",
+    "text_bytes",
+)
 
 
 def _no_bad_records() -> dict:
@@ -180,7 +188,7 @@ class Counts:
             mine = self.bad_records[kind]
             mine["count"] += entry["count"]
             room = EXAMPLES_PER_KIND - len(mine["examples"])
-            mine["examples"].extend(entry["examples"][:max(room, 0)])
+            mine["examples"].extend(entry["examples"][: max(room, 0)])
 
     @property
     def bad_records_total(self) -> int:
@@ -245,11 +253,13 @@ def _tokenize_into(tmp: Path, source: InputFile, tokenizer, settings: ChunkSetti
     cls = np.array([settings.cls_id], dtype=np.uint32)
     sep = np.array([settings.sep_id], dtype=np.uint32)
 
-    with open(tmp / "tokens.u32", "wb") as tokens_out, \
-            open(tmp / "samples.jsonl", "w", encoding="utf-8") as samples_out:
+    with (
+        open(tmp / "tokens.u32", "wb") as tokens_out,
+        open(tmp / "samples.jsonl", "w", encoding="utf-8") as samples_out,
+    ):
+
         def flush(batch: list[Document]) -> None:
-            encodings = tokenizer.encode_batch([doc.text for doc in batch],
-                                               add_special_tokens=False)
+            encodings = tokenizer.encode_batch([doc.text for doc in batch], add_special_tokens=False)
             pieces, lines = [], []
             for doc, encoding in zip(batch, encodings):
                 ids = np.array(encoding.ids, dtype=np.uint32)
@@ -304,19 +314,16 @@ def _die_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def _init_worker(tokenizer_path: str, settings: ChunkSettings, staging: str,
-                 parent_pid: int) -> None:
+def _init_worker(tokenizer_path: str, settings: ChunkSettings, staging: str, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C
     _die_with_parent(parent_pid)
     # One core per worker unless the user says otherwise: --workers is the parallelism knob.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), settings=settings,
-                   staging=Path(staging))
+    _WORKER.update(tokenizer=load_tokenizer(tokenizer_path), settings=settings, staging=Path(staging))
 
 
 def _tokenize_in_worker(source: InputFile) -> str:
-    write_part(source, _WORKER["staging"] / _part_name(source), _WORKER["tokenizer"],
-               _WORKER["settings"])
+    write_part(source, _WORKER["staging"] / _part_name(source), _WORKER["tokenizer"], _WORKER["settings"])
     return source.name
 
 
@@ -324,7 +331,7 @@ def _tokenize_in_worker(source: InputFile) -> str:
 # Output directory
 
 
-def parse_size(size: Union[int, str]) -> int:
+def parse_size(size: int | str) -> int:
     """Bytes from ``67108864``, ``"64mb"``, ``"64MiB"``, ``"1g"`` (binary units, like streaming)."""
     if isinstance(size, int):
         value = size
@@ -334,14 +341,14 @@ def parse_size(size: Union[int, str]) -> int:
             raise PrepareError(f"shard size {size!r} is not a size; use e.g. 67108864, 64mb or 1gb")
         value = int(m.group(1)) * 1024 ** " kmg".index(m.group(2) or " ")
     if not 0 < value < 2**32:
-        raise PrepareError(f"shard size {size!r} must be between 1 byte and 4 GiB "
-                           f"(MDS stores offsets as uint32)")
+        raise PrepareError(f"shard size {size!r} must be between 1 byte and 4 GiB (MDS stores offsets as uint32)")
     return value
 
 
 def _is_dataset_file(name: str) -> bool:
-    return (name in (STAGING_DIR, INDEX_FILE, STATS_FILE)
-            or re.fullmatch(r"shard\.\d{5}\.mds(\.zstd)?", name) is not None)
+    return (
+        name in (STAGING_DIR, INDEX_FILE, STATS_FILE) or re.fullmatch(r"shard\.\d{5}\.mds(\.zstd)?", name) is not None
+    )
 
 
 def _plan_changes(previous: dict, plan: dict) -> str:
@@ -364,11 +371,11 @@ def _open_output(out: Path, plan: dict, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise PrepareError(f"output {out} is a file; --out must be a directory")
     if overwrite:
-        others = sorted(p.name for p in out.iterdir() if not _is_dataset_file(p.name)) \
-            if out.exists() else []
+        others = sorted(p.name for p in out.iterdir() if not _is_dataset_file(p.name)) if out.exists() else []
         if others:
-            raise PrepareError(f"--overwrite only replaces a dataset, but {out} also holds "
-                               f"{others[0]!r}; choose another --out")
+            raise PrepareError(
+                f"--overwrite only replaces a dataset, but {out} also holds {others[0]!r}; choose another --out"
+            )
         if staging.is_dir():  # the old dataset itself stays until the new one is written
             shutil.rmtree(staging)
     elif staging.is_dir():
@@ -379,17 +386,20 @@ def _open_output(out: Path, plan: dict, overwrite: bool) -> None:
         if previous is None:
             shutil.rmtree(staging)
         elif previous != plan:
-            raise PrepareError(f"{out} holds an unfinished run with other settings "
-                               f"({_plan_changes(previous, plan)}); rerun it with the same "
-                               f"settings to finish it, or pass --overwrite to start over")
+            raise PrepareError(
+                f"{out} holds an unfinished run with other settings "
+                f"({_plan_changes(previous, plan)}); rerun it with the same "
+                f"settings to finish it, or pass --overwrite to start over"
+            )
         else:
             return
     elif (out / STATS_FILE).exists():
-        raise PrepareError(f"{out} already holds a finished dataset ({STATS_FILE}); pass "
-                           f"--overwrite to replace it, or choose another --out")
+        raise PrepareError(
+            f"{out} already holds a finished dataset ({STATS_FILE}); pass "
+            f"--overwrite to replace it, or choose another --out"
+        )
     elif out.exists() and any(out.iterdir()):
-        raise PrepareError(f"{out} is not empty and holds no dataset; choose an empty or new "
-                           f"--out")
+        raise PrepareError(f"{out} is not empty and holds no dataset; choose an empty or new --out")
     staging.mkdir(parents=True)
     write_json_atomic(staging / "plan.json", plan, indent=2)
 
@@ -400,13 +410,16 @@ def _append_part(writer, part: Path) -> Counts:
 
     counts = Counts.from_json(json.loads((part / "counts.json").read_text()))
     tokens_file = part / "tokens.u32"
-    tokens = (np.memmap(tokens_file, dtype=np.uint32, mode="r")
-              if tokens_file.stat().st_size else np.empty(0, dtype=np.uint32))
+    tokens = (
+        np.memmap(tokens_file, dtype=np.uint32, mode="r")
+        if tokens_file.stat().st_size
+        else np.empty(0, dtype=np.uint32)
+    )
     offset = 0
     with open(part / "samples.jsonl", encoding="utf-8") as f:
         for line in f:
             length, sample_id = json.loads(line)
-            writer.write({"input_ids": tokens[offset:offset + length], "id": sample_id})
+            writer.write({"input_ids": tokens[offset : offset + length], "id": sample_id})
             offset += length
     if offset != tokens.size or offset != counts.tokens:
         raise PrepareError(f"staging part {part} is inconsistent; delete it and rerun")
@@ -427,14 +440,23 @@ def _publish(merged: Path, out: Path) -> None:
 # The job
 
 
-def prepare(inputs: Sequence[Union[str, Path]], out: Union[str, Path],
-            tokenizer: Union[str, Path], *,
-            plain_text: Sequence[Union[str, Path]] = (), include: Sequence[str] = (),
-            seq_len: int = DEFAULT_SEQ_LEN, text_field: str = "text",
-            cls_id: Optional[int] = None, sep_id: Optional[int] = None,
-            shard_size: Union[int, str] = DEFAULT_SHARD_SIZE, workers: int = 1,
-            overwrite: bool = False, progress: bool = False,
-            log: Optional[Callable[[str], None]] = None) -> dict:
+def prepare(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    tokenizer: str | Path,
+    *,
+    plain_text: Sequence[str | Path] = (),
+    include: Sequence[str] = (),
+    seq_len: int = DEFAULT_SEQ_LEN,
+    text_field: str = "text",
+    cls_id: int | None = None,
+    sep_id: int | None = None,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> dict:
     """Tokenize, chunk and write ``inputs`` as MDS shards in ``out``; returns the stats.json dict.
 
     Resumes a killed run into the same ``out`` (module docstring). Raises :class:`PrepareError`,
@@ -453,8 +475,7 @@ def prepare(inputs: Sequence[Union[str, Path]], out: Union[str, Path],
     settings = ChunkSettings(seq_len, cls, sep, text_field)
     # What the staged parts depend on; the input list may change between runs (a file fixed or
     # removed after an error) and only unchanged files' parts are reused.
-    plan = {"version": STATS_VERSION, "tokenizer": identity.to_json(),
-            "settings": asdict(settings)}
+    plan = {"version": STATS_VERSION, "tokenizer": identity.to_json(), "settings": asdict(settings)}
     out = Path(out)
     created = not out.exists()
     _open_output(out, plan, overwrite)
@@ -470,8 +491,9 @@ def prepare(inputs: Sequence[Union[str, Path]], out: Union[str, Path],
         log("resuming: the shards are written; moving them into place")
     else:
         try:
-            _write_merged(sources, staging, merged, str(tokenizer_path), settings, identity,
-                          size_limit, workers, progress, log)
+            _write_merged(
+                sources, staging, merged, str(tokenizer_path), settings, identity, size_limit, workers, progress, log
+            )
         except NoUsableDocuments:
             shutil.rmtree(staging)  # nothing to resume: the inputs themselves must change
             if created and not any(out.iterdir()):
@@ -491,9 +513,11 @@ def _wait_for_part(future) -> None:
     try:
         future.result()
     except BrokenProcessPool:
-        raise PrepareError("a tokenizer worker process died (killed, out of memory, or started "
-                           "from a script without an `if __name__ == '__main__':` guard); "
-                           "rerun to resume") from None
+        raise PrepareError(
+            "a tokenizer worker process died (killed, out of memory, or started "
+            "from a script without an `if __name__ == '__main__':` guard); "
+            "rerun to resume"
+        ) from None
 
 
 def _stop_workers(pool: ProcessPoolExecutor) -> None:
@@ -506,9 +530,18 @@ def _stop_workers(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=10)
 
 
-def _write_merged(sources, staging: Path, merged: Path, tokenizer_path: str,
-                  settings: ChunkSettings, identity, size_limit: int, workers: int,
-                  progress: bool, log) -> None:
+def _write_merged(
+    sources,
+    staging: Path,
+    merged: Path,
+    tokenizer_path: str,
+    settings: ChunkSettings,
+    identity,
+    size_limit: int,
+    workers: int,
+    progress: bool,
+    log,
+) -> None:
     from tqdm import tqdm
 
     done = {i for i, s in enumerate(sources) if (staging / _part_name(s)).is_dir()}
@@ -524,28 +557,39 @@ def _write_merged(sources, staging: Path, merged: Path, tokenizer_path: str,
             # A ProcessPoolExecutor, not a Pool: a worker killed by the OOM killer breaks it
             # (an error) where a Pool would wait forever for the lost task.
             pool = ProcessPoolExecutor(
-                min(workers, len(pending)), mp_context=multiprocessing.get_context("spawn"),
+                min(workers, len(pending)),
+                mp_context=multiprocessing.get_context("spawn"),
                 initializer=_init_worker,
-                initargs=(tokenizer_path, settings, str(staging), os.getpid()))
+                initargs=(tokenizer_path, settings, str(staging), os.getpid()),
+            )
             parts = {s.name: pool.submit(_tokenize_in_worker, s) for s in pending}
         # Imported after the workers started: streaming pulls in torch, which takes seconds.
         from streaming import MDSWriter
 
         merged_tmp = merged.with_name(merged.name + ".tmp")
-        writer = MDSWriter(out=str(merged_tmp), columns=COLUMNS, compression=COMPRESSION,
-                           size_limit=size_limit, hashes=SHARD_HASHES)
+        writer = MDSWriter(
+            out=str(merged_tmp), columns=COLUMNS, compression=COMPRESSION, size_limit=size_limit, hashes=SHARD_HASHES
+        )
         total, per_input = Counts(), []
-        with tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True,
-                  desc="prepare", disable=not progress) as bar:
+        with tqdm(
+            total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="prepare", disable=not progress
+        ) as bar:
             for index, source in enumerate(sources):
                 if index not in done:
                     _wait_for_part(parts[source.name])  # in input order
                 counts = _append_part(writer, staging / _part_name(source))
                 total.add(counts)
-                per_input.append({"name": source.name, "kind": source.kind,
-                                  "bytes": source.size, "documents": counts.documents,
-                                  "chunks": counts.chunks, "tokens": counts.tokens,
-                                  "bad_records": counts.bad_records_total})
+                per_input.append(
+                    {
+                        "name": source.name,
+                        "kind": source.kind,
+                        "bytes": source.size,
+                        "documents": counts.documents,
+                        "chunks": counts.chunks,
+                        "tokens": counts.tokens,
+                        "bad_records": counts.bad_records_total,
+                    }
+                )
                 bar.update(source.size)
                 bar.set_postfix(tokens=f"{total.tokens:,}", refresh=False)
         writer.finish()
@@ -585,24 +629,37 @@ def _no_usable_message(sources: Sequence[InputFile], total: Counts) -> str:
     if len(sources) > 3:
         names += f" and {len(sources) - 3} more"
     kinds = ", ".join(f"{kind} {entry['count']:,}" for kind, entry in total.bad_records.items())
-    first = next((f"; first: {kind} at {ex['file']}:{ex['line']}: {ex['detail']}"
-                  for kind, entry in total.bad_records.items() for ex in entry["examples"]), "")
-    return (f"no usable documents in {names}: {total.records:,} records read, "
-            f"{total.bad_records_total:,} skipped ({kinds}){first}; nothing was written")
+    first = next(
+        (
+            f"; first: {kind} at {ex['file']}:{ex['line']}: {ex['detail']}"
+            for kind, entry in total.bad_records.items()
+            for ex in entry["examples"]
+        ),
+        "",
+    )
+    return (
+        f"no usable documents in {names}: {total.records:,} records read, "
+        f"{total.bad_records_total:,} skipped ({kinds}){first}; nothing was written"
+    )
 
 
-def format_report(stats: dict, out: Union[str, Path]) -> str:
+def format_report(stats: dict, out: str | Path) -> str:
     """A few lines for people: what was written, what was dropped, which records were bad."""
-    lines = [f"wrote {stats['chunks']:,} samples ({stats['tokens']:,} tokens) from "
-             f"{stats['documents']:,} documents in {len(stats['inputs'])} files to {out} "
-             f"({stats['shards']} shards, seq_len {stats['seq_len']})"]
+    lines = [
+        f"wrote {stats['chunks']:,} samples ({stats['tokens']:,} tokens) from "
+        f"{stats['documents']:,} documents in {len(stats['inputs'])} files to {out} "
+        f"({stats['shards']} shards, seq_len {stats['seq_len']})"
+    ]
     if stats["dropped_chunks"] or stats["moved_tokens"]:
-        lines.append(f"dropped {stats['dropped_chunks']:,} short tail chunks "
-                     f"({stats['dropped_tokens']:,} tokens); back-filled tails with "
-                     f"{stats['moved_tokens']:,} moved tokens")
+        lines.append(
+            f"dropped {stats['dropped_chunks']:,} short tail chunks "
+            f"({stats['dropped_tokens']:,} tokens); back-filled tails with "
+            f"{stats['moved_tokens']:,} moved tokens"
+        )
     if stats["bad_records_total"]:
-        kinds = ", ".join(f"{kind} {entry['count']:,}"
-                          for kind, entry in stats["bad_records"].items() if entry["count"])
+        kinds = ", ".join(
+            f"{kind} {entry['count']:,}" for kind, entry in stats["bad_records"].items() if entry["count"]
+        )
         lines.append(f"skipped {stats['bad_records_total']:,} bad records: {kinds}")
         for kind, entry in stats["bad_records"].items():
             for ex in entry["examples"]:

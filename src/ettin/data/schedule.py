@@ -14,11 +14,13 @@ is part of the ledger's order key: a resume on data with another mean is refused
 (``ettin plan``) or without token counts, a sample is taken as ``seq_len`` tokens, which ends the
 ramp early in real tokens whenever samples are shorter.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
+
 from ettin.errors import EttinError
 
 
@@ -47,7 +49,7 @@ class BatchSchedule:
         object.__setattr__(self, "_table", tuple(table))
 
     @classmethod
-    def from_config(cls, cfg, tokens_per_sample: float | None = None) -> "BatchSchedule":
+    def from_config(cls, cfg, tokens_per_sample: float | None = None) -> BatchSchedule:
         """The schedule of ``cfg``. ``tokens_per_sample``: the data's mean tokens per sample
         (``Manifest.mean_tokens_per_sample``; ``DataPipeline.from_config`` passes it); None takes
         ``phase.seq_len``, for a plan without data."""
@@ -57,8 +59,9 @@ class BatchSchedule:
         per_sample = cfg.phase.seq_len if tokens_per_sample is None else tokens_per_sample
         if not per_sample > 0:
             raise EttinError(f"tokens per sample must be positive, got {per_sample}")
-        return cls(b.global_size, warmup_samples(b.warmup_tokens, per_sample), b.warmup_start_size, b.warmup_stages,
-                   per_sample)
+        return cls(
+            b.global_size, warmup_samples(b.warmup_tokens, per_sample), b.warmup_start_size, b.warmup_stages, per_sample
+        )
 
     def _stage(self, step: int):
         for first_step, first_pos, size in reversed(self._table):

@@ -9,13 +9,13 @@ It is also the integrity check of a dataset: every shard is checked against the 
 records (compressed and raw; a mismatch is an error naming the shard), and stats.json's counts
 against what was read (a disagreement is printed as a warning).
 """
+
 from __future__ import annotations
 
 import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
@@ -44,7 +44,7 @@ class DatasetSummary:
     histogram: list = field(default_factory=list)  # (low, high, count): low <= length <= high
     min_length: int = 0
     max_length: int = 0
-    stats: Optional[dict] = None  # stats.json, if present
+    stats: dict | None = None  # stats.json, if present
     examples: list = field(default_factory=list)  # the first few Samples
     hashed: list = field(default_factory=list)  # the hash algorithms shards were checked with
 
@@ -55,8 +55,7 @@ def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
         return []
     bins = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
     counts = np.bincount(bins - bins.min())
-    return [(2 ** (k + int(bins.min())), 2 ** (k + int(bins.min()) + 1) - 1, int(c))
-            for k, c in enumerate(counts)]
+    return [(2 ** (k + int(bins.min())), 2 ** (k + int(bins.min()) + 1) - 1, int(c)) for k, c in enumerate(counts)]
 
 
 def _read_index(directory: Path) -> dict:
@@ -65,8 +64,9 @@ def _read_index(directory: Path) -> dict:
     try:
         index = json.loads((directory / INDEX_FILE).read_text())
     except FileNotFoundError:
-        raise SummaryError(f"{directory} has no {INDEX_FILE}; is it an MDS dataset (prepare "
-                           f"--out) and finished?") from None
+        raise SummaryError(
+            f"{directory} has no {INDEX_FILE}; is it an MDS dataset (prepare --out) and finished?"
+        ) from None
     except ValueError as e:
         raise SummaryError(f"{directory / INDEX_FILE} is not valid JSON ({e})") from None
     if index.get("version") != 2 or not isinstance(index.get("shards"), list):
@@ -74,8 +74,7 @@ def _read_index(directory: Path) -> dict:
     return index
 
 
-def summarize(directory: Union[str, Path], *, examples: int = 1,
-              progress: bool = False) -> DatasetSummary:
+def summarize(directory: str | Path, *, examples: int = 1, progress: bool = False) -> DatasetSummary:
     """Read every sample of the dataset in ``directory`` once (lengths) and keep the first few."""
     from streaming.base.compression import decompress
     from streaming.base.format import reader_from_json
@@ -83,13 +82,15 @@ def summarize(directory: Union[str, Path], *, examples: int = 1,
 
     from ettin.data.mds import digest_bytes, pick_hash
 
-    def check(data: bytes, info: Optional[dict], where: Path) -> bytes:
+    def check(data: bytes, info: dict | None, where: Path) -> bytes:
         expected = pick_hash(info)
         if expected is not None:
             if digest_bytes(expected[0], data) != expected[1]:
-                raise SummaryError(f"{where}: contents do not match the {expected[0]} hash in "
-                                   f"{directory / INDEX_FILE}; the shard is corrupt or was changed after it "
-                                   "was written: restore it")
+                raise SummaryError(
+                    f"{where}: contents do not match the {expected[0]} hash in "
+                    f"{directory / INDEX_FILE}; the shard is corrupt or was changed after it "
+                    "was written: restore it"
+                )
             hashed.append(expected[0])
         return data
 
@@ -126,27 +127,38 @@ def summarize(directory: Union[str, Path], *, examples: int = 1,
                 (dirname / raw["basename"]).unlink()
     lengths = np.array(lengths, dtype=np.int64)
     return DatasetSummary(
-        directory=str(directory), shards=len(index["shards"]), samples=len(lengths),
-        tokens=int(lengths.sum()), compressed_bytes=compressed_bytes,
+        directory=str(directory),
+        shards=len(index["shards"]),
+        samples=len(lengths),
+        tokens=int(lengths.sum()),
+        compressed_bytes=compressed_bytes,
         histogram=length_histogram(lengths),
         min_length=int(lengths.min()) if len(lengths) else 0,
         max_length=int(lengths.max()) if len(lengths) else 0,
-        stats=stats, examples=kept, hashed=hashed)
+        stats=stats,
+        examples=kept,
+        hashed=hashed,
+    )
 
 
-def format_summary(summary: DatasetSummary, tokenizer=None, *, tokenizer_sha256: str = "",
-                   max_chars: int = 400, bar_width: int = 40) -> str:
+def format_summary(
+    summary: DatasetSummary, tokenizer=None, *, tokenizer_sha256: str = "", max_chars: int = 400, bar_width: int = 40
+) -> str:
     """The summary as text; samples are decoded when a ``tokenizers.Tokenizer`` is given."""
     s = summary
     mean = s.tokens / s.samples if s.samples else 0.0
-    lines = [f"dataset  {s.directory}",
-             f"shards   {s.shards} ({s.compressed_bytes / 1e6:.2f} MB stored)",
-             f"samples  {s.samples:,}",
-             f"tokens   {s.tokens:,} (per sample: mean {mean:.1f}, min {s.min_length}, "
-             f"max {s.max_length})"]
+    lines = [
+        f"dataset  {s.directory}",
+        f"shards   {s.shards} ({s.compressed_bytes / 1e6:.2f} MB stored)",
+        f"samples  {s.samples:,}",
+        f"tokens   {s.tokens:,} (per sample: mean {mean:.1f}, min {s.min_length}, max {s.max_length})",
+    ]
     algos = sorted(set(s.hashed))
-    lines.append(f"hashes   {len(s.hashed)} shard files match their {', '.join(algos)} hashes in {INDEX_FILE}"
-                 if s.hashed else f"hashes   none in {INDEX_FILE}: the shards' integrity is unchecked")
+    lines.append(
+        f"hashes   {len(s.hashed)} shard files match their {', '.join(algos)} hashes in {INDEX_FILE}"
+        if s.hashed
+        else f"hashes   none in {INDEX_FILE}: the shards' integrity is unchecked"
+    )
     if s.histogram:
         lines.append("sample lengths (tokens)")
         peak = max(count for _, _, count in s.histogram)
@@ -156,23 +168,24 @@ def format_summary(summary: DatasetSummary, tokenizer=None, *, tokenizer_sha256:
     if s.stats is not None:
         st = s.stats
         lines.append("stats.json")
-        lines.append("  " + ", ".join(f"{name} {st[name]:,}" for name in COUNT_FIELDS
-                                      if name in st))
+        lines.append("  " + ", ".join(f"{name} {st[name]:,}" for name in COUNT_FIELDS if name in st))
         tok = st.get("tokenizer", {})
-        lines.append(f"  seq_len {st.get('seq_len')}, [CLS] {st.get('cls_id')}, [SEP] "
-                     f"{st.get('sep_id')}, tokenizer sha256 {tok.get('sha256', '?')[:16]}… "
-                     f"vocab {tok.get('vocab_size')}, {len(st.get('inputs', []))} input files")
+        lines.append(
+            f"  seq_len {st.get('seq_len')}, [CLS] {st.get('cls_id')}, [SEP] "
+            f"{st.get('sep_id')}, tokenizer sha256 {tok.get('sha256', '?')[:16]}… "
+            f"vocab {tok.get('vocab_size')}, {len(st.get('inputs', []))} input files"
+        )
         counted = {"chunks": s.samples, "tokens": s.tokens, "shards": s.shards}
         for name, value in counted.items():
             if name in st and st[name] != value:
-                lines.append(f"  warning: stats.json says {name} {st[name]}, the shards hold {value:,}; "
-                             "they are from different prepare runs or were edited")
+                lines.append(
+                    f"  warning: stats.json says {name} {st[name]}, the shards hold {value:,}; "
+                    "they are from different prepare runs or were edited"
+                )
         bad = {k: v["count"] for k, v in st.get("bad_records", {}).items() if v["count"]}
-        lines.append("  bad records: " + (", ".join(f"{k} {v:,}" for k, v in bad.items())
-                                          if bad else "none"))
+        lines.append("  bad records: " + (", ".join(f"{k} {v:,}" for k, v in bad.items()) if bad else "none"))
         if tokenizer_sha256 and tok.get("sha256") and tok["sha256"] != tokenizer_sha256:
-            lines.append("  warning: the given tokenizer is not the one in stats.json; "
-                         "decoded text below may be wrong")
+            lines.append("  warning: the given tokenizer is not the one in stats.json; decoded text below may be wrong")
     for sample in s.examples:
         lines.append(f"sample {sample.index}: id {sample.id!r}, {len(sample.input_ids)} tokens")
         if tokenizer is not None:
@@ -182,6 +195,5 @@ def format_summary(summary: DatasetSummary, tokenizer=None, *, tokenizer_sha256:
             lines += ["  " + line for line in text.splitlines()]
         else:
             head = " ".join(str(int(t)) for t in sample.input_ids[:32])
-            lines.append(f"  ids: {head}{' …' if len(sample.input_ids) > 32 else ''}"
-                         f"  (pass --tokenizer to decode)")
+            lines.append(f"  ids: {head}{' …' if len(sample.input_ids) > 32 else ''}  (pass --tokenizer to decode)")
     return "\n".join(lines)

@@ -10,12 +10,14 @@ ModernBERT's tokenizer). Its special tokens come first, in the order ``[PAD] [CL
 needs ``[UNK]`` but keeps it so the special-token set matches ModernBERT's. Training is
 deterministic: the same documents in the same order give the same ``tokenizer.json`` bytes.
 """
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING
 
 from ettin.data.inputs import BadRecord, find_inputs, iter_records
 from ettin.errors import EttinError
@@ -47,8 +49,9 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
     if path.is_dir() and (path / "tokenizer.json").is_file():
         return path / "tokenizer.json"
     if not path.exists():
-        raise TokenizerError(f"tokenizer {path} does not exist; pass a tokenizer.json "
-                             f"(python -m data_tools train-tokenizer makes one)")
+        raise TokenizerError(
+            f"tokenizer {path} does not exist; pass a tokenizer.json (python -m data_tools train-tokenizer makes one)"
+        )
     if not path.is_file():
         raise TokenizerError(f"tokenizer {path} is not a file; pass a tokenizer.json")
     return path
@@ -63,20 +66,22 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # tokenizers raises a bare Exception for every parse problem
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise TokenizerError(f"cannot read tokenizer {path}: {reason}; "
-                             f"it must be a tokenizers tokenizer.json") from None
+        raise TokenizerError(
+            f"cannot read tokenizer {path}: {reason}; it must be a tokenizers tokenizer.json"
+        ) from None
 
 
 def tokenizer_identity(path: str | Path) -> TokenizerIdentity:
     """The sha256 of the ``tokenizer.json`` bytes and its vocabulary size."""
     path = resolve_tokenizer_path(path)
     tokenizer = load_tokenizer(path)
-    return TokenizerIdentity(sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-                             vocab_size=tokenizer.get_vocab_size(with_added_tokens=True))
+    return TokenizerIdentity(
+        sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        vocab_size=tokenizer.get_vocab_size(with_added_tokens=True),
+    )
 
 
-def special_token_ids(tokenizer: Tokenizer, cls_id: Optional[int] = None,
-                      sep_id: Optional[int] = None) -> tuple[int, int]:
+def special_token_ids(tokenizer: Tokenizer, cls_id: int | None = None, sep_id: int | None = None) -> tuple[int, int]:
     """The ids that wrap every sample: given ones win, else the tokenizer's [CLS] and [SEP]."""
     resolved = []
     for name, given, flag in (("[CLS]", cls_id, "--cls-id"), ("[SEP]", sep_id, "--sep-id")):
@@ -104,37 +109,50 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2) 
     from tokenizers import AddedToken, pre_tokenizers, processors, trainers
 
     if vocab_size < MIN_VOCAB_SIZE:
-        raise TokenizerError(f"vocab size {vocab_size} is too small: a byte-level BPE needs at "
-                             f"least {MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + "
-                             f"{BYTE_ALPHABET_SIZE} bytes)")
+        raise TokenizerError(
+            f"vocab size {vocab_size} is too small: a byte-level BPE needs at "
+            f"least {MIN_VOCAB_SIZE} ({len(SPECIAL_TOKENS)} special tokens + "
+            f"{BYTE_ALPHABET_SIZE} bytes)"
+        )
     # [MASK] swallows the space before it, as in ModernBERT, so "a [MASK]" fills like "a word".
     specials = [AddedToken(t, lstrip=(t == "[MASK]"), special=True) for t in SPECIAL_TOKENS]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer = new_bpe_tokenizer()
     tokenizer.train_from_iterator(texts, trainer)
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         assert tokenizer.token_to_id(token) == expected_id, (token, tokenizer.token_to_id(token))
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
     return tokenizer
 
 
 @dataclass
 class TrainingInput:
     """What :func:`train_tokenizer` read: documents used, and bad records skipped by kind."""
+
     documents: int = 0
     text_bytes: int = 0
     bad_records: dict = field(default_factory=dict)  # kind -> count
 
 
-def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, *,
-                    plain_text: Sequence[str | Path] = (), include: Sequence[str] = (),
-                    text_field: str = "text", min_frequency: int = 2,
-                    progress: bool = False) -> tuple[Tokenizer, TrainingInput]:
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    vocab_size: int,
+    *,
+    plain_text: Sequence[str | Path] = (),
+    include: Sequence[str] = (),
+    text_field: str = "text",
+    min_frequency: int = 2,
+    progress: bool = False,
+) -> tuple[Tokenizer, TrainingInput]:
     """Train on the documents ``ettin data prepare`` would read from the same arguments.
 
     Bad records are skipped and counted, as in prepare. Returns the tokenizer (not saved) and
@@ -146,8 +164,9 @@ def train_tokenizer(inputs: Sequence[str | Path], vocab_size: int, *,
     def texts() -> Iterator[str]:
         from tqdm import tqdm
 
-        with tqdm(total=sum(s.size for s in sources), unit="B", unit_scale=True,
-                  desc="train-tokenizer", disable=not progress) as bar:
+        with tqdm(
+            total=sum(s.size for s in sources), unit="B", unit_scale=True, desc="train-tokenizer", disable=not progress
+        ) as bar:
             for source in sources:
                 for record in iter_records(source, text_field):
                     if isinstance(record, BadRecord):

@@ -10,14 +10,18 @@
 
 Nothing here imports torch: submitting and planning stay fast on a login node.
 """
+
 from __future__ import annotations
 
 import argparse
-from typing import Callable
+from collections.abc import Callable
 
 
-def run_alone(add_parser: Callable[[argparse._SubParsersAction], argparse.ArgumentParser], prog: str,
-              argv: list[str] | None = None) -> int:
+def run_alone(
+    add_parser: Callable[[argparse._SubParsersAction], argparse.ArgumentParser],
+    prog: str,
+    argv: list[str] | None = None,
+) -> int:
     """Run one ``ettin launch`` command as its own program (``python -m launch.submit`` and the like).
 
     The parser is the very one ``ettin launch`` builds, so the two spellings cannot drift apart in flags,

@@ -5,6 +5,7 @@ from ``sacct`` (real accounting), then from ``sacct -c`` (the jobcomp/filetxt lo
 without slurmdbd, such as slurm/local). Every client needs ``SLURM_CONF`` when the cluster's
 configuration is not in the default place.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,26 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass
+
 from ettin.errors import EttinError
 
 # States in which a job will still run (or is running): a run with such a job must not get a second one.
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD", "SPECIAL_EXIT"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "STOPPED",
+    "RESV_DEL_HOLD",
+    "SPECIAL_EXIT",
+}
 
 
 class SlurmError(EttinError):
@@ -48,7 +64,9 @@ def require_slurm() -> None:
     out = _run(["scontrol", "ping"], timeout=30)
     if out.returncode != 0 or " is UP" not in out.stdout:
         why = _first_line(out.stdout if " is DOWN" in out.stdout else out.stderr or out.stdout)
-        raise SlurmError(f"Slurm is not reachable (scontrol ping via {conf or 'the default slurm.conf'}: {why}); {hint}")
+        raise SlurmError(
+            f"Slurm is not reachable (scontrol ping via {conf or 'the default slurm.conf'}: {why}); {hint}"
+        )
 
 
 @dataclass
@@ -72,9 +90,16 @@ def _scontrol_job(job_id: str) -> JobInfo | None:
     if out.returncode != 0 or "JobId=" not in out.stdout:
         return None
     fields = dict(re.findall(r"(\w[\w/:]*)=(\S*)", out.stdout.splitlines()[0]))
-    return JobInfo(job_id, fields.get("JobState", "UNKNOWN"), fields.get("Reason", ""), int(fields.get("Restarts", 0) or 0),
-                   fields.get("ExitCode", ""), fields.get("StartTime", ""), fields.get("EndTime", ""),
-                   "" if fields.get("Dependency") == "(null)" else fields.get("Dependency", ""))
+    return JobInfo(
+        job_id,
+        fields.get("JobState", "UNKNOWN"),
+        fields.get("Reason", ""),
+        int(fields.get("Restarts", 0) or 0),
+        fields.get("ExitCode", ""),
+        fields.get("StartTime", ""),
+        fields.get("EndTime", ""),
+        "" if fields.get("Dependency") == "(null)" else fields.get("Dependency", ""),
+    )
 
 
 def _sacct_jobs(job_ids: list[str], completion_log: bool) -> dict[str, JobInfo]:
@@ -87,8 +112,13 @@ def _sacct_jobs(job_ids: list[str], completion_log: bool) -> dict[str, JobInfo]:
         for line in out.stdout.splitlines():
             parts = line.split("|")
             if len(parts) >= 5 and parts[0] in job_ids:
-                found[parts[0]] = JobInfo(parts[0], parts[1].split()[0] if parts[1] else "UNKNOWN", exit_code=parts[2],
-                                          start_time=parts[3], end_time=parts[4])
+                found[parts[0]] = JobInfo(
+                    parts[0],
+                    parts[1].split()[0] if parts[1] else "UNKNOWN",
+                    exit_code=parts[2],
+                    start_time=parts[3],
+                    end_time=parts[4],
+                )
     return found
 
 
@@ -114,8 +144,10 @@ def vet_submission(script: str) -> None:
     out = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         errors = [line for line in out.stderr.splitlines() if "error" in line.lower()] or [_first_line(out.stderr)]
-        raise SlurmError(f"Slurm rejects the job ({errors[-1].strip()}): fix --partition/--account/--qos/--time/--sbatch "
-                         "or ask for resources the cluster has")
+        raise SlurmError(
+            f"Slurm rejects the job ({errors[-1].strip()}): fix --partition/--account/--qos/--time/--sbatch "
+            "or ask for resources the cluster has"
+        )
 
 
 def cancel(job_ids: list[str]) -> None:

@@ -11,6 +11,7 @@ than this estimate. ``--memory`` prints the predicted peak GPU memory of each ru
 (ettin.memory): the micro-batch budget, the breakdown, and whether it fits. ``--ramp`` prints the
 batch-size warmup of each size and phase that has one: per stage its batch size, steps and tokens.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,9 +65,17 @@ def estimate(cfg, gpus: int, tokens_per_gpu_s_at_1024: float) -> dict:
     scale = _reference_flops(cfg) / flops_per_token(cfg.model, seq_len, label_fraction=label_fraction(cfg))["total"]
     rate = tokens_per_gpu_s_at_1024 * scale
     gpu_hours = tokens / rate / 3600
-    return {"tokens": tokens, "seq_len": seq_len, "global_batch": schedule.global_size, "steps": steps,
-            "warmup_steps": min(warmup_steps, steps), "checkpoints": math.ceil(tokens / cfg.phase.checkpoint_every_tokens),
-            "tokens_per_gpu_s": rate, "gpu_hours": gpu_hours, "days": gpu_hours / gpus / 24}
+    return {
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "global_batch": schedule.global_size,
+        "steps": steps,
+        "warmup_steps": min(warmup_steps, steps),
+        "checkpoints": math.ceil(tokens / cfg.phase.checkpoint_every_tokens),
+        "tokens_per_gpu_s": rate,
+        "gpu_hours": gpu_hours,
+        "days": gpu_hours / gpus / 24,
+    }
 
 
 def _reference_flops(cfg) -> float:
@@ -119,15 +128,26 @@ def parse_throughput(text: str | None, sizes: list[str]) -> dict[str, float]:
         for item in text.split(","):
             size, value = item.split("=", 1)
             if size.strip() not in sizes:
-                raise ConfigError(f"--tokens-per-gpu-s: size '{size.strip()}' is not among --sizes ({', '.join(sizes)})")
+                raise ConfigError(
+                    f"--tokens-per-gpu-s: size '{size.strip()}' is not among --sizes ({', '.join(sizes)})"
+                )
             rates[size.strip()] = float(value)
     except ValueError:
-        raise ConfigError(f"--tokens-per-gpu-s '{text}' must be a number or SIZE=NUMBER,... (tokens/s per GPU at seq 1024)") from None
+        raise ConfigError(
+            f"--tokens-per-gpu-s '{text}' must be a number or SIZE=NUMBER,... (tokens/s per GPU at seq 1024)"
+        ) from None
     return rates
 
 
-def plan(experiment: str, sizes: list[str], objectives: list[str], phases: list[str], gpus: int,
-         rates: dict[str, float], overrides: list[str]) -> list[PlanRow]:
+def plan(
+    experiment: str,
+    sizes: list[str],
+    objectives: list[str],
+    phases: list[str],
+    gpus: int,
+    rates: dict[str, float],
+    overrides: list[str],
+) -> list[PlanRow]:
     rows = []
     for size in sizes:
         if size not in rates:
@@ -147,32 +167,76 @@ def _tokens(n: float) -> str:
 
 
 def format_plan(rows: list[PlanRow], gpus: int) -> str:
-    header = ("size", "objective", "phase", "tokens", "seq", "batch", "steps", "ramp steps", "ckpts",
-              "tok/s/GPU", "GPU-hours", f"days on {gpus} GPU{'s' if gpus > 1 else ''}")
-    table = [(r.size, r.objective, r.phase, _tokens(r.tokens), str(r.seq_len), str(r.global_batch), f"{r.steps:,}",
-              f"{r.warmup_steps:,}", str(r.checkpoints), _tokens(r.tokens_per_gpu_s), f"{r.gpu_hours:,.0f}", f"{r.days:,.1f}")
-             for r in rows]
+    header = (
+        "size",
+        "objective",
+        "phase",
+        "tokens",
+        "seq",
+        "batch",
+        "steps",
+        "ramp steps",
+        "ckpts",
+        "tok/s/GPU",
+        "GPU-hours",
+        f"days on {gpus} GPU{'s' if gpus > 1 else ''}",
+    )
+    table = [
+        (
+            r.size,
+            r.objective,
+            r.phase,
+            _tokens(r.tokens),
+            str(r.seq_len),
+            str(r.global_batch),
+            f"{r.steps:,}",
+            f"{r.warmup_steps:,}",
+            str(r.checkpoints),
+            _tokens(r.tokens_per_gpu_s),
+            f"{r.gpu_hours:,.0f}",
+            f"{r.days:,.1f}",
+        )
+        for r in rows
+    ]
     sizes = list(dict.fromkeys(r.size for r in rows))
     for size in sizes:
         mine = [r for r in rows if r.size == size]
         hours = sum(r.gpu_hours for r in mine)
-        table.append((size, "all", "total", _tokens(sum(r.tokens for r in mine)), "", "", f"{sum(r.steps for r in mine):,}", "",
-                      str(sum(r.checkpoints for r in mine)), "", f"{hours:,.0f}", f"{hours / gpus / 24:,.1f}"))
+        table.append(
+            (
+                size,
+                "all",
+                "total",
+                _tokens(sum(r.tokens for r in mine)),
+                "",
+                "",
+                f"{sum(r.steps for r in mine):,}",
+                "",
+                str(sum(r.checkpoints for r in mine)),
+                "",
+                f"{hours:,.0f}",
+                f"{hours / gpus / 24:,.1f}",
+            )
+        )
     return _aligned(header, table, left={0, 1, 2})
 
 
 def _aligned(header: tuple, table: list[tuple], left: set[int]) -> str:
     """Columns padded to their widest cell; the ``left`` columns left-aligned, numbers right."""
     widths = [max(len(x) for x in col) for col in zip(header, *table)]
-    lines = ["  ".join(x.ljust(w) if i in left else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))).rstrip()
-             for row in [header, *table]]
+    lines = [
+        "  ".join(x.ljust(w) if i in left else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))).rstrip()
+        for row in [header, *table]
+    ]
     return "\n".join(lines) + "\n"
 
 
-FOOTNOTE = ("Notes: steps assume a sample is about seq_len tokens; samples are document chunks and often shorter, "
-            "so real runs take more steps. tok/s/GPU is the throughput at seq 1024 (default: RECIPE.md's published "
-            "timings, 4 x H100 for 2T tokens) scaled to each phase's sequence length by training FLOPs per token. "
-            "Days assume the runs of a size run one after another on the given GPUs.")
+FOOTNOTE = (
+    "Notes: steps assume a sample is about seq_len tokens; samples are document chunks and often shorter, "
+    "so real runs take more steps. tok/s/GPU is the throughput at seq 1024 (default: RECIPE.md's published "
+    "timings, 4 x H100 for 2T tokens) scaled to each phase's sequence length by training FLOPs per token. "
+    "Days assume the runs of a size run one after another on the given GPUs."
+)
 
 
 # ----------------------------------------------------------------------------- the batch ramp (--ramp)
@@ -184,11 +248,17 @@ class RampTable:
     phase: str
     warmup_tokens: int
     tokens_per_sample: float
-    schedule: "BatchSchedule"  # noqa: F821 - ettin.data.schedule, imported lazily
+    schedule: BatchSchedule  # noqa: F821 - ettin.data.schedule, imported lazily
 
 
-def ramp_plan(experiment: str, sizes: list[str], phases: list[str], overrides: list[str],
-              tokens_per_sample: float | None = None, objective: str = "mlm") -> list[RampTable]:
+def ramp_plan(
+    experiment: str,
+    sizes: list[str],
+    phases: list[str],
+    overrides: list[str],
+    tokens_per_sample: float | None = None,
+    objective: str = "mlm",
+) -> list[RampTable]:
     """The batch-size ramp of each size and phase that has one. It is counted in real tokens and turned
     into samples at ``tokens_per_sample`` (a run takes its data's mean from stats.json; default here:
     ``phase.seq_len``, the fewest steps). The ramp does not depend on the objective."""
@@ -211,10 +281,14 @@ def format_ramp(tables: list[RampTable]) -> str:
     for t in tables:
         s, per = t.schedule, t.tokens_per_sample
         stages = s.ramp()
-        out.append(f"{t.size} {t.phase}: the global batch ramps from {stages[0][0]:,} to {s.global_size:,} sequences "
-                   f"in {len(stages)} stages over {_tokens(t.warmup_tokens)} tokens ({per:,.6g} tokens per sample)")
-        rows = [(str(i), f"{size:,}", f"{first:,}", f"{steps:,}", f"{steps * size:,}", _tokens(steps * size * per))
-                for i, (size, first, steps, _) in enumerate(stages, start=1)]
+        out.append(
+            f"{t.size} {t.phase}: the global batch ramps from {stages[0][0]:,} to {s.global_size:,} sequences "
+            f"in {len(stages)} stages over {_tokens(t.warmup_tokens)} tokens ({per:,.6g} tokens per sample)"
+        )
+        rows = [
+            (str(i), f"{size:,}", f"{first:,}", f"{steps:,}", f"{steps * size:,}", _tokens(steps * size * per))
+            for i, (size, first, steps, _) in enumerate(stages, start=1)
+        ]
         full_step, full_pos = stages[-1][1] + stages[-1][2], s.bounds(stages[-1][1] + stages[-1][2])[0]
         rows.append(("ramp", "", "", f"{full_step:,}", f"{full_pos:,}", _tokens(full_pos * per)))
         rows.append(("full", f"{s.global_size:,}", f"{full_step:,}", "", "", ""))
@@ -222,9 +296,11 @@ def format_ramp(tables: list[RampTable]) -> str:
     return "\n".join(out)
 
 
-RAMP_FOOTNOTE = ("Notes: the ramp is counted in real tokens and kept in samples: a run converts it at its data's mean "
-                 "tokens per sample (stats.json; recorded in the ledger's order key), this plan at --tokens-per-sample "
-                 "(default: seq_len, the fewest steps). Its stages never depend on the number of GPUs.")
+RAMP_FOOTNOTE = (
+    "Notes: the ramp is counted in real tokens and kept in samples: a run converts it at its data's mean "
+    "tokens per sample (stats.json; recorded in the ledger's order key), this plan at --tokens-per-sample "
+    "(default: seq_len, the fewest steps). Its stages never depend on the number of GPUs."
+)
 
 
 # ----------------------------------------------------------------------------- memory (--memory)
@@ -237,11 +313,18 @@ class MemoryRow:
     phase: str
     seq_len: int
     micro_per_step: int  # micro-batches per rank in a full step: ceil(rank share / budget), about
-    memory: "MemoryEstimate"  # noqa: F821 - ettin.memory, imported lazily
+    memory: MemoryEstimate  # noqa: F821 - ettin.memory, imported lazily
 
 
-def memory_plan(experiment: str, sizes: list[str], objectives: list[str], phases: list[str], gpus: int,
-                overrides: list[str], micro_tokens: int = 0) -> list[MemoryRow]:
+def memory_plan(
+    experiment: str,
+    sizes: list[str],
+    objectives: list[str],
+    phases: list[str],
+    gpus: int,
+    overrides: list[str],
+    micro_tokens: int = 0,
+) -> list[MemoryRow]:
     """The memory model (ettin.memory) for each run on ``gpus`` GPUs (DP = gpus / parallel.tensor),
     at ``micro_tokens`` (0: ``batch.micro_tokens``, or the default budget when that is 0 too)."""
     from ettin.memory import estimate, rank_share_tokens
@@ -256,51 +339,122 @@ def memory_plan(experiment: str, sizes: list[str], objectives: list[str], phases
                     raise ConfigError(f"--gpus {gpus} is not divisible by parallel.tensor={tp}")
                 dp = gpus // tp
                 e = estimate(cfg, dp, tp, micro_tokens or None)
-                rows.append(MemoryRow(size, objective, phase, cfg.phase.seq_len,
-                                      math.ceil(rank_share_tokens(cfg, dp) / max(e.micro_tokens, cfg.phase.seq_len)), e))
+                rows.append(
+                    MemoryRow(
+                        size,
+                        objective,
+                        phase,
+                        cfg.phase.seq_len,
+                        math.ceil(rank_share_tokens(cfg, dp) / max(e.micro_tokens, cfg.phase.seq_len)),
+                        e,
+                    )
+                )
     return rows
 
 
 def format_memory(rows: list[MemoryRow]) -> str:
-    header = ("size", "objective", "phase", "seq", "TP", "ZeRO", "DP", "micro tok", "micro/step", "weights", "optim",
-              "grads", "activ", "head", "overhead", "total GB", "device GB", "fits")
-    table = [(r.size, r.objective, r.phase, str(r.seq_len), str(m.tp), str(m.zero_stage), str(m.dp), f"{m.micro_tokens:,}",
-              str(r.micro_per_step), f"{m.weights:.2f}", f"{m.master_and_moments:.2f}", f"{m.grads:.2f}",
-              f"{m.activations:.1f}", f"{m.head:.2f}", f"{m.overhead:.1f}", f"{m.total:.1f}", f"{m.device_memory_gb:g}",
-              "yes" if m.fits else "NO")
-             for r in rows for m in [r.memory]]
+    header = (
+        "size",
+        "objective",
+        "phase",
+        "seq",
+        "TP",
+        "ZeRO",
+        "DP",
+        "micro tok",
+        "micro/step",
+        "weights",
+        "optim",
+        "grads",
+        "activ",
+        "head",
+        "overhead",
+        "total GB",
+        "device GB",
+        "fits",
+    )
+    table = [
+        (
+            r.size,
+            r.objective,
+            r.phase,
+            str(r.seq_len),
+            str(m.tp),
+            str(m.zero_stage),
+            str(m.dp),
+            f"{m.micro_tokens:,}",
+            str(r.micro_per_step),
+            f"{m.weights:.2f}",
+            f"{m.master_and_moments:.2f}",
+            f"{m.grads:.2f}",
+            f"{m.activations:.1f}",
+            f"{m.head:.2f}",
+            f"{m.overhead:.1f}",
+            f"{m.total:.1f}",
+            f"{m.device_memory_gb:g}",
+            "yes" if m.fits else "NO",
+        )
+        for r in rows
+        for m in [r.memory]
+    ]
     return _aligned(header, table, left={0, 1, 2, 17})
 
 
-MEMORY_FOOTNOTE = ("Notes: predicted peak GB (1e9 bytes) per GPU from ettin.memory: bf16 weights, fp32 master weights and "
-                   "two moments partitioned by ZeRO over DP (optim), gradients as DeepSpeed holds them (grads), what "
-                   "autograd keeps for max(micro tok, seq) tokens plus one layer of backward workspace (activ), the fused "
-                   "vocab head's fp32 buffers (head), CUDA/NCCL allowance and fragmentation (overhead). micro tok: "
-                   "batch.micro_tokens, or the default (the largest that leaves {:.0%} of the device free); micro/step: "
-                   "micro-batches per rank in a full step, about. Change the layout with overrides, e.g. "
-                   "parallel.tensor=2 parallel.zero_stage=2 train.device_memory_gb=141.")
+MEMORY_FOOTNOTE = (
+    "Notes: predicted peak GB (1e9 bytes) per GPU from ettin.memory: bf16 weights, fp32 master weights and "
+    "two moments partitioned by ZeRO over DP (optim), gradients as DeepSpeed holds them (grads), what "
+    "autograd keeps for max(micro tok, seq) tokens plus one layer of backward workspace (activ), the fused "
+    "vocab head's fp32 buffers (head), CUDA/NCCL allowance and fragmentation (overhead). micro tok: "
+    "batch.micro_tokens, or the default (the largest that leaves {:.0%} of the device free); micro/step: "
+    "micro-batches per rank in a full step, about. Change the layout with overrides, e.g. "
+    "parallel.tensor=2 parallel.zero_stage=2 train.device_memory_gb=141."
+)
 
 
 def add_plan_parser(subparsers) -> argparse.ArgumentParser:
     """``ettin plan``: wire into ettin.cli's subparsers."""
-    p = subparsers.add_parser("plan", help="tokens, steps, checkpoints and GPU-hours per size, objective and phase",
-                              description=__doc__.split("\n\n")[1].replace("\n", " "))
+    p = subparsers.add_parser(
+        "plan",
+        help="tokens, steps, checkpoints and GPU-hours per size, objective and phase",
+        description=__doc__.split("\n\n")[1].replace("\n", " "),
+    )
     p.add_argument("--experiment", default="ettin", help="experiment name or YAML (default ettin)")
     p.add_argument("--sizes", default="all", help="comma-separated sizes or all (default all)")
     p.add_argument("--objectives", default="mlm,clm")
     p.add_argument("--phases", default="pretrain,extension,decay,cross")
     p.add_argument("--gpus", type=int, default=4, help="GPUs per run, for days (default 4, as published)")
-    p.add_argument("--tokens-per-gpu-s", help="tokens/s per GPU at seq 1024: one number, or SIZE=N,... (default: published)")
-    p.add_argument("--from-run", action="append", default=[], metavar="RUN_DIR",
-                   help="measure the throughput of that run's size from its metrics.jsonl (repeatable)")
-    p.add_argument("--memory", action="store_true",
-                   help="predicted peak GPU memory per run (ettin.memory) and whether it fits train.device_memory_gb")
-    p.add_argument("--micro-tokens", type=int, default=0,
-                   help="--memory: tokens per micro-batch per GPU (default: batch.micro_tokens, else the largest that fits)")
-    p.add_argument("--ramp", action="store_true",
-                   help="the batch-size warmup per size and phase: each stage's batch size, steps and tokens")
-    p.add_argument("--tokens-per-sample", type=float, default=None,
-                   help="--ramp: mean tokens per sample of the data (default: seq_len)")
+    p.add_argument(
+        "--tokens-per-gpu-s", help="tokens/s per GPU at seq 1024: one number, or SIZE=N,... (default: published)"
+    )
+    p.add_argument(
+        "--from-run",
+        action="append",
+        default=[],
+        metavar="RUN_DIR",
+        help="measure the throughput of that run's size from its metrics.jsonl (repeatable)",
+    )
+    p.add_argument(
+        "--memory",
+        action="store_true",
+        help="predicted peak GPU memory per run (ettin.memory) and whether it fits train.device_memory_gb",
+    )
+    p.add_argument(
+        "--micro-tokens",
+        type=int,
+        default=0,
+        help="--memory: tokens per micro-batch per GPU (default: batch.micro_tokens, else the largest that fits)",
+    )
+    p.add_argument(
+        "--ramp",
+        action="store_true",
+        help="the batch-size warmup per size and phase: each stage's batch size, steps and tokens",
+    )
+    p.add_argument(
+        "--tokens-per-sample",
+        type=float,
+        default=None,
+        help="--ramp: mean tokens per sample of the data (default: seq_len)",
+    )
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.set_defaults(func=cmd_plan)
     return p
@@ -317,8 +471,12 @@ def cmd_plan(args) -> int:
     if args.ramp:
         if args.tokens_per_sample is not None and not args.tokens_per_sample > 0:
             raise ConfigError(f"--tokens-per-sample must be positive, got {args.tokens_per_sample:g}")
-        print(format_ramp(ramp_plan(args.experiment, sizes, phases, args.overrides, args.tokens_per_sample,
-                                    objectives[0])), end="")
+        print(
+            format_ramp(
+                ramp_plan(args.experiment, sizes, phases, args.overrides, args.tokens_per_sample, objectives[0])
+            ),
+            end="",
+        )
         print(RAMP_FOOTNOTE)
         return 0
     if args.memory:
@@ -326,8 +484,12 @@ def cmd_plan(args) -> int:
             raise ConfigError(f"--micro-tokens must be >= 0 (0: the default budget), got {args.micro_tokens}")
         from ettin.memory import HEADROOM
 
-        print(format_memory(memory_plan(args.experiment, sizes, objectives, phases, args.gpus, args.overrides,
-                                        args.micro_tokens)), end="")
+        print(
+            format_memory(
+                memory_plan(args.experiment, sizes, objectives, phases, args.gpus, args.overrides, args.micro_tokens)
+            ),
+            end="",
+        )
         print(MEMORY_FOOTNOTE.format(HEADROOM))
         return 0
     rates = parse_throughput(args.tokens_per_gpu_s, sizes)

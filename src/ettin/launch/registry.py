@@ -2,6 +2,7 @@
 ``jobs.txt`` (the table a person reads). A later submission into the same run root updates the
 records of its runs and keeps the others; a run's earlier job ids stay in its ``history``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,10 @@ from ettin.fileio import FileError, read_json, write_json_atomic, write_text_ato
 JOBS_JSON = "jobs.json"
 JOBS_TXT = "jobs.txt"
 # a damaged job record: its runs' folders are intact, only the job ids are lost
-JOBS_FIX = ("restore it from a backup, or delete it (status then lists the runs from their folders; "
-            "cancel their jobs with scancel)")
+JOBS_FIX = (
+    "restore it from a backup, or delete it (status then lists the runs from their folders; "
+    "cancel their jobs with scancel)"
+)
 RECORD_KEYS = ("key", "size", "objective", "phase", "run_dir", "job_id")
 
 
@@ -22,16 +25,26 @@ def read_jobs(run_root: str | Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
     runs = read_json(path, JOBS_FIX).get("runs")
-    if not isinstance(runs, dict) or not all(isinstance(r, dict) and all(k in r for k in RECORD_KEYS)
-                                             for r in runs.values()):
+    if not isinstance(runs, dict) or not all(
+        isinstance(r, dict) and all(k in r for k in RECORD_KEYS) for r in runs.values()
+    ):
         raise FileError(path, "is not a job record (needs 'runs': run key -> job)", JOBS_FIX)
     return runs
 
 
 def format_table(records: list[dict]) -> str:
     header = ("run", "job", "depends on", "nodes x tasks", "planned tokens", "run dir")
-    rows = [(r["key"], r["job_id"], r.get("dependency") or "-", f"{r['nodes']} x {r['tasks_per_node']}",
-             f"{r['planned_tokens']:,}", r["run_dir"]) for r in records]
+    rows = [
+        (
+            r["key"],
+            r["job_id"],
+            r.get("dependency") or "-",
+            f"{r['nodes']} x {r['tasks_per_node']}",
+            f"{r['planned_tokens']:,}",
+            r["run_dir"],
+        )
+        for r in records
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     return "\n".join("  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *rows]) + "\n"
 

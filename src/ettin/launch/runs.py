@@ -7,6 +7,7 @@ cross-objective run ``<size>-<objective>-cross`` trains ``objective`` starting f
 objective's decay model (``<size>-clm-cross`` is the MLM encoder turned decoder), so it waits for
 that run.
 """
+
 from __future__ import annotations
 
 import json
@@ -113,8 +114,11 @@ def newest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:
     if not found:
         return None
     path = found[-1]
-    return path, read_json(path / STATE_FILE, "restore it, or move the damaged checkpoint folder aside "
-                           "(`ettin checkpoint verify` checks a run's checkpoints)")
+    return path, read_json(
+        path / STATE_FILE,
+        "restore it, or move the damaged checkpoint folder aside "
+        "(`ettin checkpoint verify` checks a run's checkpoints)",
+    )
 
 
 def is_complete(run_dir: str | Path) -> bool:

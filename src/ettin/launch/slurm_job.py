@@ -23,6 +23,7 @@ a rank leaves with 75 only after the collective save has committed the checkpoin
 it into place before it sends the checkpoint's name to the others), and from then on the trainer
 ignores TERM, so the peers that Slurm signals finish their own exit 75 and srun reports 75.
 """
+
 from __future__ import annotations
 
 import math
@@ -84,15 +85,21 @@ class JobSpec:
         if self.nodes < 1 or self.gpus_per_node < 1:
             raise ConfigError(f"--nodes ({self.nodes}) and --gpus-per-node ({self.gpus_per_node}) must be >= 1")
         if self.tp < 1 or self.world_size % self.tp:
-            raise ConfigError(f"--nodes {self.nodes} x --gpus-per-node {self.gpus_per_node} = {self.world_size} ranks "
-                              f"is not divisible by --tp {self.tp}: pick a TP size that divides the rank count")
+            raise ConfigError(
+                f"--nodes {self.nodes} x --gpus-per-node {self.gpus_per_node} = {self.world_size} ranks "
+                f"is not divisible by --tp {self.tp}: pick a TP size that divides the rank count"
+            )
         if self.signal_s < MIN_SIGNAL_S:
-            raise ConfigError(f"--signal-seconds {self.signal_s} is too short: the save needs >= {MIN_SIGNAL_S} s of warning")
+            raise ConfigError(
+                f"--signal-seconds {self.signal_s} is too short: the save needs >= {MIN_SIGNAL_S} s of warning"
+            )
         limit = parse_time(self.time)
         if limit - self.signal_s - SLURM_CHECK_S < MIN_TRAIN_S:
-            raise ConfigError(f"--time {self.time} leaves under {MIN_TRAIN_S} s to train before the USR2 warning "
-                              f"({self.signal_s} s before the limit, up to {SLURM_CHECK_S} s early): give a --time of at least "
-                              f"{_hms(self.signal_s + SLURM_CHECK_S + MIN_TRAIN_S)}")
+            raise ConfigError(
+                f"--time {self.time} leaves under {MIN_TRAIN_S} s to train before the USR2 warning "
+                f"({self.signal_s} s before the limit, up to {SLURM_CHECK_S} s early): give a --time of at least "
+                f"{_hms(self.signal_s + SLURM_CHECK_S + MIN_TRAIN_S)}"
+            )
         if self.max_requeues < 0:
             raise ConfigError(f"--max-requeues must be >= 0, got {self.max_requeues}")
 
@@ -175,8 +182,13 @@ def submitit_parameters(spec: JobSpec, key: str, task: TrainTask, dependency: st
     }
     if not spec.cpu:
         params["gpus_per_node"] = spec.gpus_per_node
-    for key_, value in (("partition", spec.partition), ("account", spec.account), ("qos", spec.qos),
-                        ("cpus_per_task", spec.cpus_per_task), ("dependency", dependency)):
+    for key_, value in (
+        ("partition", spec.partition),
+        ("account", spec.account),
+        ("qos", spec.qos),
+        ("cpus_per_task", spec.cpus_per_task),
+        ("dependency", dependency),
+    ):
         if value:
             params[key_] = value
     return params

@@ -6,6 +6,7 @@ the newest complete checkpoint (``state.json``: tokens, final), and the last lin
 folders without a recorded job (submitted with the sbatch templates, say) are listed too.
 ``python -m launch.status`` and ``python -m launch.cancel`` are the same commands under their old names.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,20 @@ import json
 from pathlib import Path
 
 from ettin.config import ConfigError
+from ettin.fileio import FileError, read_yaml
 from ettin.launch import run_alone
 from ettin.launch.cluster import cancel, job_info
 from ettin.launch.registry import read_jobs
-from ettin.launch.runs import CHAIN, CROSS, OBJECTIVES, known_sizes, last_metrics, newest_checkpoint, parse_list, size_order
-from ettin.fileio import FileError, read_yaml
+from ettin.launch.runs import (
+    CHAIN,
+    CROSS,
+    OBJECTIVES,
+    known_sizes,
+    last_metrics,
+    newest_checkpoint,
+    parse_list,
+    size_order,
+)
 from ettin.train.layout import CONFIG_FILE
 
 PHASE_ORDER = {p: i for i, p in enumerate((*CHAIN, CROSS))}
@@ -40,7 +50,11 @@ def collect(run_root: str | Path, query_slurm: bool = True) -> list[dict]:
     """One row per run of the run root: job state, progress, last checkpoint, last loss."""
     root = Path(run_root)
     records = read_jobs(root)
-    keys = set(records) | {p.parent.name for p in root.glob("*/checkpoints")} | {p.parent.name for p in root.glob("*/metrics.jsonl")}
+    keys = (
+        set(records)
+        | {p.parent.name for p in root.glob("*/checkpoints")}
+        | {p.parent.name for p in root.glob("*/metrics.jsonl")}
+    )
     infos = job_info([r["job_id"] for r in records.values()]) if (query_slurm and records) else {}
     rows = []
     for key in keys:
@@ -52,15 +66,28 @@ def collect(run_root: str | Path, query_slurm: bool = True) -> list[dict]:
         info = infos.get(rec.get("job_id", ""))
         planned = rec.get("planned_tokens") or (newest and _planned_from_checkpoint(newest[0]))
         done = metrics.get("tokens", newest[1]["tokens"] if newest else 0)
-        rows.append({
-            "run": key, "size": size, "objective": objective, "phase": phase, "run_dir": str(run_dir),
-            "job_id": rec.get("job_id"), "state": info.state if info else ("UNKNOWN" if rec and query_slurm else "-"),
-            "reason": info.reason if info else "", "restarts": info.restarts if info else 0,
-            "exit_code": info.exit_code if info else "",
-            "tokens": done, "planned_tokens": planned,
-            "checkpoint": newest[0].name if newest else None, "checkpoint_tokens": newest[1]["tokens"] if newest else 0,
-            "final": bool(newest and newest[1].get("final")), "step": metrics.get("step", 0), "loss": metrics.get("loss"),
-            "eval_loss": metrics.get("eval_loss")})
+        rows.append(
+            {
+                "run": key,
+                "size": size,
+                "objective": objective,
+                "phase": phase,
+                "run_dir": str(run_dir),
+                "job_id": rec.get("job_id"),
+                "state": info.state if info else ("UNKNOWN" if rec and query_slurm else "-"),
+                "reason": info.reason if info else "",
+                "restarts": info.restarts if info else 0,
+                "exit_code": info.exit_code if info else "",
+                "tokens": done,
+                "planned_tokens": planned,
+                "checkpoint": newest[0].name if newest else None,
+                "checkpoint_tokens": newest[1]["tokens"] if newest else 0,
+                "final": bool(newest and newest[1].get("final")),
+                "step": metrics.get("step", 0),
+                "loss": metrics.get("loss"),
+                "eval_loss": metrics.get("eval_loss"),
+            }
+        )
     rows.sort(key=lambda r: (size_order(r["size"]), r["objective"], PHASE_ORDER.get(r["phase"], 9)))
     return rows
 
@@ -75,16 +102,41 @@ def _tokens(n: int | None) -> str:
 
 
 def format_status(rows: list[dict]) -> str:
-    header = ("run", "phase", "job", "state", "requeues", "tokens done / planned", "last checkpoint", "loss", "val loss")
+    header = (
+        "run",
+        "phase",
+        "job",
+        "state",
+        "requeues",
+        "tokens done / planned",
+        "last checkpoint",
+        "loss",
+        "val loss",
+    )
     table = []
     for r in rows:
         pct = f" ({100 * r['tokens'] / r['planned_tokens']:.0f}%)" if r["planned_tokens"] else ""
-        ckpt = f"{r['checkpoint']} ({_tokens(r['checkpoint_tokens'])}{', final' if r['final'] else ''})" if r["checkpoint"] else "-"
-        state = r["state"] + (f" ({r['reason']})" if r["reason"] not in ("", "None") and r["state"] == "PENDING" else "")
-        table.append((r["run"], r["phase"], r["job_id"] or "-", state, str(r["restarts"]),
-                      f"{_tokens(r['tokens'])} / {_tokens(r['planned_tokens'])}{pct}", ckpt,
-                      f"{r['loss']:.4f}" if r["loss"] is not None else "-",
-                      f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-"))
+        ckpt = (
+            f"{r['checkpoint']} ({_tokens(r['checkpoint_tokens'])}{', final' if r['final'] else ''})"
+            if r["checkpoint"]
+            else "-"
+        )
+        state = r["state"] + (
+            f" ({r['reason']})" if r["reason"] not in ("", "None") and r["state"] == "PENDING" else ""
+        )
+        table.append(
+            (
+                r["run"],
+                r["phase"],
+                r["job_id"] or "-",
+                state,
+                str(r["restarts"]),
+                f"{_tokens(r['tokens'])} / {_tokens(r['planned_tokens'])}{pct}",
+                ckpt,
+                f"{r['loss']:.4f}" if r["loss"] is not None else "-",
+                f"{r['eval_loss']:.4f}" if r.get("eval_loss") is not None else "-",
+            )
+        )
     widths = [max(len(x) for x in col) for col in zip(header, *table)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [header, *table]) + "\n"
 
@@ -96,8 +148,11 @@ def _check_root(run_root: Path) -> None:
 
 def add_status_parser(subparsers) -> argparse.ArgumentParser:
     """``status``: one parser for ``ettin launch status`` and ``python -m launch.status``."""
-    p = subparsers.add_parser("status", help="job state and progress of every run of a run root",
-                              description="Job state and progress of every run of a run root.")
+    p = subparsers.add_parser(
+        "status",
+        help="job state and progress of every run of a run root",
+        description="Job state and progress of every run of a run root.",
+    )
     p.add_argument("--run-root", default="runs/ettin")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm for job states (progress only)")
@@ -115,8 +170,11 @@ def cmd_status(args) -> int:
 
 def add_cancel_parser(subparsers) -> argparse.ArgumentParser:
     """``cancel``: one parser for ``ettin launch cancel`` and ``python -m launch.cancel``."""
-    p = subparsers.add_parser("cancel", help="cancel the live jobs of a run root",
-                              description="Cancel the live jobs of a run root (all of them, or those selected).")
+    p = subparsers.add_parser(
+        "cancel",
+        help="cancel the live jobs of a run root",
+        description="Cancel the live jobs of a run root (all of them, or those selected).",
+    )
     p.add_argument("--run-root", default="runs/ettin")
     p.add_argument("--sizes", default="all")
     p.add_argument("--objectives", default="all")
@@ -136,8 +194,11 @@ def cmd_cancel(args) -> int:
         sizes = parse_list(args.sizes, known_sizes(), "size", "--sizes")
         objectives = parse_list(args.objectives, OBJECTIVES, "objective", "--objectives")
         phases = parse_list(args.phases, (*CHAIN, CROSS), "phase", "--phases")
-        chosen = [k for k, r in records.items()
-                  if r["size"] in sizes and r["objective"] in objectives and r["phase"] in phases]
+        chosen = [
+            k
+            for k, r in records.items()
+            if r["size"] in sizes and r["objective"] in objectives and r["phase"] in phases
+        ]
     infos = job_info([records[k]["job_id"] for k in chosen])
     live = [k for k in chosen if infos[records[k]["job_id"]].active]
     cancel([records[k]["job_id"] for k in live])

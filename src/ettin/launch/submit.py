@@ -8,6 +8,7 @@ objective's decay run; all jobs also carry ``singleton`` (one job per run at a t
 submission fails half way, the jobs it already submitted are cancelled. ``python -m launch.submit``
 is the same command under its old name.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,41 +25,60 @@ from ettin.config import ConfigError, config_dir, load_config, validate
 from ettin.launch import run_alone
 from ettin.launch.cluster import SlurmError, cancel, job_info, require_slurm, vet_submission
 from ettin.launch.registry import JOBS_JSON, JOBS_TXT, format_table, read_jobs, record_jobs
-from ettin.launch.runs import (OBJECTIVES, Run, is_complete, known_sizes, parse_list, parse_phases, plan_runs)
+from ettin.launch.runs import OBJECTIVES, Run, is_complete, known_sizes, parse_list, parse_phases, plan_runs
 from ettin.launch.slurm_job import JobSpec, TrainTask, job_name, sbatch_text, submitit_parameters
 
 # set per run by the launcher; a user override of them would give every run the same value
-RESERVED = {"model": "--sizes", "objective": "--objectives", "phase": "--phases / --cross", "run_dir": "--run-root",
-            "phase.init_checkpoint": "the phase chain", "parallel.tensor": "--tp"}
+RESERVED = {
+    "model": "--sizes",
+    "objective": "--objectives",
+    "phase": "--phases / --cross",
+    "run_dir": "--run-root",
+    "phase.init_checkpoint": "the phase chain",
+    "parallel.tensor": "--tp",
+}
 DRY_RUN_MARK = "#### ettin dry-run:"
 
 
 def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     """``submit``: one parser for ``ettin launch submit`` and ``python -m launch.submit`` (the same flags)."""
     p = subparsers.add_parser(
-        "submit", help="submit one Slurm job per (size, objective, phase), chained",
+        "submit",
+        help="submit one Slurm job per (size, objective, phase), chained",
         description="Submit one Slurm job per (size, objective, phase) through submitit, each later phase "
         "waiting for the earlier one. Jobs requeue themselves when ettin train stops early (exit 75).",
         epilog="Example: ettin launch submit --sizes 17m,150m --objectives mlm,clm --cross --nodes 1 "
-        "--gpus-per-node 4 --partition gpu --time 24:00:00 --run-root runs/ettin")
+        "--gpus-per-node 4 --partition gpu --time 24:00:00 --run-root runs/ettin",
+    )
     p.add_argument("--sizes", required=True, help="comma-separated model sizes (17m,32m,68m,150m,400m,1b) or all")
     p.add_argument("--objectives", default="mlm,clm", help="mlm, clm or both (default mlm,clm)")
     p.add_argument("--phases", default="pretrain,extension,decay", help="default pretrain,extension,decay")
-    p.add_argument("--cross", action="store_true", help="add the cross-objective runs (each from the other objective's decay)")
+    p.add_argument(
+        "--cross", action="store_true", help="add the cross-objective runs (each from the other objective's decay)"
+    )
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=4, help="GPUs per node = tasks per node (default 4)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (default 1)")
-    p.add_argument("--cpu", action="store_true", help="CPU ranks instead of GPUs (--gpus-per-node ranks per node; tests)")
+    p.add_argument(
+        "--cpu", action="store_true", help="CPU ranks instead of GPUs (--gpus-per-node ranks per node; tests)"
+    )
     p.add_argument("--partition")
     p.add_argument("--account")
     p.add_argument("--qos")
     p.add_argument("--time", default="24:00:00", help="time limit per attempt, HH:MM:SS (default 24:00:00)")
-    p.add_argument("--signal-seconds", type=int, default=120, help="USR2 this long before the limit (>= 90, default 120)")
+    p.add_argument(
+        "--signal-seconds", type=int, default=120, help="USR2 this long before the limit (>= 90, default 120)"
+    )
     p.add_argument("--max-requeues", type=int, default=200, help="requeues per job before it fails (default 200)")
     p.add_argument("--cpus-per-task", type=int)
     p.add_argument("--setup", action="append", default=[], help="a shell line to run before srun (repeatable)")
-    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other sbatch option, e.g. constraint=h100 or gres=gpu:4 (repeatable)")
+    p.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. constraint=h100 or gres=gpu:4 (repeatable)",
+    )
     p.add_argument("--python", default=sys.executable, help="the Python of the nodes (default: this one)")
     p.add_argument("--run-root", default="runs/ettin", help="one folder per run under it (default runs/ettin)")
     p.add_argument("--experiment", default="ettin", help="experiment name or YAML (default ettin)")
@@ -75,10 +95,22 @@ def _spec(args) -> JobSpec:
         if not sep or not key.strip():
             raise ConfigError(f"--sbatch '{item}' must look like KEY=VALUE (e.g. constraint=h100)")
         sbatch[key.strip().lstrip("-")] = value
-    spec = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, cpu=args.cpu, tp=args.tp, time=args.time,
-                   signal_s=args.signal_seconds, max_requeues=args.max_requeues, partition=args.partition,
-                   account=args.account, qos=args.qos, cpus_per_task=args.cpus_per_task, python=args.python,
-                   setup=args.setup, sbatch_args=sbatch)
+    spec = JobSpec(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpu=args.cpu,
+        tp=args.tp,
+        time=args.time,
+        signal_s=args.signal_seconds,
+        max_requeues=args.max_requeues,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        cpus_per_task=args.cpus_per_task,
+        python=args.python,
+        setup=args.setup,
+        sbatch_args=sbatch,
+    )
     spec.check()
     return spec
 
@@ -131,8 +163,10 @@ def _dependency(run: Run, run_root: Path, submitted: dict[str, str], recorded: d
         return None
     if src in recorded and recorded[src]["job_id"] in live:
         return f"afterok:{recorded[src]['job_id']}"
-    raise ConfigError(f"{run.key} starts from {src}, which is not in this submission, has no live job and no final "
-                      f"checkpoint in {run_root / src}: submit its phase too (--phases / --objectives) or train it first")
+    raise ConfigError(
+        f"{run.key} starts from {src}, which is not in this submission, has no live job and no final "
+        f"checkpoint in {run_root / src}: submit its phase too (--phases / --objectives) or train it first"
+    )
 
 
 @dataclass
@@ -184,8 +218,10 @@ def prepare(args) -> Submission:
         for run in runs:  # one job per run folder at a time
             old = recorded.get(run.key)
             if old and old["job_id"] in live:
-                raise ConfigError(f"{run.key} already has job {old['job_id']} ({infos[old['job_id']].state}); cancel it "
-                                  f"(ettin launch cancel --run-root {run_root} --runs {run.key}) or leave it out")
+                raise ConfigError(
+                    f"{run.key} already has job {old['job_id']} ({infos[old['job_id']].state}); cancel it "
+                    f"(ettin launch cancel --run-root {run_root} --runs {run.key}) or leave it out"
+                )
     sub = Submission(spec, run_root, runs, argvs, planned, recorded, live, {"ETTIN_CONFIG_DIR": str(config_dir())})
     placeholders = {run.key: f"<{run.key}>" for run in runs}
     for run in runs:  # every run's starting point exists, or will
@@ -228,20 +264,38 @@ def submit_jobs(sub: Submission) -> list[dict]:
                 job = executor.submit(sub.task(run))
             submitted[run.key] = job.job_id
             tokens, seq_len = sub.planned[run.key]
-            records.append({
-                "key": run.key, "size": run.size, "objective": run.objective, "phase": run.phase,
-                "run_dir": str(run.run_dir), "job_id": job.job_id, "job_name": job_name(run.key),
-                "dependency": after, "starts_from": run.starts_from, "nodes": spec.nodes,
-                "tasks_per_node": spec.gpus_per_node, "tp": spec.tp, "cpu": spec.cpu, "time": spec.time,
-                "max_requeues": spec.max_requeues, "planned_tokens": tokens, "seq_len": seq_len,
-                "argv": sub.argvs[run.key], "log": str(folder / f"{job.job_id}_0_log.out"),
-                "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            records.append(
+                {
+                    "key": run.key,
+                    "size": run.size,
+                    "objective": run.objective,
+                    "phase": run.phase,
+                    "run_dir": str(run.run_dir),
+                    "job_id": job.job_id,
+                    "job_name": job_name(run.key),
+                    "dependency": after,
+                    "starts_from": run.starts_from,
+                    "nodes": spec.nodes,
+                    "tasks_per_node": spec.gpus_per_node,
+                    "tp": spec.tp,
+                    "cpu": spec.cpu,
+                    "time": spec.time,
+                    "max_requeues": spec.max_requeues,
+                    "planned_tokens": tokens,
+                    "seq_len": seq_len,
+                    "argv": sub.argvs[run.key],
+                    "log": str(folder / f"{job.job_id}_0_log.out"),
+                    "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                }
+            )
     except Exception as e:
         cancel(list(submitted.values()))
         sbatch_stderr.seek(0)
         said = [line.strip() for line in sbatch_stderr.read().splitlines() if "error" in line.lower()]
         why = said[-1] if said else (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise SlurmError(f"submitting {run.key} failed ({why}); cancelled the {len(submitted)} job(s) submitted before it") from None
+        raise SlurmError(
+            f"submitting {run.key} failed ({why}); cancelled the {len(submitted)} job(s) submitted before it"
+        ) from None
     return records
 
 

@@ -20,6 +20,7 @@ checkpoint once more (about 0.5 s per GiB from the page cache, more from a netwo
 ``ettin checkpoint verify`` always does, ``ettin hf export --verify-all`` does, and a resume does
 with ``train.verify_checkpoints=all``. A checkpoint from before manifests loads, unverified.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,21 +28,33 @@ import os
 import shutil
 import subprocess
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 
 from ettin.fileio import FileError, UnreadableFile, open_safetensors, read_json, write_json_atomic
-from ettin.train.layout import (MANIFEST, MODEL_JSON, MOMENTS_FILE, STATE_FILE, STEP_PREFIX, WEIGHTS_FILE,  # noqa: F401
-                                checkpoints_dir, latest_checkpoint, list_checkpoints, step_folder_name)
+from ettin.train.layout import (  # noqa: F401
+    MANIFEST,
+    MODEL_JSON,
+    MOMENTS_FILE,
+    STATE_FILE,
+    STEP_PREFIX,
+    WEIGHTS_FILE,
+    checkpoints_dir,
+    latest_checkpoint,
+    list_checkpoints,
+    step_folder_name,
+)
 
 DIGEST = "xxh3_128"
 SMALL_FILE_BYTES = 64 << 20  # files up to this size are always hashed when a checkpoint is verified
 # what the user can do about a damaged checkpoint file
-RESTORE = "restore it from a copy or start from an earlier checkpoint (`ettin checkpoint verify RUN` lists the sound ones)"
+RESTORE = (
+    "restore it from a copy or start from an earlier checkpoint (`ettin checkpoint verify RUN` lists the sound ones)"
+)
 
 
 @dataclass
@@ -63,16 +76,28 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             pass
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=Path(__file__).resolve().parent,
+        )
         out["git"] = rev.stdout.strip() or None
     except (OSError, subprocess.TimeoutExpired):
         out["git"] = None
     return out
 
 
-def write_checkpoint(run_dir: str | Path, state: TrainState, weights: dict, moments: dict, extra_files: dict[str, str],
-                     model_json: dict, meta: dict) -> Path:
+def write_checkpoint(
+    run_dir: str | Path,
+    state: TrainState,
+    weights: dict,
+    moments: dict,
+    extra_files: dict[str, str],
+    model_json: dict,
+    meta: dict,
+) -> Path:
     """Write everything into a hidden folder, then rename it into place (the commit)."""
     root = checkpoints_dir(run_dir)
     final = root / step_folder_name(state.step)
@@ -160,7 +185,9 @@ def _check_listed(f: Path, entry: dict, hash_limit: int | None) -> None:
     try:
         size = f.stat().st_size
         if size != entry["size"]:
-            raise FileError(f, f"has {size:,} bytes, its manifest says {entry['size']:,} (truncated or replaced)", RESTORE)
+            raise FileError(
+                f, f"has {size:,} bytes, its manifest says {entry['size']:,} (truncated or replaced)", RESTORE
+            )
         if (hash_limit is None or size <= hash_limit) and file_digest(f) != entry[DIGEST]:
             raise FileError(f, f"its content differs from the {DIGEST} digest in manifest.json (corrupted)", RESTORE)
     except OSError as e:  # a disk error or a permission: the file is there but cannot be checked
@@ -176,7 +203,9 @@ def unverified_note(path: Path) -> str:
     return f"note: {path} has no {MANIFEST} (written before ettin kept one): loading it unverified"
 
 
-def resume_point(run_dir: str | Path, say: Callable[[str], None], hash_limit: int | None = SMALL_FILE_BYTES) -> Path | None:
+def resume_point(
+    run_dir: str | Path, say: Callable[[str], None], hash_limit: int | None = SMALL_FILE_BYTES
+) -> Path | None:
     """The newest checkpoint of the run that verifies, or None when the run has none yet.
 
     Damaged newer checkpoints are reported through ``say`` and renamed ``damaged-step_...`` (kept
@@ -197,15 +226,20 @@ def resume_point(run_dir: str | Path, say: Callable[[str], None], hash_limit: in
             if aside.exists():
                 aside = bad.with_name(f"damaged-{bad.name}.{uuid.uuid4().hex[:8]}")
             os.rename(bad, aside)
-            say(f"warning: {e.path} is damaged ({e.problem}); moved {bad.name} aside to {aside.name}, "
-                f"resuming from {path.name}")
+            say(
+                f"warning: {e.path} is damaged ({e.problem}); moved {bad.name} aside to {aside.name}, "
+                f"resuming from {path.name}"
+            )
         if not verified:
             say(unverified_note(path))
         return path
     if found:
         newest = damaged[0][1]
-        raise FileError(checkpoints_dir(run_dir), f"all {len(found)} checkpoints are damaged (the newest: {newest.path}: "
-                        f"{newest.problem})", "restore one, or move the folder aside to start this run_dir over")
+        raise FileError(
+            checkpoints_dir(run_dir),
+            f"all {len(found)} checkpoints are damaged (the newest: {newest.path}: {newest.problem})",
+            "restore one, or move the folder aside to start this run_dir over",
+        )
     return None
 
 

@@ -42,6 +42,7 @@ A skip zeroes the gradients, leaves weights, moments and the step counter alone,
 ``engine.skipped_steps`` (engine.py ``_take_model_step``); StableAdamW.step does not run, so read
 ``skipped_steps`` / ``grad_norm`` below rather than the optimizer's stale norm.
 """
+
 from __future__ import annotations
 
 import logging
@@ -49,9 +50,9 @@ import logging
 import torch
 from megatron.core import parallel_state as ps
 
+from ettin.errors import EttinError
 from ettin.parallel import gather_tp, is_tp_sharded, tp_rank, tp_size
 from ettin.train.optim import Layout, Segment, StableAdamW, param_groups
-from ettin.errors import EttinError
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -84,8 +85,12 @@ def deepspeed_config(cfg, bf16: bool) -> dict:
         "train_micro_batch_size_per_gpu": 1,  # informational: we cut micro-batches by tokens ourselves
         "gradient_accumulation_steps": 1,  # we mark accumulation boundaries ourselves (batch sizes vary)
         # ZeRO-2 reduces every micro-batch: overlap that with the backward (see the module docstring)
-        "zero_optimization": {"stage": stage, "overlap_comm": stage == 2,
-                              "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000},
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": stage == 2,
+            "reduce_bucket_size": 50_000_000,
+            "allgather_bucket_size": 50_000_000,
+        },
         "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "gradient_clipping": 0.0,  # StableAdamW's update clipping replaces it
         "zero_allow_untested_optimizer": True,
@@ -107,10 +112,12 @@ def build_engine(model: torch.nn.Module, cfg, bf16: bool):
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     o = cfg.optim
-    optimizer = StableAdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
-                            weight_decay=o.weight_decay, max_lr=o.lr)
-    engine, zero, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16),
-                                              mpu=MegatronMPU())
+    optimizer = StableAdamW(
+        param_groups(model, o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, max_lr=o.lr
+    )
+    engine, zero, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, bf16), mpu=MegatronMPU()
+    )
     optimizer.set_layout(_layout(model, master_partitions(zero)))
     optimizer.init_state()
     zero._lazy_init_hp_params_optimizer_state()  # link each parameter to its moments' fragments
@@ -182,14 +189,19 @@ def restore_training_state(model: torch.nn.Module, optimizer: StableAdamW, weigh
     names = {n for n, _ in model.named_parameters()}
     missing, unexpected = names - weights.keys(), weights.keys() - names
     if missing or unexpected:
-        raise EttinError(f"{weights.path}: does not fit this model (missing {sorted(missing)[:3]}, unexpected "
-                         f"{sorted(unexpected)[:3]}); check model.* against the checkpoint's model.json")
+        raise EttinError(
+            f"{weights.path}: does not fit this model (missing {sorted(missing)[:3]}, unexpected "
+            f"{sorted(unexpected)[:3]}); check model.* against the checkpoint's model.json"
+        )
     for name, p in model.named_parameters():
+
         def local(source, key):
             t = source.read(key, p.partition_dim if is_tp_sharded(p) else None, tp_rank(), tp_size())
             if t.shape != p.shape:
-                raise EttinError(f"{source.path}: {name} has shape {tuple(t.shape)}, this rank's piece of the model "
-                                 f"needs {tuple(p.shape)}; check model.* and parallel.tensor against the checkpoint")
+                raise EttinError(
+                    f"{source.path}: {name} has shape {tuple(t.shape)}, this rank's piece of the model "
+                    f"needs {tuple(p.shape)}; check model.* and parallel.tensor against the checkpoint"
+                )
             return t.to(p.device, torch.float32)
 
         w = local(weights, name)

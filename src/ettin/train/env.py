@@ -1,4 +1,5 @@
 """Where this process sits in the job: torchrun's variables, or Slurm's when those are absent."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,9 @@ def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list such as ``gpu[003-010,012],cpu1`` -> ``gpu003``."""
     if shutil.which("scontrol"):
         try:
-            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20)
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.split()[0]
         except (OSError, subprocess.TimeoutExpired):
@@ -54,4 +57,6 @@ def cuda_environment(tensor_parallel: int, deterministic: bool = False, environ=
         environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if deterministic:
         environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    return {k: environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_MAX_CONNECTIONS", "CUBLAS_WORKSPACE_CONFIG")}
+    return {
+        k: environ.get(k) for k in ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_MAX_CONNECTIONS", "CUBLAS_WORKSPACE_CONFIG")
+    }

@@ -9,6 +9,7 @@ Each DP rank scores a contiguous slice of each set, in micro-batches of the trai
 budget, and the sums (loss, exact predictions, labels, tokens) are all-reduced in float64: the
 numbers are the same for any DP or TP size up to the order of float summation.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ def _capped(reader: MDSSource, indices: np.ndarray, max_tokens: int, key: int) -
         indices = indices[np.lexsort((indices, rank[shard]))]
     total, kept = 0, len(indices)
     for start in range(0, len(indices), 4096):
-        lengths = np.array([len(x) for x in reader.input_ids_many(indices[start:start + 4096])], dtype=np.int64)
+        lengths = np.array([len(x) for x in reader.input_ids_many(indices[start : start + 4096])], dtype=np.int64)
         running = total + np.cumsum(lengths)
         if max_tokens and running[-1] > max_tokens:
             kept = max(start + int(np.searchsorted(running, max_tokens, side="right")), 1)  # never empty
@@ -65,21 +66,33 @@ def eval_sets(cfg, pipeline) -> list[EvalSet]:
     sets = []
     for s, source in enumerate(pipeline.manifest.sources):
         if pipeline.held_out.counts[s]:
-            indices, tokens = _capped(pipeline.readers[s], pipeline.held_out.validation[s], cfg.eval.max_tokens,
-                                      derive_key(cfg.eval.seed, source.name, "eval shards"))
+            indices, tokens = _capped(
+                pipeline.readers[s],
+                pipeline.held_out.validation[s],
+                cfg.eval.max_tokens,
+                derive_key(cfg.eval.seed, source.name, "eval shards"),
+            )
             sets.append(EvalSet(source.name, pipeline.readers[s], indices, tokens))
     taken = {s.name for s in sets}
     for name, path in cfg.eval.sets.items():
         if name in taken or name == TOTAL:
-            raise DataError(f"eval.sets.{name}: the name is taken (a source's validation part, or '{TOTAL}'); rename it")
+            raise DataError(
+                f"eval.sets.{name}: the name is taken (a source's validation part, or '{TOTAL}'); rename it"
+            )
         data = replace(cfg.data, sources=[SourceConfig(name=name, path=str(path))])
         manifest, (reader,) = build_manifest(data, cfg.phase.seq_len)
         theirs, ours = manifest.tokenizer, pipeline.manifest.tokenizer
         if theirs and ours and theirs != ours:
-            raise DataError(f"eval.sets.{name} ({path}) was tokenized with {theirs}, the training data with {ours}; "
-                            "prepare it with the training tokenizer")
-        indices, tokens = _capped(reader, np.arange(len(reader), dtype=np.int64), cfg.eval.max_tokens,
-                                  derive_key(cfg.eval.seed, name, "eval shards"))
+            raise DataError(
+                f"eval.sets.{name} ({path}) was tokenized with {theirs}, the training data with {ours}; "
+                "prepare it with the training tokenizer"
+            )
+        indices, tokens = _capped(
+            reader,
+            np.arange(len(reader), dtype=np.int64),
+            cfg.eval.max_tokens,
+            derive_key(cfg.eval.seed, name, "eval shards"),
+        )
         sets.append(EvalSet(name, reader, indices, tokens))
     return sets
 
@@ -87,16 +100,35 @@ def eval_sets(cfg, pipeline) -> list[EvalSet]:
 class Evaluator:
     """Scores a model on every set; all ranks call it together (it all-reduces over the DP group)."""
 
-    def __init__(self, cfg, sets: list[EvalSet], micro_tokens: int, device: torch.device,
-                 dp_rank: int = 0, dp_size: int = 1, dp_group=None):
+    def __init__(
+        self,
+        cfg,
+        sets: list[EvalSet],
+        micro_tokens: int,
+        device: torch.device,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        dp_group=None,
+    ):
         self.cfg, self.sets, self.micro_tokens, self.device = cfg, sets, micro_tokens, device
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         base = Collator.from_config(cfg)
         # masks keyed by (eval seed, set, sample index): the collator's "position" is the stored index
-        self.collators = {s.name: Collator(base.objective, derive_key(cfg.eval.seed, "eval", s.name) % 2**63,
-                                           base.vocab_size, base.cls_id, base.sep_id, base.pad_id, base.mask_id,
-                                           base.mask_rate, base.mask_token_prob, base.random_token_prob)
-                          for s in sets}
+        self.collators = {
+            s.name: Collator(
+                base.objective,
+                derive_key(cfg.eval.seed, "eval", s.name) % 2**63,
+                base.vocab_size,
+                base.cls_id,
+                base.sep_id,
+                base.pad_id,
+                base.mask_id,
+                base.mask_rate,
+                base.mask_token_prob,
+                base.random_token_prob,
+            )
+            for s in sets
+        }
 
     def __bool__(self) -> bool:
         return bool(self.sets)
@@ -117,13 +149,18 @@ class Evaluator:
                 mine = s.indices[self._rank_slice(len(s.indices))]
                 total = torch.zeros(4, dtype=torch.float64, device=self.device)  # loss, correct, labels, tokens
                 for first in range(0, len(mine), 1024):  # collate a bounded number of samples at a time
-                    chunk = mine[first:first + 1024]
+                    chunk = mine[first : first + 1024]
                     batch = self.collators[s.name](s.reader.input_ids_many(chunk), chunk.tolist())
                     for m in batch.micro_batches(self.micro_tokens, device=self.device):
                         loss, correct = model.score(m.input_ids, m.docs, m.labels, m.label_index)
-                        total += torch.stack([loss.double(), correct.double(),
-                                              torch.tensor(float(len(m.label_index)), dtype=torch.float64, device=self.device),
-                                              torch.tensor(float(m.input_ids.numel()), dtype=torch.float64, device=self.device)])
+                        total += torch.stack(
+                            [
+                                loss.double(),
+                                correct.double(),
+                                torch.tensor(float(len(m.label_index)), dtype=torch.float64, device=self.device),
+                                torch.tensor(float(m.input_ids.numel()), dtype=torch.float64, device=self.device),
+                            ]
+                        )
                 if self.dp_size > 1:
                     dist.all_reduce(total, group=self.dp_group)
                 sums.append(total.tolist())
@@ -131,16 +168,22 @@ class Evaluator:
         finally:
             model.train(was_training)
         if len(self.sets) > 1:
-            out.update(_metrics(TOTAL, *np.sum(sums, axis=0).tolist(),
-                                sum(out[f"eval/{s.name}/seconds"] for s in self.sets)))
+            out.update(
+                _metrics(TOTAL, *np.sum(sums, axis=0).tolist(), sum(out[f"eval/{s.name}/seconds"] for s in self.sets))
+            )
         return out
 
 
 def _metrics(name: str, loss: float, correct: float, labels: float, tokens: float, seconds: float) -> dict[str, float]:
     mean = loss / labels if labels else float("nan")
-    return {f"eval/{name}/loss": mean, f"eval/{name}/perplexity": math.exp(mean) if mean < 700 else float("inf"),
-            f"eval/{name}/accuracy": correct / labels if labels else float("nan"),
-            f"eval/{name}/labels": int(labels), f"eval/{name}/tokens": int(tokens), f"eval/{name}/seconds": seconds}
+    return {
+        f"eval/{name}/loss": mean,
+        f"eval/{name}/perplexity": math.exp(mean) if mean < 700 else float("inf"),
+        f"eval/{name}/accuracy": correct / labels if labels else float("nan"),
+        f"eval/{name}/labels": int(labels),
+        f"eval/{name}/tokens": int(tokens),
+        f"eval/{name}/seconds": seconds,
+    }
 
 
 def headline(metrics: dict[str, float]) -> float | None:
@@ -152,6 +195,7 @@ def headline(metrics: dict[str, float]) -> float | None:
 
 
 # ----------------------------------------------------------------------------- ettin eval
+
 
 class TransformersScorer(torch.nn.Module):
     """An exported model, loaded by transformers, behind the interface the Evaluator scores. Its
@@ -169,7 +213,7 @@ class TransformersScorer(torch.nn.Module):
         ids = input_ids.new_zeros(len(lengths), max(lengths))
         mask = torch.zeros_like(ids)
         for row, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):  # one padded row per document
-            ids[row, :b - a], mask[row, :b - a] = input_ids[a:b], 1
+            ids[row, : b - a], mask[row, : b - a] = input_ids[a:b], 1
         logits = self.model(input_ids=ids, attention_mask=mask).logits[mask.bool()]  # back to packed order
         chosen = logits.index_select(0, label_index).float()
         target = labels.index_select(0, label_index)
@@ -213,8 +257,9 @@ def _load_weights(model: torch.nn.Module, path) -> None:
         p.copy_(weights.read(name, p.partition_dim if is_tp_sharded(p) else None, tp_rank(), tp_size()))
 
 
-def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: list[str] | None = None,
-                         like: str | None = None) -> list[dict]:
+def evaluate_checkpoints(
+    target: str, overrides: list[str] | None = None, only: list[str] | None = None, like: str | None = None
+) -> list[dict]:
     """Score every checkpoint of ``target`` (a checkpoint or a run folder) on its run's evaluation sets,
     in this process group (one process, or torchrun/srun ranks with the checkpoint's TP size or
     ``parallel.tensor=N``). Returns one row per checkpoint: step, tokens, eval/<set>/<metric>.
@@ -228,33 +273,41 @@ def evaluate_checkpoints(target: str, overrides: list[str] | None = None, only: 
     from ettin.data.ledger import checkpoint_config
     from ettin.data.loader import DataPipeline
     from ettin.fileio import read_json
-    from ettin.train.checkpoint import RESTORE
     from ettin.memory import resolve_micro_tokens
     from ettin.parallel import init_process_groups
+    from ettin.train.checkpoint import RESTORE
     from ettin.train.env import setup_distributed_env
     from ettin.train.trainer import pick_device
 
     hf_folder = is_hf_folder(target)
     if hf_folder and not like:
-        raise DataError(f"{target} is a Hugging Face folder: name the run whose sets to score it on with "
-                        "--like RUN_OR_CHECKPOINT")
+        raise DataError(
+            f"{target} is a Hugging Face folder: name the run whose sets to score it on with --like RUN_OR_CHECKPOINT"
+        )
     checkpoints, _ = checkpoints_of(like if hf_folder else target)
     cfg = checkpoint_config(checkpoints[-1], (["parallel.tensor=1"] if hf_folder else []) + list(overrides or []))
     setup_distributed_env()
     device = pick_device(cfg)
-    init_process_groups(cfg.parallel.tensor, "nccl" if device.type == "cuda" else "gloo", cfg.train.collective_timeout_s)
+    init_process_groups(
+        cfg.parallel.tensor, "nccl" if device.type == "cuda" else "gloo", cfg.train.collective_timeout_s
+    )
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     pipeline = DataPipeline.from_config(cfg)
     sets = eval_sets(cfg, pipeline)
     if only:
         unknown = sorted(set(only) - {s.name for s in sets})
         if unknown:
-            raise DataError(f"--sets {','.join(unknown)}: not among this run's sets ({', '.join(s.name for s in sets) or 'none'})")
+            raise DataError(
+                f"--sets {','.join(unknown)}: not among this run's sets ({', '.join(s.name for s in sets) or 'none'})"
+            )
         sets = [s for s in sets if s.name in only]
     if not sets:
-        raise DataError(f"{checkpoints[-1]}: its run has no evaluation sets; set data.validation or eval.sets.NAME=PATH")
-    evaluator = Evaluator(cfg, sets, resolve_micro_tokens(cfg, dp_size), device, dp_rank, dp_size,
-                          ps.get_data_parallel_group())
+        raise DataError(
+            f"{checkpoints[-1]}: its run has no evaluation sets; set data.validation or eval.sets.NAME=PATH"
+        )
+    evaluator = Evaluator(
+        cfg, sets, resolve_micro_tokens(cfg, dp_size), device, dp_rank, dp_size, ps.get_data_parallel_group()
+    )
     if hf_folder:
         from ettin.hf import load_hf_model
 
@@ -311,7 +364,10 @@ def format_table(rows: list[dict]) -> str:
     head = ["step", "tokens"] + [f"{n} {m}" for n in names for m in ("loss", "acc")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for r in rows:
-        cells = [r["checkpoint"] if r["step"] is None else str(r["step"]), "-" if r["tokens"] is None else f"{r['tokens']:,}"] + [f"{r[f'eval/{n}/{m}']:.4f}" for n in names for m in ("loss", "accuracy")]
+        cells = [
+            r["checkpoint"] if r["step"] is None else str(r["step"]),
+            "-" if r["tokens"] is None else f"{r['tokens']:,}",
+        ] + [f"{r[f'eval/{n}/{m}']:.4f}" for n in names for m in ("loss", "accuracy")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -327,21 +383,36 @@ def compare_runs(runs: list[str]) -> str:
     for run in runs:
         rows = [r for r in read_all_metrics(run) if any(k.startswith("eval/") for k in r)]
         if not rows:
-            raise DataError(f"{run}: its metrics.jsonl has no evaluation rows (set data.validation or eval.sets, "
-                            "or run `ettin eval` on it)")
+            raise DataError(
+                f"{run}: its metrics.jsonl has no evaluation rows (set data.validation or eval.sets, "
+                "or run `ettin eval` on it)"
+            )
         tables[Path(run).name or run] = {r["tokens"]: r for r in rows}
-    names = sorted({k.split("/")[1] for t in tables.values() for r in t.values() for k in r
-                    if k.startswith("eval/") and k.endswith("/loss")})
+    names = sorted(
+        {
+            k.split("/")[1]
+            for t in tables.values()
+            for r in t.values()
+            for k in r
+            if k.startswith("eval/") and k.endswith("/loss")
+        }
+    )
     labels = list(tables)
     lines = []
     for name in names:
-        lines += [f"\n{name}: validation loss (accuracy)", "| tokens | " + " | ".join(labels) + " |",
-                  "|---:|" + "---:|" * len(labels)]
+        lines += [
+            f"\n{name}: validation loss (accuracy)",
+            "| tokens | " + " | ".join(labels) + " |",
+            "|---:|" + "---:|" * len(labels),
+        ]
         for tokens in sorted({t for table in tables.values() for t in table}):
             cells = []
             for label in labels:
                 r = tables[label].get(tokens, {})
-                cells.append(f"{r[f'eval/{name}/loss']:.4f} ({r[f'eval/{name}/accuracy']:.3f})"
-                             if f"eval/{name}/loss" in r else "")
+                cells.append(
+                    f"{r[f'eval/{name}/loss']:.4f} ({r[f'eval/{name}/accuracy']:.3f})"
+                    if f"eval/{name}/loss" in r
+                    else ""
+                )
             lines.append(f"| {tokens:,} | " + " | ".join(cells) + " |")
     return "\n".join(lines).strip()

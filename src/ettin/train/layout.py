@@ -6,6 +6,7 @@ checkpoint counts once its ``state.json`` is there (the folder is committed by o
 
 Nothing here imports torch: the launch tools (ettin.launch.runs) read run folders on a login node.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,7 +43,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and is_checkpoint(p)]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX):]))
+    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
 
 
 def latest_checkpoint(path: str | Path) -> Path | None:

@@ -9,10 +9,11 @@ the phase's tokens so far (``warmup_tokens <= tokens <= phase_tokens``) and the
 ``LRScheduleConfig``. Adding one is one entry in :data:`SHAPES`; the config accepts every name
 there. Nothing here imports torch (ettin.config validates against :data:`SHAPES`).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 
 def constant(t: float, s, phase_tokens: int) -> float:

@@ -6,6 +6,7 @@ that ``ettin plot``, ``ettin plan`` and ``launch.status`` read), TensorBoard eve
 (``metrics.tensorboard``) and Weights & Biases (``metrics.wandb.mode`` online or offline; an
 optional extra, ``pip install '.[wandb]'``). Only rank 0 logs.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,8 +26,11 @@ WANDB_ID_FILE = "wandb_run_id"  # one W&B run per run folder, continued across r
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v)
+    }
 
 
 class BaseLogger:
@@ -75,13 +79,23 @@ class WandbLogger(BaseLogger):
         try:
             import wandb
         except ImportError:
-            raise EttinError("metrics.wandb.mode is set but the wandb package is not installed: "
-                             "pip install '.[wandb]', or set metrics.wandb.mode=disabled") from None
+            raise EttinError(
+                "metrics.wandb.mode is set but the wandb package is not installed: "
+                "pip install '.[wandb]', or set metrics.wandb.mode=disabled"
+            ) from None
         id_file = run_dir / WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project=settings.project, entity=settings.entity, mode=settings.mode,
-                              dir=str(run_dir), id=run_id, resume="allow", name=name, config=config)
+        self.run = wandb.init(
+            project=settings.project,
+            entity=settings.entity,
+            mode=settings.mode,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            name=name,
+            config=config,
+        )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(_scalars(metrics), step=step)
@@ -97,8 +111,9 @@ class MetricsLogger:
         self.sinks = sinks
 
     @classmethod
-    def for_run(cls, run_dir: str | Path, enabled: bool, metrics_cfg=None, config: dict | None = None,
-                name: str = "") -> MetricsLogger:
+    def for_run(
+        cls, run_dir: str | Path, enabled: bool, metrics_cfg=None, config: dict | None = None, name: str = ""
+    ) -> MetricsLogger:
         if not enabled:
             return cls([])
         run_dir = Path(run_dir)
@@ -124,13 +139,20 @@ def progress_line(row: dict, phase_tokens: int, eval_loss: float | None = None) 
     """The periodic one-line summary: step, tokens, losses, rate, MFU and the time left in the phase."""
     rate = row["tokens_per_s"]
     left = max(phase_tokens - row["tokens"], 0) / rate if rate > 0 else float("nan")
-    eta = "?" if not math.isfinite(left) else time.strftime("%H:%M:%S", time.gmtime(left)) if left < 86400 \
+    eta = (
+        "?"
+        if not math.isfinite(left)
+        else time.strftime("%H:%M:%S", time.gmtime(left))
+        if left < 86400
         else f"{left / 86400:.1f}d"
-    return (f"step {row['step']:>6} | tokens {row['tokens']:>11,} | loss {row['loss']:.4f} | "
-            + (f"val {eval_loss:.4f} | " if eval_loss is not None else "")
-            + f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.3f} | {rate:>8,.0f} tok/s | "
-            + (f"mfu {row['mfu']:.1%} | " if row.get("mfu") is not None else "")
-            + f"data wait {row['data_wait_s']:.3f}s | eta {eta}")
+    )
+    return (
+        f"step {row['step']:>6} | tokens {row['tokens']:>11,} | loss {row['loss']:.4f} | "
+        + (f"val {eval_loss:.4f} | " if eval_loss is not None else "")
+        + f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.3f} | {rate:>8,.0f} tok/s | "
+        + (f"mfu {row['mfu']:.1%} | " if row.get("mfu") is not None else "")
+        + f"data wait {row['data_wait_s']:.3f}s | eta {eta}"
+    )
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

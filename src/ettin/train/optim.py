@@ -15,6 +15,7 @@ host sync per step, together with the loss). DeepSpeed calls ``step()`` in two p
 (stage_1_and_2.py ``_optimizer_step``) once per parameter group with the other groups hidden,
 BF16_Optimizer and plain torch once with every group; the norm counts each group once in both.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -51,16 +52,26 @@ class Layout:
         would be a host-to-device copy from pageable memory, which waits for the device."""
         key = str(device)
         if key not in self._on_device:
-            self._on_device[key] = (torch.tensor(self.numel, dtype=torch.float64, device=device),
-                                    torch.tensor(self.tp_split, dtype=torch.bool, device=device))
+            self._on_device[key] = (
+                torch.tensor(self.numel, dtype=torch.float64, device=device),
+                torch.tensor(self.tp_split, dtype=torch.bool, device=device),
+            )
         return self._on_device[key]
 
 
 class StableAdamW(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, betas=(0.9, 0.98), eps: float = 1e-6, weight_decay: float = 0.0,
-                 max_lr: float | None = None):
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      max_lr=max_lr or lr, step=0))
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas=(0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        max_lr: float | None = None,
+    ):
+        super().__init__(
+            params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, max_lr=max_lr or lr, step=0)
+        )
         self.layout: Layout | None = None
         self.last_grad_norm = torch.tensor(float("nan"), dtype=torch.float64)
         self._all_groups: list[dict] | None = None  # ZeRO hides all but one group during step()
@@ -103,10 +114,10 @@ class StableAdamW(torch.optim.Optimizer):
                 tensors.append((group, p, grad, state["exp_avg"], state["exp_avg_sq"], self._segments(p)))
 
         scales = self._rms_scales(tensors)
-        for k, (group, p, grad, exp_avg, exp_avg_sq, segments) in enumerate(tensors):
+        for k, (group, p, _grad, exp_avg, exp_avg_sq, segments) in enumerate(tensors):
             update = exp_avg / exp_avg_sq.sqrt().add_(group["eps"])
             flat_p, flat_u = p.view(-1), update.view(-1)
-            for n, seg in enumerate(segments):
+            for seg in segments:
                 lr = group["lr"] * (scales[seg.param] if seg.param >= 0 else scales[("tensor", k)])
                 part = flat_p.narrow(0, seg.start, seg.numel)
                 if group["weight_decay"]:
@@ -119,7 +130,7 @@ class StableAdamW(torch.optim.Optimizer):
         device = tensors[0][1].device if tensors else torch.device("cpu")
         if self.layout is None:
             out, grad_sq = {}, torch.zeros((), dtype=torch.float64, device=device)
-            for k, (group, p, grad, _, exp_avg_sq, _) in enumerate(tensors):
+            for k, (group, _p, grad, _, exp_avg_sq, _) in enumerate(tensors):
                 rms = grad.pow(2).div_(exp_avg_sq.clamp(min=group["eps"] ** 2)).mean().sqrt()
                 out[("tensor", k)] = 1 / rms.clamp(min=1)
                 grad_sq += grad.float().pow(2).sum(dtype=torch.float64)
@@ -128,7 +139,7 @@ class StableAdamW(torch.optim.Optimizer):
         lay = self.layout
         numel, split = lay.device_tensors(device)
         sums = torch.zeros(2, len(lay.numel), dtype=torch.float64, device=device)  # [RMS terms, grad squares]
-        for group, p, grad, _, exp_avg_sq, segments in tensors:
+        for group, _p, grad, _, exp_avg_sq, segments in tensors:
             g = grad.float().view(-1)
             ratio = g.pow(2) / exp_avg_sq.float().view(-1).clamp(min=group["eps"] ** 2)
             for seg in segments:

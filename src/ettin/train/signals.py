@@ -1,4 +1,5 @@
 """Signals only raise a flag (contract 7, docs/DESIGN.md); the trainer reads it at step boundaries."""
+
 from __future__ import annotations
 
 import signal

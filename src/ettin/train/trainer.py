@@ -26,6 +26,7 @@ leaves; and each rank ignores TERM from then on. Until then TERM only raises the
 Python resets its handlers while the interpreter shuts down, so the TERM Slurm sends when the
 first rank leaves could otherwise turn a peer's 75 into 143 (a failed job, not a requeue).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,13 +53,22 @@ from ettin.data.order import derive_key
 from ettin.errors import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, EttinError
 from ettin.logs import setup_logging
 from ettin.pretrained import HF, folder_kind, start_from_hf
-from ettin.train.checkpoint import (TrainState, latest_checkpoint, prune, read_checkpoint, resume_hash_limit, resume_point,
-                                    unverified_note, verify_checkpoint, write_checkpoint)
+from ettin.train.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    prune,
+    read_checkpoint,
+    resume_hash_limit,
+    resume_point,
+    unverified_note,
+    verify_checkpoint,
+    write_checkpoint,
+)
 from ettin.train.env import cuda_environment, setup_distributed_env
 from ettin.train.evaluate import Evaluator, eval_sets, headline
 from ettin.train.layout import CONFIG_FILE, LEDGER_FILE
-from ettin.train.metrics import MetricsLogger, progress_line
 from ettin.train.lr_schedule import lr_factor
+from ettin.train.metrics import MetricsLogger, progress_line
 from ettin.train.signals import StopFlag
 
 
@@ -102,8 +112,10 @@ def count_syncs(enabled: bool, found: dict):
         return
     from torch.profiler import ProfilerActivity, profile
 
-    with warnings.catch_warnings(record=True) as caught, profile(activities=[ProfilerActivity.CPU,
-                                                                             ProfilerActivity.CUDA]) as prof:
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof,
+    ):
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
@@ -116,8 +128,11 @@ def count_syncs(enabled: bool, found: dict):
             sites.append(f"{w.filename}:{w.lineno}")
         else:  # not ours to swallow
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    found.update(host_syncs=len(sites), host_sync_sites=sorted(set(sites)),
-                 sync_calls=sum(e.name in SYNC_CALLS for e in prof.events()))
+    found.update(
+        host_syncs=len(sites),
+        host_sync_sites=sorted(set(sites)),
+        sync_calls=sum(e.name in SYNC_CALLS for e in prof.events()),
+    )
 
 
 def _crossed(every: int, before: int, now: int) -> bool:
@@ -156,8 +171,10 @@ class Trainer:
         device_name = torch.cuda.get_device_name(self.device) if use_cuda else "cpu"
         self.peak_flops = resolve_peak_flops(cfg, device_name)
         if use_cuda and math.isnan(self.peak_flops):
-            self._say(f"note: no bf16 peak known for '{device_name}', so no MFU is reported; "
-                      "set train.peak_flops_per_device to its dense bf16 FLOP/s")
+            self._say(
+                f"note: no bf16 peak known for '{device_name}', so no MFU is reported; "
+                "set train.peak_flops_per_device to its dense bf16 FLOP/s"
+            )
 
         torch.manual_seed(cfg.phase.seed)  # the same initial weights on every rank and TP size
         self.model = cfg.model.build(device_type=self.device.type).to(self.device)
@@ -168,15 +185,29 @@ class Trainer:
         if vocab and vocab > cfg.model.vocab_size:
             raise ConfigError(f"the data's tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}")
         self.state, self.last_checkpoint = self._restore()
-        self.evaluator = Evaluator(cfg, eval_sets(cfg, self.pipeline), self.micro_tokens, self.device,
-                                   self.dp_rank, self.dp_size, self.dp_group)
+        self.evaluator = Evaluator(
+            cfg,
+            eval_sets(cfg, self.pipeline),
+            self.micro_tokens,
+            self.device,
+            self.dp_rank,
+            self.dp_size,
+            self.dp_group,
+        )
         # the last evaluation (for the checkpoint at that step) and its loss until a progress line shows it
         self.last_evaluation, self.evaluated_at, self.fresh_eval_loss, self.eval_seconds = {}, -1, None, 0.0
         self.ledger = Ledger.for_pipeline(self.pipeline, cfg)
         # rank 0's sinks (a W&B login that fails there must fail every rank, not leave them waiting)
-        self.metrics = self._on_main(lambda: MetricsLogger.for_run(
-            self.run_dir, True, cfg.metrics, name=self.run_dir.name,
-            config={**asdict(cfg), "data_fingerprint": self.fingerprint}), share=False) or MetricsLogger([])
+        self.metrics = self._on_main(
+            lambda: MetricsLogger.for_run(
+                self.run_dir,
+                True,
+                cfg.metrics,
+                name=self.run_dir.name,
+                config={**asdict(cfg), "data_fingerprint": self.fingerprint},
+            ),
+            share=False,
+        ) or MetricsLogger([])
 
     # ------------------------------------------------------------------ starting points
 
@@ -189,27 +220,38 @@ class Trainer:
         if resume is not None:  # our own run: everything, clock included
             meta, weights, moments = read_checkpoint(resume)
             if meta["fingerprint"] != self.fingerprint and not cfg.data.allow_fingerprint_change:
-                raise ConfigError(f"{resume}: the data manifest changed since this checkpoint (fingerprint "
-                                  f"{meta['fingerprint'][:12]} -> {self.fingerprint[:12]}); restore the data, or set "
-                                  "data.allow_fingerprint_change=true to continue on the new data (the order changes)")
+                raise ConfigError(
+                    f"{resume}: the data manifest changed since this checkpoint (fingerprint "
+                    f"{meta['fingerprint'][:12]} -> {self.fingerprint[:12]}); restore the data, or set "
+                    "data.allow_fingerprint_change=true to continue on the new data (the order changes)"
+                )
             key = order_key(cfg, self.pipeline.schedule)
-            changed = {k: (meta["order"].get(k), key.get(k)) for k in key.keys() | meta["order"].keys()
-                       if meta["order"].get(k) != key.get(k)}
+            changed = {
+                k: (meta["order"].get(k), key.get(k))
+                for k in key.keys() | meta["order"].keys()
+                if meta["order"].get(k) != key.get(k)
+            }
             if changed:
-                raise ConfigError(f"{resume}: these settings changed since the checkpoint and would change which "
-                                  f"samples each step sees: {changed}; resume with the checkpoint's values "
-                                  "(its config.yaml) or start a new run_dir")
+                raise ConfigError(
+                    f"{resume}: these settings changed since the checkpoint and would change which "
+                    f"samples each step sees: {changed}; resume with the checkpoint's values "
+                    "(its config.yaml) or start a new run_dir"
+                )
             state = TrainState(**{f.name: meta[f.name] for f in fields(TrainState)})
             if self.pipeline.schedule.bounds(state.step)[0] != state.samples:
-                raise ConfigError(f"{resume}: step {state.step} would start at sample "
-                                  f"{self.pipeline.schedule.bounds(state.step)[0]}, the checkpoint stopped at {state.samples}")
+                raise ConfigError(
+                    f"{resume}: step {state.step} would start at sample "
+                    f"{self.pipeline.schedule.bounds(state.step)[0]}, the checkpoint stopped at {state.samples}"
+                )
             restore_training_state(self.model, self.optimizer, weights, moments, meta["optimizer_step"])
             self._say(f"resumed from {resume} (step {state.step}, {state.tokens:,} tokens)")
             return state, resume.name
         if cfg.phase.init == "scratch":
             return TrainState(), None
         if not cfg.phase.init_checkpoint:
-            raise ConfigError(f"phase.init={cfg.phase.init} needs phase.init_checkpoint (the {cfg.phase.previous} run folder)")
+            raise ConfigError(
+                f"phase.init={cfg.phase.init} needs phase.init_checkpoint (the {cfg.phase.previous} run folder)"
+            )
         if folder_kind(cfg.phase.init_checkpoint) == HF:  # a released model: weights only (ettin.pretrained)
             start_from_hf(self.model, self.optimizer, cfg, self.pipeline.manifest, self._say)
             return TrainState(), None
@@ -222,16 +264,25 @@ class Trainer:
         meta, weights, moments = read_checkpoint(source, moments=carry)
         if not meta.get("final"):
             self._say(f"warning: {source} is not the final checkpoint of its phase")
-        restore_training_state(self.model, self.optimizer, weights, moments if carry else None,
-                        meta["optimizer_step"] if carry else 0)
-        self._say(f"phase {cfg.phase.name}: starting from {source} ({'weights and optimizer' if carry else 'weights only'}), clock reset")
+        restore_training_state(
+            self.model, self.optimizer, weights, moments if carry else None, meta["optimizer_step"] if carry else 0
+        )
+        self._say(
+            f"phase {cfg.phase.name}: starting from {source} ({'weights and optimizer' if carry else 'weights only'}), clock reset"
+        )
         return TrainState(optimizer_step=meta["optimizer_step"] if carry else 0), None
 
     def _say(self, text: str) -> None:
         """Rank 0 tells the user (what it says holds for every rank); a line starting with warning: or
         error: is logged at that level. A rank's own trouble goes to ``self.log``, which names the rank."""
         if self.main:
-            level = logging.ERROR if text.startswith("error:") else logging.WARNING if text.startswith("warning:") else logging.INFO
+            level = (
+                logging.ERROR
+                if text.startswith("error:")
+                else logging.WARNING
+                if text.startswith("warning:")
+                else logging.INFO
+            )
             self.log.log(level, text)
 
     def _on_main(self, fn, share: bool = True):
@@ -264,10 +315,13 @@ class Trainer:
         stop, started, skipped = stop or StopFlag(), time.time(), 0
         every = cfg.phase.checkpoint_every_tokens
         dataset = RankSteps(self.pipeline, self.dp_rank, self.dp_size)
-        loader = build_loader(dataset, state.step, None, cfg.data.workers, cfg.data.prefetch,
-                              pin_memory=self.device.type == "cuda")
-        self._say(f"micro-batches of at most {self.micro_tokens:,} tokens per rank"
-                  + ("" if cfg.batch.micro_tokens else " (batch.micro_tokens=0: from the memory model)"))
+        loader = build_loader(
+            dataset, state.step, None, cfg.data.workers, cfg.data.prefetch, pin_memory=self.device.type == "cuda"
+        )
+        self._say(
+            f"micro-batches of at most {self.micro_tokens:,} tokens per rank"
+            + ("" if cfg.batch.micro_tokens else " (batch.micro_tokens=0: from the memory model)")
+        )
         while True:
             step = state.step
             if cfg.train.max_steps and step >= cfg.train.max_steps:
@@ -281,14 +335,18 @@ class Trainer:
             with count_syncs(cfg.train.sync_debug and self.device.type == "cuda", syncs):
                 loss, grad_norm, labels, tokens, flops, digests = self._step(step, batch)
             if not math.isfinite(loss):
-                self._say(f"error: non-finite loss ({loss}) at step {step}; the last good checkpoint is "
-                          f"{self.last_checkpoint or 'none'}; lower optim.lr or inspect the batch with "
-                          f"`ettin data-order show` (nothing was saved)")
+                self._say(
+                    f"error: non-finite loss ({loss}) at step {step}; the last good checkpoint is "
+                    f"{self.last_checkpoint or 'none'}; lower optim.lr or inspect the batch with "
+                    f"`ettin data-order show` (nothing was saved)"
+                )
                 return EXIT_NONFINITE
             if skipped_steps(self.engine) > skipped:
                 skipped = skipped_steps(self.engine)
-                self._say(f"warning: step {step}: DeepSpeed skipped the update (non-finite gradient norm); "
-                          f"{skipped} skipped in this process")
+                self._say(
+                    f"warning: step {step}: DeepSpeed skipped the update (non-finite gradient norm); "
+                    f"{skipped} skipped in this process"
+                )
             start, end = self.pipeline.schedule.bounds(step)
             self.ledger.record(step, start, end, tokens, step_hash(digests))
             before = state.tokens
@@ -296,27 +354,45 @@ class Trainer:
             state.optimizer_step = int(self.optimizer.param_groups[0]["step"])
             seconds = time.perf_counter() - t0
             row = {
-                "step": state.step, "tokens": state.tokens, "samples": state.samples, "loss": loss,
-                "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
-                "labels": labels, "step_tokens": tokens, "tokens_per_s": tokens / seconds,
-                "samples_per_s": (end - start) / seconds, "flops": flops,
+                "step": state.step,
+                "tokens": state.tokens,
+                "samples": state.samples,
+                "loss": loss,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "labels": labels,
+                "step_tokens": tokens,
+                "tokens_per_s": tokens / seconds,
+                "samples_per_s": (end - start) / seconds,
+                "flops": flops,
                 "mfu": None if math.isnan(self.peak_flops) else flops / seconds / (self.peak_flops * self.world),
-                "skipped_steps": skipped_steps(self.engine), "data_wait_s": data_wait, "step_s": seconds,
-                "memory_gb": self._memory_gb(), "time": time.time(),
-                **syncs}
+                "skipped_steps": skipped_steps(self.engine),
+                "data_wait_s": data_wait,
+                "step_s": seconds,
+                "memory_gb": self._memory_gb(),
+                "time": time.time(),
+                **syncs,
+            }
             self.metrics.log(row)
 
             finished = state.tokens >= cfg.phase.tokens
             capped = bool(cfg.train.max_steps) and state.step >= cfg.train.max_steps
-            flags = torch.tensor([stop.signal is not None,
-                                  bool(cfg.train.max_runtime_s) and time.time() - started > cfg.train.max_runtime_s],
-                                 dtype=torch.int32)
+            flags = torch.tensor(
+                [
+                    stop.signal is not None,
+                    bool(cfg.train.max_runtime_s) and time.time() - started > cfg.train.max_runtime_s,
+                ],
+                dtype=torch.int32,
+            )
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.host_world)  # every rank leaves at the same step
             saving = finished or capped or flags.any() or _crossed(every, before, state.tokens)
             # evaluate every eval.every_tokens and before each save, but not when a signal or the time
             # limit asks to stop: then the save must be quick
-            if self.evaluator and (finished or capped or not flags.any()) and (
-                    saving or _crossed(cfg.eval.every_tokens, before, state.tokens)):
+            if (
+                self.evaluator
+                and (finished or capped or not flags.any())
+                and (saving or _crossed(cfg.eval.every_tokens, before, state.tokens))
+            ):
                 self._evaluate(started)
             if state.step % max(1, cfg.train.log_every) == 0:
                 self._say(progress_line(row, cfg.phase.tokens, self.fresh_eval_loss))
@@ -329,7 +405,9 @@ class Trainer:
                 return EXIT_OK
             if flags.any():
                 why = f"signal {stop.signal}" if stop.signal else f"train.max_runtime_s={cfg.train.max_runtime_s:g}"
-                self._say(f"stopping for {why} at step {state.step}; saved {self.last_checkpoint}; exit {EXIT_REQUEUE} (requeue me)")
+                self._say(
+                    f"stopping for {why} at step {state.step}; saved {self.last_checkpoint}; exit {EXIT_REQUEUE} (requeue me)"
+                )
                 # saved: the TERM srun sends when the first rank leaves must not kill this one's 75
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 return EXIT_REQUEUE
@@ -340,10 +418,18 @@ class Trainer:
         metrics = self.evaluator(self.model)
         self.eval_seconds += time.perf_counter() - t0
         self.last_evaluation, self.evaluated_at, self.fresh_eval_loss = metrics, self.state.step, headline(metrics)
-        self.metrics.log({"step": self.state.step, "tokens": self.state.tokens, **metrics,
-                          "eval/time_fraction": self.eval_seconds / max(time.time() - started, 1e-9)})
-        self._say(f"eval at step {self.state.step}: " + ", ".join(
-            f"{k.split('/')[1]} loss {v:.4f}" for k, v in metrics.items() if k.endswith("/loss")))
+        self.metrics.log(
+            {
+                "step": self.state.step,
+                "tokens": self.state.tokens,
+                **metrics,
+                "eval/time_fraction": self.eval_seconds / max(time.time() - started, 1e-9),
+            }
+        )
+        self._say(
+            f"eval at step {self.state.step}: "
+            + ", ".join(f"{k.split('/')[1]} loss {v:.4f}" for k, v in metrics.items() if k.endswith("/loss"))
+        )
 
     def _step(self, step: int, batch: Batch) -> tuple[float, float, int, int, float, list[bytes]]:
         """One optimizer step over this rank's share: (loss, grad norm, labels, tokens and FLOPs of the
@@ -357,7 +443,13 @@ class Trainer:
         # one host-side exchange: counts for the normalization, the micro-batch count every rank
         # must run (ZeRO reduces per micro-batch), FLOPs for MFU and the digests for the ledger
         shares = [None] * self.dp_size
-        own = (len(label_index), batch.num_tokens, len(token_budget_cut(bounds, self.micro_tokens)), flops, batch.digests)
+        own = (
+            len(label_index),
+            batch.num_tokens,
+            len(token_budget_cut(bounds, self.micro_tokens)),
+            flops,
+            batch.digests,
+        )
         dist.all_gather_object(shares, own, group=self.host_dp)
         labels, tokens = sum(s[0] for s in shares), sum(s[1] for s in shares)
         micro_count, flops = max(s[2] for s in shares), sum(s[3] for s in shares)
@@ -387,14 +479,24 @@ class Trainer:
 
         def write() -> str:
             path = write_checkpoint(
-                self.run_dir, self.state, weights, moments,
+                self.run_dir,
+                self.state,
+                weights,
+                moments,
                 {CONFIG_FILE: to_yaml(self.cfg), LEDGER_FILE: json.dumps(window, indent=1) + "\n"},
                 asdict(self.cfg.model),
-                {"fingerprint": self.fingerprint, "order": order_key(self.cfg, self.pipeline.schedule),
-                 "seed": self.cfg.phase.seed, "phase": self.cfg.phase.name,
-                 "objective": self.cfg.objective.name, "world_size": self.world, "tensor_parallel": self.cfg.parallel.tensor,
-                 "rng": "dropout reseeded every step from (phase.seed, step, DP rank): no state to save",
-                 **({"eval": self.last_evaluation} if self.evaluated_at == self.state.step else {})})
+                {
+                    "fingerprint": self.fingerprint,
+                    "order": order_key(self.cfg, self.pipeline.schedule),
+                    "seed": self.cfg.phase.seed,
+                    "phase": self.cfg.phase.name,
+                    "objective": self.cfg.objective.name,
+                    "world_size": self.world,
+                    "tensor_parallel": self.cfg.parallel.tensor,
+                    "rng": "dropout reseeded every step from (phase.seed, step, DP rank): no state to save",
+                    **({"eval": self.last_evaluation} if self.evaluated_at == self.state.step else {}),
+                },
+            )
             prune(self.run_dir, self.cfg.phase.keep_checkpoints)
             return path.name
 
@@ -417,8 +519,10 @@ def check_run_dir(run_dir: Path) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"run_dir={run_dir} is not writable ({e.strerror or e}): pick another run_dir "
-                          "or fix the folder's permissions") from None
+        raise ConfigError(
+            f"run_dir={run_dir} is not writable ({e.strerror or e}): pick another run_dir "
+            "or fix the folder's permissions"
+        ) from None
 
 
 def train(cfg: ExperimentConfig, stop: StopFlag | None = None) -> int:
