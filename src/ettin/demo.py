@@ -152,71 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     ettin = [sys.executable, "-m", "ettin.cli"]
     data = [*ettin, "data"]  # ettin data prepare|train-tokenizer; python -m data_tools is the same
 
+    # each command on as few lines as one would type it
+    # fmt: off
     print("== 1-2. corpus, tokenizer, MDS shards", flush=True)
     code, docs = build_corpus(out)
-    run(
-        [
-            *data,
-            "train-tokenizer",
-            docs,
-            "--plain-text",
-            code,
-            "--vocab-size",
-            VOCAB,
-            "--out",
-            out / "tokenizer.json",
-            "-q",
-        ]
-    )
-    run(
-        [
-            *data,
-            "prepare",
-            "--plain-text",
-            code,
-            "--out",
-            out / "data" / "code",
-            "--tokenizer",
-            out / "tokenizer.json",
-            "--seq-len",
-            SEQ_LEN,
-            "--workers",
-            2,
-            "--quiet",
-        ]
-    )
-    run(
-        [
-            *data,
-            "prepare",
-            docs,
-            "--out",
-            out / "data" / "docs",
-            "--tokenizer",
-            out / "tokenizer.json",
-            "--seq-len",
-            SEQ_LEN,
-            "--quiet",
-        ]
-    )
+    tokenizer = out / "tokenizer.json"
+    run([*data, "train-tokenizer", docs, "--plain-text", code, "--vocab-size", VOCAB, "--out", tokenizer, "-q"])
+    run([*data, "prepare", "--plain-text", code, "--out", out / "data" / "code", "--tokenizer", tokenizer,
+         "--seq-len", SEQ_LEN, "--workers", 2, "--quiet"])
+    run([*data, "prepare", docs, "--out", out / "data" / "docs", "--tokenizer", tokenizer,
+         "--seq-len", SEQ_LEN, "--quiet"])
     exp = experiment(out, args.steps)
 
     print("== 3. train the paired models on 2 data-parallel ranks", flush=True)
     for objective in ("mlm", "clm"):
-        run(
-            [
-                bin_dir / "torchrun",
-                "--standalone",
-                "--nproc_per_node",
-                2,
-                "-m",
-                "ettin.cli",
-                "train",
-                exp,
-                f"objective={objective}",
-                f"run_dir={out / 'runs' / objective}",
-            ]
-        )
+        run([bin_dir / "torchrun", "--standalone", "--nproc_per_node", 2, "-m", "ettin.cli", "train", exp,
+             f"objective={objective}", f"run_dir={out / 'runs' / objective}"])
 
     print("== 4. validation loss of the paired models at each checkpoint (held-out 2% of each source)", flush=True)
     run([*ettin, "eval", "--compare", out / "runs" / "mlm", out / "runs" / "clm"], lines=100)
@@ -232,20 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     print("== 6. export to Hugging Face and use the models through transformers", flush=True)
     for objective, name in (("mlm", "encoder"), ("clm", "decoder")):
         last = list_checkpoints(out / "runs" / objective)[-1]
-        run(
-            [
-                *ettin,
-                "hf",
-                "export",
-                "--checkpoint",
-                last,
-                "--tokenizer",
-                out / "tokenizer.json",
-                "--out",
-                out / "hf" / name,
-            ]
-        )
+        run([*ettin, "hf", "export", "--checkpoint", last, "--tokenizer", tokenizer, "--out", out / "hf" / name])
         run([*ettin, "hf", "check", out / "hf" / name])
+    # fmt: on
     show_models(out)
     summary(out, replay_ok, time.time() - started)
     return 0 if replay_ok else 1
