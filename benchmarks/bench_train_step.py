@@ -44,8 +44,7 @@ def main() -> None:
 
     from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
-    from ettin.config import load_config
-    from ettin.data.collate import IGNORE
+    from ettin.config import IGNORE, load_config
     from ettin.hf import hf_config
     from ettin.parallel import init_process_groups
     from ettin.train.optim import StableAdamW
@@ -124,7 +123,7 @@ def main() -> None:
 
 def pad(docs, labels, cu, width, pad_id, objective):
     """The batch as transformers' users feed it: [docs, width] ids, attention mask, labels."""
-    from ettin.data.collate import IGNORE
+    from ettin.config import IGNORE
 
     padded = torch.full((len(docs), width), pad_id)
     mask = torch.zeros_like(padded)

@@ -128,7 +128,7 @@ def _train(exp: Path, run_dir: Path, steps: int, deadline: float) -> None:
 def section_trainer(smoke: bool, work: Path):
     from safetensors.torch import load_file
 
-    from ettin.train.layout import list_checkpoints
+    from ettin.layout import list_checkpoints
     from ettin.train.metrics import read_metrics
 
     exp, steps, deadline = _trainer_experiment(smoke, work), 4, time.time() + LIMITS_S["trainer"] - 10
@@ -231,8 +231,7 @@ def _throughput(size, objective, lengths, smoke, device, dtype, peak, measured):
     from transformers import ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
     from ettin.attention import Documents, available_backends, build_attention
-    from ettin.config import load_config
-    from ettin.data.collate import IGNORE
+    from ettin.config import IGNORE, load_config
     from ettin.flops import step_flops
     from ettin.hf import hf_config
     from ettin.memory import default_micro_tokens

@@ -40,8 +40,8 @@ from ettin.launch.cluster import job_info
 from ettin.launch.registry import read_jobs
 from ettin.launch.runs import newest_checkpoint
 from ettin.launch.submit import main as submit_main
+from ettin.layout import list_checkpoints
 from ettin.parallel import free_port
-from ettin.train.checkpoint import list_checkpoints
 
 from conftest import Source, job_pids
 

@@ -15,10 +15,9 @@ from ettin.cli import main
 from ettin.data.ledger import read_ledger
 from ettin.errors import EttinError
 from ettin.fileio import FileError, read_json, write_json_atomic
+from ettin.layout import MANIFEST, list_checkpoints
 from ettin.train.checkpoint import (
-    MANIFEST,
     TrainState,
-    list_checkpoints,
     read_checkpoint,
     resume_point,
     verify_checkpoint,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from ettin.config import load_config, to_yaml
+from ettin.config import IGNORE, load_config, to_yaml
 from ettin.data.collate import Collator, step_hash, token_budget_cut
 from ettin.data.ledger import CONFIG_FILE, Ledger, read_ledger, replay
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
@@ -20,7 +20,6 @@ from ettin.data.mds import DataError, MDSSource
 from ettin.data.order import GlobalOrder, derive_key, permute
 from ettin.data.schedule import BatchSchedule
 from ettin.errors import EttinError
-from ettin.model import IGNORE
 from ettin.testing import synthetic_corpus, write_mds_source
 
 from conftest import Source

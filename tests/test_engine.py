@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ettin.model import IGNORE
+from ettin.config import IGNORE
 from ettin.testing import run_distributed_test
 from ettin.train.optim import Layout, Segment, StableAdamW
 

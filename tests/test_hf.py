@@ -88,8 +88,8 @@ def test_an_mntp_checkpoint_exports_as_masked_lm_whose_logits_predict_the_next_t
     transformers' logits read that way."""
     import numpy as np
 
+    from ettin.config import IGNORE
     from ettin.data.collate import Collator
-    from ettin.model import IGNORE
 
     cfg = load_config("tiny", ["objective=mntp", "objective.mask_rate=0.3"])
     state = perturbed_state(cfg)

@@ -181,8 +181,8 @@ def step0_reference(cfg, folder: Path, **changes) -> float:
     ``changes`` replace config.json fields (what the phase changed, e.g. RoPE θ)."""
     from transformers import AutoConfig, ModernBertDecoderForCausalLM, ModernBertForMaskedLM
 
+    from ettin.config import IGNORE
     from ettin.data.loader import DataPipeline, RankSteps
-    from ettin.model import IGNORE
 
     _, batch = RankSteps(DataPipeline.from_config(cfg))[0]
     bounds = batch.bounds

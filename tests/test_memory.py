@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from ettin import memory
-from ettin.config import ConfigError, load_config
-from ettin.model import IGNORE
+from ettin.config import IGNORE, ConfigError, load_config
 from ettin.parallel import init_process_groups
 
 SIZES = ("17m", "32m", "68m", "150m", "400m", "1b")

@@ -219,7 +219,7 @@ def test_an_old_checkpoint_config_loads_under_the_new_key(tmp_path, said):
     folder.mkdir()
     text = to_yaml(cfg)
     assert "\nlr_schedule:\n" in text
-    (folder / "config.yaml").write_text(text.replace("\nlr_schedule:\n", "\nschedule:\n"))  # as ettin 0.2 wrote it
+    (folder / "config.yaml").write_text(text.replace("\nlr_schedule:\n", "\nschedule:\n"))  # as ettin 0.1 wrote it
     old = checkpoint_config(folder)
     assert old.lr_schedule == cfg.lr_schedule
     assert [line for line in said if DEPRECATION in line] and len(said) == 1

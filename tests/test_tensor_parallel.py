@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ettin.config import load_config
-from ettin.model import IGNORE
+from ettin.config import IGNORE, load_config
 from ettin.parallel import full_state_dict, gather_tp, init_process_groups, is_tp_sharded
 from ettin.testing import run_distributed_test
 

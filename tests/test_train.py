@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 
 from ettin.config import load_config
 from ettin.data.ledger import read_ledger
+from ettin.layout import list_checkpoints
 from ettin.parallel import free_port
 from ettin.testing import run_distributed_test
-from ettin.train.checkpoint import list_checkpoints
 from ettin.train.lr_schedule import lr_factor
 from ettin.train.optim import StableAdamW
 

@@ -28,7 +28,7 @@ def _checkpoints_of(path: str):
     """The checkpoints a path names (itself, or a run folder's): shared by checkpoint verify and data-order export."""
     from pathlib import Path
 
-    from ettin.train.layout import latest_checkpoint, list_checkpoints
+    from ettin.layout import latest_checkpoint, list_checkpoints
 
     found = [Path(path)] if latest_checkpoint(path) == Path(path) else list_checkpoints(path)
     if not found:

@@ -22,7 +22,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ettin.errors import EttinError
-from ettin.train.lr_schedule import SHAPES
 
 GROUPS = ("model", "objective", "phase", "data")  # in merge order
 FROM_CHECKPOINT = "from_checkpoint"  # model=from_checkpoint: no preset, the checkpoint's model (ettin.pretrained)
@@ -32,21 +31,10 @@ class ConfigError(EttinError):
     """A user mistake in a config file or override; str() is the one-line message."""
 
 
-# The closed choices: a field annotated with one of these takes exactly its values (checked by
-# _coerce when a layer is read and by validate; the message lists them). The open ones are tables
-# next to their code: model.attn_backend (ettin.attention.BACKENDS), lr_schedule.shape
-# (ettin.train.lr_schedule.SHAPES) and objective.name (OBJECTIVE_CAUSAL below).
-# How a phase starts (ettin.train.trainer Trainer._restore, ettin.pretrained): from scratch, the
-# previous phase's final checkpoint (weights and optimizer), the other objective's (weights only),
-# or released weights (phase.init_checkpoint, a Hugging Face folder or a run folder; fresh optimizer).
-PhaseInit = Literal["scratch", "previous", "other_objective", "pretrained"]
-Device = Literal["auto", "cuda", "cpu"]  # ettin.train.trainer.pick_device
-# bf16 runs: the precision of gradient accumulation and the DP reduction (ettin.train.engine, ettin.memory)
-GradAccumDtype = Literal["fp32", "bf16"]
-VerifyCheckpoints = Literal["small", "all"]  # ettin.train.checkpoint.resume_hash_limit
-WandbMode = Literal["disabled", "online", "offline"]  # ettin.train.metrics
-ZeroStage = Literal[1, 2]  # ettin.train.engine
-OptimizerName = Literal["stableadamw"]  # the one optimizer (ettin.train.optim)
+# Choices: a field annotated ``Literal[...]`` takes exactly those values (checked by _coerce when a
+# layer is read and by validate, whose message lists them). The open ones are tables next to their
+# code, so a new one is a one-file change: model.attn_backend (ettin.attention.BACKENDS),
+# lr_schedule.shape (ettin.train.lr_schedule.SHAPES) and objective.name (OBJECTIVE_CAUSAL below).
 
 
 @dataclass
@@ -92,6 +80,9 @@ class ModelConfig:
 # predicted from the position before it, bidirectional attention; Ettin's authors used it to turn
 # the decoders into encoders.
 OBJECTIVE_CAUSAL = {"mlm": False, "clm": True, "mntp": False}
+# The label of positions without a loss: the collator writes it, the model's loss skips it
+# (cross_entropy's ignore_index). Here, not in either, so neither imports the other.
+IGNORE = -100
 
 
 @dataclass
@@ -107,7 +98,10 @@ class PhaseConfig:
     name: str = "pretrain"  # pretrain | extension | decay | cross
     tokens: int = 1_700_000_000_000  # real tokens, padding excluded
     seq_len: int = 1024
-    init: PhaseInit = "scratch"
+    # How the phase starts (Trainer._restore, ettin.pretrained): from scratch, the previous phase's final
+    # checkpoint (weights and optimizer), the other objective's (weights only), or released weights
+    # (phase.init_checkpoint: a Hugging Face folder or a run folder; fresh optimizer).
+    init: Literal["scratch", "previous", "other_objective", "pretrained"] = "scratch"
     previous: str | None = None  # the phase whose final checkpoint this one starts from
     seed: int = 21
     checkpoint_every_tokens: int = 8_500_000_000
@@ -130,7 +124,7 @@ class LRScheduleConfig:
 
 @dataclass
 class OptimConfig:
-    name: OptimizerName = "stableadamw"
+    name: Literal["stableadamw"] = "stableadamw"  # the one optimizer (ettin.train.optim)
     lr: float = 8e-4
     weight_decay: float = 1e-5  # fully decoupled; never on norms and biases
     betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
@@ -178,7 +172,7 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     tensor: int = 1
-    zero_stage: ZeroStage = 1
+    zero_stage: Literal[1, 2] = 1  # ettin.train.engine
 
 
 @dataclass
@@ -189,9 +183,10 @@ class TrainConfig:
     log_every: int = 10  # progress line every N steps (metrics are written every step)
     # for MFU: the accelerator's dense bf16 datasheet peak; 0 looks it up by device name (ettin.flops)
     peak_flops_per_device: float = 0.0
-    device: Device = "auto"
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # ettin.train.trainer.pick_device
     device_memory_gb: float = 80.0  # the memory each rank may plan for (micro budgets, the fit check)
-    grad_accum_dtype: GradAccumDtype = "fp32"
+    # bf16 runs: the precision of gradient accumulation and the DP reduction (ettin.train.engine, ettin.memory)
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
     # CUDA: count and place every step's host<->device waits (metrics: host_syncs, host_sync_sites,
     # sync_calls); it profiles every step, so it is slow
     sync_debug: bool = False
@@ -200,7 +195,7 @@ class TrainConfig:
     deterministic: bool = False
     # what a resume or a phase start checks of a checkpoint against its manifest.json: "small" (sizes,
     # safetensors headers, digests of files up to 64 MiB) or "all" (the weights' digests too: reads it twice)
-    verify_checkpoints: VerifyCheckpoints = "small"
+    verify_checkpoints: Literal["small", "all"] = "small"  # ettin.train.checkpoint.resume_hash_limit
 
 
 @dataclass
@@ -217,7 +212,8 @@ class EvalConfig:
 
 @dataclass
 class WandbConfig:
-    mode: WandbMode = "disabled"  # offline: a run folder under <run_dir>/wandb, `wandb sync` it later
+    # offline: a run folder under <run_dir>/wandb, `wandb sync` it later
+    mode: Literal["disabled", "online", "offline"] = "disabled"
     project: str | None = None
     entity: str | None = None
 
@@ -290,6 +286,11 @@ def _either(options) -> str:
     return " or ".join(words) if len(words) <= 2 else f"{', '.join(words[:-1])} or {words[-1]}"
 
 
+def _allowed(value: Any, allowed) -> bool:
+    """``value`` is one of ``allowed``, of the same type too (1 is not True, "1" is not 1)."""
+    return any(value == a and type(value) is type(a) for a in allowed)
+
+
 def _not_allowed(path: str, value: Any, allowed) -> str:
     """The message for a value outside a closed choice (a Literal field)."""
     return f"{path} must be {_either(allowed)}, got {value!r}{_did_you_mean(str(value), [str(a) for a in allowed])}"
@@ -303,7 +304,7 @@ def _literal_errors(node: Any, path: str = "") -> list[str]:
         value, hint, full = getattr(node, f.name), hints[f.name], f"{path}{f.name}"
         if get_origin(hint) is Literal:
             allowed = get_args(hint)
-            if not any(value == a and type(value) is type(a) for a in allowed):
+            if not _allowed(value, allowed):
                 errors.append(_not_allowed(full, value, allowed))
         elif dataclasses.is_dataclass(value):
             errors += _literal_errors(value, f"{full}.")
@@ -377,7 +378,7 @@ def _coerce(value: Any, hint: Any, where: str, path: str) -> Any:
     if origin is Literal:  # a closed choice: its values, and nothing else
         kind = type(args[0])
         value = _coerce(value, kind, where, path) if all(type(a) is kind for a in args) else value
-        if not any(value == a and type(value) is type(a) for a in args):
+        if not _allowed(value, args):
             raise ConfigError(f"{where}: {_not_allowed(path, value, args)}")
         return value
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -535,7 +536,9 @@ def _omegaconf_message(e: OmegaConfBaseException) -> str:
 
 def validate(cfg: ExperimentConfig, world_size: int | None = None) -> None:
     """Raise one ConfigError listing every semantic mistake, one per line."""
-    from ettin.attention import backend_names  # imports torch: only here, never at ettin.config's import
+    # the open tables live with their code, above this layer: read them here, never at import
+    from ettin.attention import backend_names  # (imports torch)
+    from ettin.train.lr_schedule import SHAPES
 
     m, tp = cfg.model, cfg.parallel.tensor
     errors = _literal_errors(cfg)

@@ -116,7 +116,7 @@ def show_models(out: Path) -> dict:
 
 
 def summary(out: Path, replay_ok: bool, seconds: float) -> None:
-    from ettin.train.layout import list_checkpoints
+    from ettin.layout import list_checkpoints
     from ettin.train.metrics import read_all_metrics, read_metrics
 
     print(
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     run([*ettin, "eval", "--compare", out / "runs" / "mlm", out / "runs" / "clm"], lines=100)
 
     print("== 5. replay a checkpoint's batch from the data alone", flush=True)
-    from ettin.train.layout import LEDGER_FILE, list_checkpoints
+    from ettin.layout import LEDGER_FILE, list_checkpoints
 
     ckpt = list_checkpoints(out / "runs" / "mlm")[1]
     step = json.loads((ckpt / LEDGER_FILE).read_text())["steps"][-1]["step"]

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from ettin.config import ModelConfig
 from ettin.errors import EttinError
 from ettin.fileio import FileError, load_safetensors, read_json, read_yaml
-from ettin.train.layout import CONFIG_FILE, MODEL_JSON, WEIGHTS_FILE, checkpoints_dir, latest_checkpoint
+from ettin.layout import CONFIG_FILE, MODEL_JSON, WEIGHTS_FILE, checkpoints_dir, latest_checkpoint
 
 ENCODER, DECODER = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
 # per objective: how far ahead of its position the head's logits predict (config.json: ettin_label_shift)

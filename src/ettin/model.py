@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ettin.attention import Documents, MaskSpec, build_attention
-from ettin.config import ModelConfig
+from ettin.config import IGNORE, ModelConfig
 from ettin.parallel import column_linear, copy_to_tp, linear_cross_entropy, row_linear, vocab_bias, vocab_embedding
-
-IGNORE = -100  # the label of positions without a loss (cross_entropy's ignore_index)
 
 # The embedding row whose lookups pass no gradient (nn.Embedding's padding_idx), as in Ettin's
 # training: bert24 builds the embedding as ``nn.Embedding(vocab, hidden,

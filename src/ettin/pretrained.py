@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ettin.config import FROM_CHECKPOINT, ConfigError, ExperimentConfig, ModelConfig
-from ettin.train.layout import MODEL_JSON, checkpoints_dir, is_checkpoint
+from ettin.layout import MODEL_JSON, checkpoints_dir, is_checkpoint
 
 HF, RUN = "Hugging Face folder", "run folder"
 HF_MODEL_TYPES = ("modernbert", "modernbert-decoder")
@@ -119,7 +119,7 @@ def folder_tokenizer(path: str | Path) -> dict:
 
 
 def _run_model_config(path: str | Path) -> ModelConfig | None:
-    from ettin.train.layout import latest_checkpoint
+    from ettin.layout import latest_checkpoint
 
     ckpt = latest_checkpoint(path)
     if ckpt is None or not (ckpt / MODEL_JSON).is_file():

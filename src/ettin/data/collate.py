@@ -22,9 +22,8 @@ import torch
 import xxhash
 
 from ettin.attention import Documents
-from ettin.config import OBJECTIVE_CAUSAL
+from ettin.config import IGNORE, OBJECTIVE_CAUSAL
 from ettin.data.order import derive_key
-from ettin.model import IGNORE
 
 
 @dataclass

@@ -14,7 +14,7 @@ from pathlib import Path
 from ettin.data.order import validation_settings
 from ettin.errors import EttinError
 from ettin.fileio import FileError, read_json, write_json_atomic
-from ettin.train.layout import CONFIG_FILE, LEDGER_FILE
+from ettin.layout import CONFIG_FILE, LEDGER_FILE
 
 
 @dataclass

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ettin.config import ConfigError, load_config
 from ettin.errors import EttinError, report
-from ettin.train.layout import CONFIG_FILE
+from ettin.layout import CONFIG_FILE
 
 # docs/RECIPE.md "Published timings": 4 x H100 per model, wall-clock hours for 2T tokens
 PUBLISHED_HOURS_2T = {"17m": 141, "32m": 212, "68m": 300, "150m": 470, "400m": 950, "1b": 2170}

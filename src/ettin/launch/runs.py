@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ettin.config import ConfigError, list_configs
 from ettin.fileio import read_json
-from ettin.train.layout import METRICS_FILE, STATE_FILE, list_checkpoints
+from ettin.layout import METRICS_FILE, STATE_FILE, list_checkpoints
 
 CHAIN = ("pretrain", "extension", "decay")  # the phases of one objective, in order
 CROSS = "cross"
@@ -105,7 +105,7 @@ def plan_runs(sizes: list[str], objectives: list[str], phases: list[str], cross:
 
 
 # ----------------------------------------------------------------------------- reading a run folder
-# (ettin.train.layout: the checkpoint layout, read without importing torch)
+# (ettin.layout: the checkpoint layout, read without importing torch)
 
 
 def newest_checkpoint(run_dir: str | Path) -> tuple[Path, dict] | None:

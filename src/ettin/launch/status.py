@@ -28,7 +28,7 @@ from ettin.launch.runs import (
     parse_list,
     size_order,
 )
-from ettin.train.layout import CONFIG_FILE
+from ettin.layout import CONFIG_FILE
 
 PHASE_ORDER = {p: i for i, p in enumerate((*CHAIN, CROSS))}
 

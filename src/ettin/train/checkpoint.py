@@ -1,7 +1,7 @@
 """Checkpoints (contract 6, docs/DESIGN.md): written aside, committed by one rename, newest complete one wins.
 
 A checkpoint folder ``checkpoints/step_NNNNNNNN/`` holds (file names and the folder reader:
-ettin.train.layout)
+ettin.layout)
 - ``model.safetensors`` + ``model.json``: fp32 weights by name, whole (any TP size), and the model
   config, so ``ettin hf export --checkpoint`` reads it directly;
 - ``optimizer.safetensors``: the StableAdamW moments, whole, by name;
@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from ettin.fileio import FileError, UnreadableFile, open_safetensors, read_json, write_json_atomic
-from ettin.train.layout import (  # noqa: F401
+from ettin.layout import (
     MANIFEST,
     MODEL_JSON,
     MOMENTS_FILE,
@@ -44,7 +44,6 @@ from ettin.train.layout import (  # noqa: F401
     STEP_PREFIX,
     WEIGHTS_FILE,
     checkpoints_dir,
-    latest_checkpoint,
     list_checkpoints,
     step_folder_name,
 )

@@ -25,7 +25,7 @@ from ettin.data.collate import Collator
 from ettin.data.manifest import build_manifest
 from ettin.data.mds import DataError, MDSSource
 from ettin.data.order import derive_key, permute
-from ettin.train.layout import STATE_FILE, WEIGHTS_FILE, is_checkpoint
+from ettin.layout import STATE_FILE, WEIGHTS_FILE, is_checkpoint
 
 TOTAL = "total"  # the name under which all sets are summed
 
@@ -232,7 +232,7 @@ def checkpoints_of(target: str) -> tuple[list, bool]:
     """(checkpoint folders, whether ``target`` is a run folder)."""
     from pathlib import Path
 
-    from ettin.train.layout import latest_checkpoint, list_checkpoints
+    from ettin.layout import latest_checkpoint, list_checkpoints
 
     if latest_checkpoint(target) == Path(target):
         return [Path(target)], False

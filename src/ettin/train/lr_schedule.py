@@ -4,7 +4,7 @@ Not the batch-size schedule (ettin.data.schedule, ``batch.*``): this one scales 
 the real tokens done in the phase. A linear warmup from 0 to ``start_factor`` over
 ``warmup_tokens``, then the shape named by ``lr_schedule.shape``, one of :data:`SHAPES`.
 
-A shape is a function ``(tokens, schedule, phase_tokens) -> factor``, called after the warmup with
+A shape is a function ``(tokens, lrs, phase_tokens) -> factor``, called after the warmup with
 the phase's tokens so far (``warmup_tokens <= tokens <= phase_tokens``) and the
 ``LRScheduleConfig``. Adding one is one entry in :data:`SHAPES`; the config accepts every name
 there. Nothing here imports torch (ettin.config validates against :data:`SHAPES`).
@@ -41,14 +41,14 @@ SHAPES: dict[str, Callable[[float, object, int], float]] = {
 }
 
 
-def lr_factor(tokens: float, schedule, phase_tokens: int) -> float:
-    """LR as a fraction of optim.lr after ``tokens`` real tokens of the phase (``schedule``: an
+def lr_factor(tokens: float, lrs, phase_tokens: int) -> float:
+    """LR as a fraction of optim.lr after ``tokens`` real tokens of the phase (``lrs``: an
     ``LRScheduleConfig``)."""
     t = min(max(tokens, 0.0), phase_tokens)
-    warmup = schedule.warmup_tokens
+    warmup = lrs.warmup_tokens
     if warmup and t < warmup:
-        return schedule.start_factor * t / warmup
-    shape = SHAPES.get(schedule.shape)
+        return lrs.start_factor * t / warmup
+    shape = SHAPES.get(lrs.shape)
     if shape is None:
-        raise ValueError(f"unknown lr_schedule.shape '{schedule.shape}' (known: {', '.join(SHAPES)})")
-    return shape(t, schedule, phase_tokens)
+        raise ValueError(f"unknown lr_schedule.shape '{lrs.shape}' (known: {', '.join(SHAPES)})")
+    return shape(t, lrs, phase_tokens)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ettin.errors import EttinError
-from ettin.train.layout import METRICS_FILE
+from ettin.layout import METRICS_FILE
 
 log = logging.getLogger("ettin")
 

@@ -51,11 +51,11 @@ from ettin.data.ledger import Ledger, order_key
 from ettin.data.loader import DataPipeline, RankSteps, build_loader
 from ettin.data.order import derive_key
 from ettin.errors import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, EttinError
+from ettin.layout import CONFIG_FILE, LEDGER_FILE, latest_checkpoint
 from ettin.logs import setup_logging
 from ettin.pretrained import HF, folder_kind, start_from_hf
 from ettin.train.checkpoint import (
     TrainState,
-    latest_checkpoint,
     prune,
     read_checkpoint,
     resume_hash_limit,
@@ -66,7 +66,6 @@ from ettin.train.checkpoint import (
 )
 from ettin.train.env import cuda_environment, setup_distributed_env
 from ettin.train.evaluate import Evaluator, eval_sets, headline
-from ettin.train.layout import CONFIG_FILE, LEDGER_FILE
 from ettin.train.lr_schedule import lr_factor
 from ettin.train.metrics import MetricsLogger, progress_line
 from ettin.train.signals import StopFlag
