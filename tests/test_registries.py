@@ -213,6 +213,15 @@ def test_the_old_schedule_key_still_works_in_a_file_and_an_override(tmp_path, sa
     assert len(said) == 1
 
 
+def test_only_the_first_rank_says_it(said, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    assert load_config("tiny", ["schedule.shape=wsd"]).lr_schedule.shape == "wsd"
+    assert said == []
+    monkeypatch.setenv("RANK", "0")
+    load_config("tiny", ["schedule.shape=wsd"])
+    assert len(said) == 1 and DEPRECATION in said[0]
+
+
 def test_an_old_checkpoint_config_loads_under_the_new_key(tmp_path, said):
     cfg = load_config("tiny", ["lr_schedule.shape=wsd", "lr_schedule.decay_tokens=1000"])
     folder = tmp_path / "step_00000001"

@@ -315,7 +315,7 @@ def _literal_errors(node: Any, path: str = "") -> list[str]:
 
 # old top-level key -> (new key, the release that drops the old name)
 RENAMED_KEYS = {"schedule": ("lr_schedule", "0.3")}
-_renames_said: set[str] = set()  # each rename is told once per process
+_renames_said: set[str] = set()  # each rename is told once per process, by the first rank only
 log = logging.getLogger("ettin.config")
 
 
@@ -335,7 +335,9 @@ def _rename_old_keys(node: dict, where: str) -> dict:
             new = RENAMED_KEYS[key][0]
             if new in node:
                 raise ConfigError(f"{where}: both '{key}' and '{new}' are set: {_renamed(key)}, keep only '{new}'")
-            if key not in _renames_said:
+            # torchrun sets RANK, srun SLURM_PROCID; the config is read before logging knows the rank
+            first_rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+            if key not in _renames_said and first_rank:
                 _renames_said.add(key)
                 log.warning(f"warning: {_renamed(key)} (in {where})")
             key = new
