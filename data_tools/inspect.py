@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import sys
 
-from ettin.data.commands import run_tool
+from ettin.data.commands import add_inspect_parser
+from ettin.errors import run_alone
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    return run_tool("inspect", argv, prog)
+def main(argv: list[str] | None = None) -> int:
+    return run_alone(add_inspect_parser, "python -m data_tools.inspect", argv)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from ettin.data.commands import run_tool
+from ettin.data.commands import add_train_tokenizer_parser
+from ettin.errors import run_alone
 
 
-def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    return run_tool("train-tokenizer", argv, prog)
+def main(argv: list[str] | None = None) -> int:
+    return run_alone(add_train_tokenizer_parser, "python -m data_tools.train_tokenizer", argv)
 
 
 if __name__ == "__main__":

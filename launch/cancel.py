@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ettin.launch import run_alone
-from ettin.launch.status import add_cancel_parser
+from ettin.launch.status import cancel_main
 
 if __name__ == "__main__":
-    sys.exit(run_alone(add_cancel_parser, "python -m launch.cancel"))
+    sys.exit(cancel_main())

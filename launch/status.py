@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ettin.launch import run_alone
-from ettin.launch.status import add_status_parser
+from ettin.launch.status import status_main
 
 if __name__ == "__main__":
-    sys.exit(run_alone(add_status_parser, "python -m launch.status"))
+    sys.exit(status_main())

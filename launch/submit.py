@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ettin.launch import run_alone
-from ettin.launch.submit import add_submit_parser
+from ettin.launch.submit import main
 
 if __name__ == "__main__":
-    sys.exit(run_alone(add_submit_parser, "python -m launch.submit"))
+    sys.exit(main())

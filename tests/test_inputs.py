@@ -36,10 +36,12 @@ def test_every_format_is_found_by_its_suffixes_and_named_in_the_help(tmp_path):
     found = {Path(s.path).name: s.kind for s in find_inputs([tmp_path])}
     assert found == {f"x{s}": fmt.kind for fmt in INPUT_FORMATS for s in fmt.suffixes}
 
-    from ettin.data.commands import build_parser
+    import argparse
 
-    for tool in ("prepare", "train-tokenizer"):
-        help_text = " ".join(build_parser(tool).format_help().split())
+    from ettin.data.commands import add_prepare_parser, add_train_tokenizer_parser
+
+    for add_parser in (add_prepare_parser, add_train_tokenizer_parser):
+        help_text = " ".join(add_parser(argparse.ArgumentParser().add_subparsers()).format_help().split())
         assert f"{input_suffixes()} files, or directories holding them" in help_text
 
 

@@ -14,7 +14,7 @@ import re
 import sys
 
 from ettin.config import GROUPS, ConfigError, list_configs, load_config, to_yaml
-from ettin.errors import EttinError, run_reporting
+from ettin.errors import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, EttinError, run_reporting
 
 # torch warns "No CUDA runtime is found" on every CPU machine; keep stderr for what matters
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
@@ -26,11 +26,10 @@ def _overrides_help() -> str:
 
 def _checkpoints_of(path: str):
     """The checkpoints a path names (itself, or a run folder's): shared by checkpoint verify and data-order export."""
-    from pathlib import Path
 
-    from ettin.layout import latest_checkpoint, list_checkpoints
+    from ettin.layout import checkpoints_at
 
-    found = [Path(path)] if latest_checkpoint(path) == Path(path) else list_checkpoints(path)
+    found, _ = checkpoints_at(path)
     if not found:
         raise EttinError(f"{path} holds no complete checkpoints: pass a run folder or a checkpoint folder")
     return found
@@ -45,7 +44,8 @@ def add_train_parser(sub) -> None:
         help="train one phase (launch with torchrun or srun; resumes by itself)",
         description="Train one phase of one model. Start one process per device with torchrun "
         "or srun; the run folder (run_dir) is resumed from its newest complete checkpoint. "
-        "Exit codes: 0 done, 2 bad input, 3 non-finite loss, 75 stopped early (requeue me).",
+        f"Exit codes: {EXIT_OK} done, {EXIT_USAGE} bad input, {EXIT_NONFINITE} non-finite loss, "
+        f"{EXIT_REQUEUE} stopped early (requeue me).",
     )
     tr.add_argument("experiment")
     tr.add_argument("overrides", nargs="*", help=_overrides_help())

@@ -8,6 +8,7 @@ else is a bug in ettin and keeps its traceback (exit 1).
 
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2  # bad input: one error line, nothing lost
 EXIT_NONFINITE = 3  # ettin train: a non-finite loss stopped the run (nothing saved)
 EXIT_REQUEUE = 75  # ettin train: stopped early after saving; 75 = EX_TEMPFAIL: "try again"
+EXIT_INTERRUPTED = 130  # ettin data prepare: Ctrl-C (128 + SIGINT); rerunning resumes
 
 
 class EttinError(Exception):
@@ -52,3 +54,20 @@ def run_reporting(main: Callable[[], int]) -> int:
         return main()
     except EttinError as e:
         return report(e)
+
+
+def run_alone(
+    add_parser: Callable[[argparse._SubParsersAction], argparse.ArgumentParser],
+    prog: str,
+    argv: list[str] | None = None,
+) -> int:
+    """Run one subcommand as its own program, e.g. ``python -m launch.submit`` or ``python -m data_tools prepare``.
+
+    ``add_parser(subparsers)`` is the very function that adds the command to the ``ettin`` command line (and
+    sets ``func``), so the two spellings cannot drift apart in flags, help or exit codes: only ``prog``, the
+    name in the usage line, differs. The handler runs under :func:`run_reporting`.
+    """
+    parser = add_parser(argparse.ArgumentParser(prog=prog).add_subparsers())
+    parser.prog = prog
+    args = parser.parse_args(argv)
+    return run_reporting(lambda: args.func(args))

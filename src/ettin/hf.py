@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from ettin.config import ModelConfig
 from ettin.errors import EttinError
 from ettin.fileio import FileError, load_safetensors, read_json, read_yaml
-from ettin.layout import CONFIG_FILE, MODEL_JSON, WEIGHTS_FILE, checkpoints_dir, latest_checkpoint
+from ettin.layout import CONFIG_FILE, MODEL_JSON, WEIGHTS_FILE, checkpoints_at
 
 ENCODER, DECODER = "ModernBertForMaskedLM", "ModernBertDecoderForCausalLM"
 # per objective: how far ahead of its position the head's logits predict (config.json: ettin_label_shift)
@@ -409,9 +409,10 @@ def checkpoint_folder(path: str | Path) -> Path:
     """``path``, or the newest complete checkpoint when ``path`` is a run folder: exporting a run
     (e.g. one continued from a released model) needs no checkpoint name."""
     path = Path(path)
-    if checkpoints_dir(path).is_dir() and not (path / MODEL_JSON).is_file():
-        return latest_checkpoint(path) or path
-    return path
+    if (path / MODEL_JSON).is_file():
+        return path
+    found, _ = checkpoints_at(path)
+    return found[-1] if found else path
 
 
 def load_weights(path: str | Path, verify_all: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

@@ -53,3 +53,12 @@ def latest_checkpoint(path: str | Path) -> Path | None:
         return p
     found = list_checkpoints(p)
     return found[-1] if found else None
+
+
+def checkpoints_at(path: str | Path) -> tuple[list[Path], bool]:
+    """(the complete checkpoints ``path`` names, whether it is a run folder): a checkpoint folder names
+    itself; any other folder is read as a run folder, its checkpoints oldest first (none: ``[]``)."""
+    p = Path(path)
+    if is_checkpoint(p):
+        return [p], False
+    return list_checkpoints(p), True

@@ -1,12 +1,12 @@
-"""``ettin data {prepare,train-tokenizer,inspect}``: the data tools' arguments and handlers.
+"""``ettin data {prepare,train-tokenizer,inspect}``: the data tools' parsers and handlers.
 
-:func:`add_data_parser` adds the ``data`` command to the ``ettin`` command line; the
-``python -m data_tools …`` entry points build the same tools alone (:func:`build_parser`,
-:func:`run_tool`). Every handler takes the parsed arguments and returns an exit code; a user mistake
-is raised as an :class:`ettin.errors.EttinError`, which the caller's
-:func:`ettin.errors.run_reporting` prints as one ``error:`` line (exit 2). Building a parser
-imports nothing heavy (no torch, numpy, streaming, pyarrow or tokenizers): the handlers import
-what they use.
+:func:`add_data_parser` adds the ``data`` command to the ``ettin`` command line; each tool's
+``add_<tool>_parser(subparsers)`` adds it alone, which the ``python -m data_tools …`` entry points run
+through :func:`ettin.errors.run_alone` (the same flags, help and exit codes). Every handler takes the
+parsed arguments and returns an exit code; a user mistake is raised as an
+:class:`ettin.errors.EttinError`, which the caller's :func:`ettin.errors.run_reporting` prints as one
+``error:`` line (exit 2). Building a parser imports nothing heavy (no torch, numpy, streaming, pyarrow
+or tokenizers): the handlers import what they use.
 """
 
 from __future__ import annotations
@@ -14,16 +14,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
-from typing import NamedTuple
 
 from ettin.data.inputs import input_suffixes
 from ettin.data.prepare import DEFAULT_SEQ_LEN
 from ettin.data.tokenizer import SPECIAL_TOKENS
-from ettin.errors import run_reporting
+from ettin.errors import EXIT_INTERRUPTED
 
 DATA_HELP = "prepare corpora: tokenizer, MDS shards, inspection"
-EXIT_INTERRUPTED = 130
+PREPARE_HELP = "corpus files -> tokenized MDS shards + stats.json"
+TRAIN_TOKENIZER_HELP = "train a small byte-level BPE tokenizer"
+INSPECT_HELP = "summarize an MDS dataset directory"
 QUIET_HELP = "no progress bar (there is none when stderr is not a terminal)"
 
 
@@ -217,63 +217,51 @@ def cmd_inspect(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The tools
+# The parsers: each adds its tool to ``subparsers`` and sets ``func`` to its handler
 
 
-class DataCommand(NamedTuple):
-    about: str  # one line, in the list of commands
-    description: str  # the command's --help
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    handler: Callable[[argparse.Namespace], int]
-
-
-COMMANDS: dict[str, DataCommand] = {
-    "prepare": DataCommand(
-        "corpus files -> tokenized MDS shards + stats.json",
-        "Tokenize documents, chunk them ([CLS] ... [SEP], at most --seq-len tokens, never across "
+def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prepare",
+        help=PREPARE_HELP,
+        description="Tokenize documents, chunk them ([CLS] ... [SEP], at most --seq-len tokens, never across "
         "documents) and write zstd MDS shards + stats.json. A killed run resumes when rerun with "
         "the same arguments.",
-        add_prepare_arguments,
-        cmd_prepare,
-    ),
-    "train-tokenizer": DataCommand(
-        "train a small byte-level BPE tokenizer",
-        f"Train a byte-level BPE tokenizer whose special tokens are {' '.join(SPECIAL_TOKENS)} = "
+    )
+    add_prepare_arguments(p)
+    p.set_defaults(func=cmd_prepare)
+    return p
+
+
+def add_train_tokenizer_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train-tokenizer",
+        help=TRAIN_TOKENIZER_HELP,
+        description=f"Train a byte-level BPE tokenizer whose special tokens are {' '.join(SPECIAL_TOKENS)} = "
         f"ids 0..{len(SPECIAL_TOKENS) - 1}, and save tokenizer.json.",
-        add_train_tokenizer_arguments,
-        cmd_train_tokenizer,
-    ),
-    "inspect": DataCommand(
-        "summarize an MDS dataset directory",
-        "Summarize an MDS dataset directory (prepare --out): shards, samples, tokens, "
+    )
+    add_train_tokenizer_arguments(p)
+    p.set_defaults(func=cmd_train_tokenizer)
+    return p
+
+
+def add_inspect_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "inspect",
+        help=INSPECT_HELP,
+        description="Summarize an MDS dataset directory (prepare --out): shards, samples, tokens, "
         "sample-length histogram, stats.json, and the first samples.",
-        add_inspect_arguments,
-        cmd_inspect,
-    ),
-}
+    )
+    add_inspect_arguments(p)
+    p.set_defaults(func=cmd_inspect)
+    return p
 
 
 def add_data_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``data {prepare,train-tokenizer,inspect}`` to ``subparsers`` (each sets ``func``)."""
     data = subparsers.add_parser("data", help=DATA_HELP, description=DATA_HELP)
     tools = data.add_subparsers(dest="action", required=True)
-    for name, command in COMMANDS.items():
-        p = tools.add_parser(name, help=command.about, description=command.description)
-        command.add_arguments(p)
-        p.set_defaults(func=command.handler)
+    add_prepare_parser(tools)
+    add_train_tokenizer_parser(tools)
+    add_inspect_parser(tools)
     return data
-
-
-def build_parser(name: str, prog: str | None = None) -> argparse.ArgumentParser:
-    """One tool alone (``python -m data_tools NAME``), with ``func`` set to its handler."""
-    command = COMMANDS[name]
-    p = argparse.ArgumentParser(prog=prog, description=command.description)
-    command.add_arguments(p)
-    p.set_defaults(func=command.handler)
-    return p
-
-
-def run_tool(name: str, argv: list[str] | None = None, prog: str | None = None) -> int:
-    """Parse ``argv`` for one tool and run its handler; an EttinError is one line and exit 2."""
-    args = build_parser(name, prog).parse_args(argv)
-    return run_reporting(lambda: args.func(args))

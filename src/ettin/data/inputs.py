@@ -5,9 +5,9 @@ Used by ``prepare`` (:mod:`ettin.data.prepare`) and ``train-tokenizer``
 
 Formats
     :data:`INPUT_FORMATS` is the one list of input formats: each row names the file suffixes it
-    claims, the reader that turns a file into records, and a description. File discovery, the
-    readers and the command-line help all come from it, so a new format is one new row (and its
-    reader) here. ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` (one JSON object per line) and
+    claims and the reader that turns a file into records. File discovery, the readers and the
+    command-line help all come from it, so a new format is one new row (and its reader) here.
+    ``.jsonl``, ``.jsonl.gz``, ``.jsonl.zst`` (one JSON object per line) and
     ``.parquet`` files hold one document per record, in the field ``text_field`` (default
     ``text``). A ``.txt`` file, or any file given with ``plain_text`` (itself or anywhere under a
     directory), is one document.
@@ -215,25 +215,20 @@ class InputFormat(NamedTuple):
     kind: str  # InputFile.kind, recorded per input in stats.json
     suffixes: tuple[str, ...]  # file names ending in one of these are this format
     read: Callable[[InputFile, str], Iterator[Record]]  # (file, text field) -> records in order
-    description: str
 
 
 INPUT_FORMATS: tuple[InputFormat, ...] = (
-    InputFormat(
-        "jsonl",
-        (".jsonl", ".jsonl.gz", ".jsonl.zst"),
-        _jsonl_records,
-        "one JSON object per line, one document each (plain, gzip or zstd)",
-    ),
-    InputFormat("parquet", (".parquet",), _parquet_records, "one document per row"),
-    InputFormat(PLAIN_TEXT_KIND, (".txt",), _text_records, "the whole file is one document"),
+    # one JSON object per line, one document each (plain, gzip or zstd)
+    InputFormat("jsonl", (".jsonl", ".jsonl.gz", ".jsonl.zst"), _jsonl_records),
+    InputFormat("parquet", (".parquet",), _parquet_records),  # one document per row
+    InputFormat(PLAIN_TEXT_KIND, (".txt",), _text_records),  # the whole file is one document
 )
 
 
-def input_suffixes(last: str = "or") -> str:
+def input_suffixes() -> str:
     """The suffixes of :data:`INPUT_FORMATS` for messages: ``.jsonl, …, .parquet or .txt``."""
     suffixes = [suffix for fmt in INPUT_FORMATS for suffix in fmt.suffixes]
-    return f"{', '.join(suffixes[:-1])} {last} {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
+    return f"{', '.join(suffixes[:-1])} or {suffixes[-1]}" if len(suffixes) > 1 else suffixes[0]
 
 
 def _kind_of(filename: str) -> str | None:

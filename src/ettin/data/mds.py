@@ -198,7 +198,7 @@ class MDSSource:
             if not local.is_file():
                 raise DataError(
                     f"{self.path}: no index.json; point data.sources[].path at an MDS folder "
-                    "(written by `python -m data_tools prepare`)"
+                    "(written by `ettin data prepare`)"
                 )
         try:
             return json.loads(local.read_text())

@@ -50,7 +50,7 @@ def resolve_tokenizer_path(path: str | Path) -> Path:
         return path / "tokenizer.json"
     if not path.exists():
         raise TokenizerError(
-            f"tokenizer {path} does not exist; pass a tokenizer.json (python -m data_tools train-tokenizer makes one)"
+            f"tokenizer {path} does not exist; pass a tokenizer.json (ettin data train-tokenizer makes one)"
         )
     if not path.is_file():
         raise TokenizerError(f"tokenizer {path} is not a file; pass a tokenizer.json")

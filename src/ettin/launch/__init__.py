@@ -10,26 +10,3 @@
 
 Nothing here imports torch: submitting and planning stay fast on a login node.
 """
-
-from __future__ import annotations
-
-import argparse
-from collections.abc import Callable
-
-
-def run_alone(
-    add_parser: Callable[[argparse._SubParsersAction], argparse.ArgumentParser],
-    prog: str,
-    argv: list[str] | None = None,
-) -> int:
-    """Run one ``ettin launch`` command as its own program (``python -m launch.submit`` and the like).
-
-    The parser is the very one ``ettin launch`` builds, so the two spellings cannot drift apart in flags,
-    help or exit codes; only the name in the usage line differs.
-    """
-    from ettin.errors import run_reporting
-
-    parser = add_parser(argparse.ArgumentParser(prog=prog).add_subparsers())
-    parser.prog = prog
-    args = parser.parse_args(argv)
-    return run_reporting(lambda: args.func(args))

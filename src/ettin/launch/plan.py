@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ettin.config import ConfigError, load_config
-from ettin.errors import EttinError, report
+from ettin.errors import run_alone
 from ettin.layout import CONFIG_FILE
 
 # docs/RECIPE.md "Published timings": 4 x H100 per model, wall-clock hours for 2T tokens
@@ -508,14 +508,8 @@ def cmd_plan(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ettin.launch.plan`` (the same as ``ettin plan`` once wired into the CLI)."""
-    parser = argparse.ArgumentParser(prog="ettin")
-    add_plan_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["plan", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except EttinError as e:
-        return report(e)
+    """``python -m ettin.launch.plan``: the same as ``ettin plan`` (tests call it too)."""
+    return run_alone(add_plan_parser, "ettin plan", argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from ettin.layout import METRICS_FILE, STATE_FILE, list_checkpoints
 CHAIN = ("pretrain", "extension", "decay")  # the phases of one objective, in order
 CROSS = "cross"
 OBJECTIVES = ("mlm", "clm")
+DEFAULT_RUN_ROOT = "runs/ettin"  # --run-root of ettin launch submit|status|cancel
 
 
 def other_objective(objective: str) -> str:

@@ -14,13 +14,14 @@ import json
 from pathlib import Path
 
 from ettin.config import ConfigError
+from ettin.errors import run_alone
 from ettin.fileio import FileError, read_yaml
-from ettin.launch import run_alone
 from ettin.launch.cluster import cancel, job_info
 from ettin.launch.registry import read_jobs
 from ettin.launch.runs import (
     CHAIN,
     CROSS,
+    DEFAULT_RUN_ROOT,
     OBJECTIVES,
     known_sizes,
     last_metrics,
@@ -153,7 +154,7 @@ def add_status_parser(subparsers) -> argparse.ArgumentParser:
         help="job state and progress of every run of a run root",
         description="Job state and progress of every run of a run root.",
     )
-    p.add_argument("--run-root", default="runs/ettin")
+    p.add_argument("--run-root", default=DEFAULT_RUN_ROOT)
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.add_argument("--no-slurm", action="store_true", help="do not ask Slurm for job states (progress only)")
     p.set_defaults(func=cmd_status)
@@ -175,7 +176,7 @@ def add_cancel_parser(subparsers) -> argparse.ArgumentParser:
         help="cancel the live jobs of a run root",
         description="Cancel the live jobs of a run root (all of them, or those selected).",
     )
-    p.add_argument("--run-root", default="runs/ettin")
+    p.add_argument("--run-root", default=DEFAULT_RUN_ROOT)
     p.add_argument("--sizes", default="all")
     p.add_argument("--objectives", default="all")
     p.add_argument("--phases", default="all", help="pretrain, extension, decay, cross (default all)")
@@ -209,10 +210,10 @@ def cmd_cancel(args) -> int:
 
 
 def status_main(argv: list[str] | None = None) -> int:
-    """``python -m launch.status``: the parser of ``ettin launch status``, under its old name."""
+    """``python -m launch.status``: ``ettin launch status`` under its old name (tests call it too)."""
     return run_alone(add_status_parser, "python -m launch.status", argv)
 
 
 def cancel_main(argv: list[str] | None = None) -> int:
-    """``python -m launch.cancel``: the parser of ``ettin launch cancel``, under its old name."""
+    """``python -m launch.cancel``: ``ettin launch cancel`` under its old name (tests call it too)."""
     return run_alone(add_cancel_parser, "python -m launch.cancel", argv)

@@ -22,10 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ettin.config import ConfigError, config_dir, load_config, validate
-from ettin.launch import run_alone
+from ettin.errors import EXIT_REQUEUE, run_alone
 from ettin.launch.cluster import SlurmError, cancel, job_info, require_slurm, vet_submission
 from ettin.launch.registry import JOBS_JSON, JOBS_TXT, format_table, read_jobs, record_jobs
-from ettin.launch.runs import OBJECTIVES, Run, is_complete, known_sizes, parse_list, parse_phases, plan_runs
+from ettin.launch.runs import (
+    DEFAULT_RUN_ROOT,
+    OBJECTIVES,
+    Run,
+    is_complete,
+    known_sizes,
+    parse_list,
+    parse_phases,
+    plan_runs,
+)
 from ettin.launch.slurm_job import JobSpec, TrainTask, job_name, sbatch_text, submitit_parameters
 
 # set per run by the launcher; a user override of them would give every run the same value
@@ -46,9 +55,9 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
         "submit",
         help="submit one Slurm job per (size, objective, phase), chained",
         description="Submit one Slurm job per (size, objective, phase) through submitit, each later phase "
-        "waiting for the earlier one. Jobs requeue themselves when ettin train stops early (exit 75).",
+        f"waiting for the earlier one. Jobs requeue themselves when ettin train stops early (exit {EXIT_REQUEUE}).",
         epilog="Example: ettin launch submit --sizes 17m,150m --objectives mlm,clm --cross --nodes 1 "
-        "--gpus-per-node 4 --partition gpu --time 24:00:00 --run-root runs/ettin",
+        f"--gpus-per-node 4 --partition gpu --time 24:00:00 --run-root {DEFAULT_RUN_ROOT}",
     )
     p.add_argument("--sizes", required=True, help="comma-separated model sizes (17m,32m,68m,150m,400m,1b) or all")
     p.add_argument("--objectives", default="mlm,clm", help="mlm, clm or both (default mlm,clm)")
@@ -80,7 +89,9 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
         help="any other sbatch option, e.g. constraint=h100 or gres=gpu:4 (repeatable)",
     )
     p.add_argument("--python", default=sys.executable, help="the Python of the nodes (default: this one)")
-    p.add_argument("--run-root", default="runs/ettin", help="one folder per run under it (default runs/ettin)")
+    p.add_argument(
+        "--run-root", default=DEFAULT_RUN_ROOT, help=f"one folder per run under it (default {DEFAULT_RUN_ROOT})"
+    )
     p.add_argument("--experiment", default="ettin", help="experiment name or YAML (default ettin)")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch scripts, submit nothing")
     p.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
@@ -326,5 +337,5 @@ def _stderr_into(file):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m launch.submit``: the parser of ``ettin launch submit``, under its old name."""
+    """``python -m launch.submit``: ``ettin launch submit`` under its old name (tests call it too)."""
     return run_alone(add_submit_parser, "python -m launch.submit", argv)

@@ -230,16 +230,12 @@ def is_hf_folder(path) -> bool:
 
 def checkpoints_of(target: str) -> tuple[list, bool]:
     """(checkpoint folders, whether ``target`` is a run folder)."""
-    from pathlib import Path
+    from ettin.layout import checkpoints_at
 
-    from ettin.layout import latest_checkpoint, list_checkpoints
-
-    if latest_checkpoint(target) == Path(target):
-        return [Path(target)], False
-    found = list_checkpoints(target)
+    found, run_folder = checkpoints_at(target)
     if not found:
         raise DataError(f"{target} holds no complete checkpoint: pass a checkpoint folder or a run folder")
-    return found, True
+    return found, run_folder
 
 
 @torch.no_grad()
