@@ -20,8 +20,7 @@ from ettin.errors import EXIT_NONFINITE, EXIT_OK, EXIT_REQUEUE, EXIT_USAGE, Etti
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def _overrides_help() -> str:
-    return "key=value overrides (e.g. model=400m objective=clm optim.lr=1e-3)"
+OVERRIDES_HELP = "key=value overrides (e.g. model=400m objective=clm optim.lr=1e-3)"
 
 
 def _checkpoints_of(path: str):
@@ -48,7 +47,7 @@ def add_train_parser(sub) -> None:
         f"{EXIT_REQUEUE} stopped early (requeue me).",
     )
     tr.add_argument("experiment")
-    tr.add_argument("overrides", nargs="*", help=_overrides_help())
+    tr.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     tr.set_defaults(func=cmd_train)
 
 
@@ -108,7 +107,7 @@ def add_config_parser(sub) -> None:
     config.add_parser("list", help="list experiments and group files").set_defaults(func=cmd_config_list)
     show = config.add_parser("show", help="print the resolved config of an experiment")
     show.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
-    show.add_argument("overrides", nargs="*", help=_overrides_help())
+    show.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     show.set_defaults(func=cmd_config_show)
     diff = config.add_parser(
         "diff",
@@ -119,7 +118,7 @@ def add_config_parser(sub) -> None:
         "Example: ettin config diff ettin model=400m phase=decay optim.lr=1e-3",
     )
     diff.add_argument("experiment", help="name in configs/experiment/ or a YAML path")
-    diff.add_argument("overrides", nargs="*", help=_overrides_help())
+    diff.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     diff.add_argument(
         "--bare",
         action="store_true",
@@ -223,7 +222,7 @@ def add_hf_parser(sub) -> None:
         help="check the weights' digest against the checkpoint's manifest too (reads the file twice); "
         "sizes and the small files are always checked",
     )
-    exp.add_argument("overrides", nargs="*", help=_overrides_help() + " (with --config)")
+    exp.add_argument("overrides", nargs="*", help=OVERRIDES_HELP + " (with --config)")
     exp.set_defaults(func=cmd_hf_export)
     imp = hfp.add_parser("import", help="read a Hugging Face ModernBERT(-decoder) directory into ettin weights")
     imp.add_argument("dir", help="Hugging Face model directory")
@@ -296,7 +295,7 @@ def add_data_order_parser(sub) -> None:
     )
     oshow = order.add_parser("show", help="print the batches of steps A..B-1 without training")
     oshow.add_argument("experiment")
-    oshow.add_argument("overrides", nargs="*", help=_overrides_help())
+    oshow.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     oshow.add_argument("--steps", required=True, help="A:B")
     oshow.add_argument("--samples", action="store_true", help="list every sample (position, source, index, length, id)")
     oshow.set_defaults(func=cmd_data_order_show)
