@@ -25,6 +25,7 @@ GPUS = 4  # every Ettin model trained on 4 H100s (pretraining/README.md); batch 
 # num_hidden_layers, hidden_size, intermediate_size, num_attention_heads, optimizer.lr and weight_decay of the
 # pretrain file, its scheduler.t_warmup and train_loader.batch_size_warmup_tokens, and
 # device_train_microbatch_size (= batch_size_warmup_min_size per GPU) of the pretrain and the cross files.
+# fmt: off
 SIZES = {  # size: (name, layers, hidden, inner, heads, lr, wd, t_warmup, bs_warmup_tokens, micro pretrain, micro cross)
     "17m": ("very_tiny", 7, 256, 384, 4, 3e-3, 3e-4, 4_000_000_000, 125_000_000_000, 144, 12),
     "32m": ("tiny", 10, 384, 576, 6, 3e-3, 3e-4, 4_000_000_000, 100_000_000_000, 128, 12),
@@ -40,70 +41,18 @@ SIZES = {  # size: (name, layers, hidden, inner, heads, lr, wd, t_warmup, bs_war
 # local_attn_rotary_emb_base (None: unset, so bert24's local layers use rotary_emb_base). "size" marks a
 # per-size value from SIZES; "all" marks one_minus_sqrt's t_decay = t_max = ${max_duration}.
 PHASE = {
-    "pretrain": dict(
-        seq=1024,
-        tokens=1_700_000_000_000,
-        lr=1.0,
-        sched="warmup_stable_decay",
-        t_warmup="size",
-        alpha_f=0.02,
-        t_decay=0,
-        bs_warmup="size",
-        seed=21,
-        save=8_500_000_000,
-        mlm=0.30,
-        rope=10_000.0,
-        local_rope=None,
-        data="ettin_tokenized_data",
-    ),
-    "extension": dict(
-        seq=7999,
-        tokens=250_000_000_000,
-        lr=1.0,
-        sched="one_minus_sqrt",
-        t_warmup=0,
-        alpha_f=0.5,
-        t_decay="all",
-        bs_warmup=0,
-        seed=21,
-        save=8_500_000_000,
-        mlm=0.30,
-        rope=160_000.0,
-        local_rope=None,
-        data="sample_250B",
-    ),
-    "decay": dict(
-        seq=7999,
-        tokens=50_000_000_000,
-        lr=0.5,
-        sched="one_minus_sqrt",
-        t_warmup=0,
-        alpha_f=0.04,
-        t_decay="all",
-        bs_warmup=0,
-        seed=21,
-        save=8_500_000_000,
-        mlm=0.15,
-        rope=160_000.0,
-        local_rope=160_000.0,
-        data="ProLong",
-    ),
-    "cross": dict(
-        seq=7999,
-        tokens=50_000_000_000,
-        lr=0.5,
-        sched="warmup_stable_decay",
-        t_warmup=3_000_000_000,
-        alpha_f=0.02,
-        t_decay=10_000_000_000,
-        bs_warmup=10_000_000_000,
-        seed=210,
-        save=10_000_000_000,
-        mlm=0.15,
-        rope=160_000.0,
-        local_rope=160_000.0,
-        data="ProLong",
-    ),
+    "pretrain": dict(seq=1024, tokens=1_700_000_000_000, lr=1.0, sched="warmup_stable_decay", t_warmup="size",
+                     alpha_f=0.02, t_decay=0, bs_warmup="size", seed=21, save=8_500_000_000, mlm=0.30,
+                     rope=10_000.0, local_rope=None, data="ettin_tokenized_data"),
+    "extension": dict(seq=7999, tokens=250_000_000_000, lr=1.0, sched="one_minus_sqrt", t_warmup=0, alpha_f=0.5,
+                      t_decay="all", bs_warmup=0, seed=21, save=8_500_000_000, mlm=0.30,
+                      rope=160_000.0, local_rope=None, data="sample_250B"),
+    "decay": dict(seq=7999, tokens=50_000_000_000, lr=0.5, sched="one_minus_sqrt", t_warmup=0, alpha_f=0.04,
+                  t_decay="all", bs_warmup=0, seed=21, save=8_500_000_000, mlm=0.15,
+                  rope=160_000.0, local_rope=160_000.0, data="ProLong"),
+    "cross": dict(seq=7999, tokens=50_000_000_000, lr=0.5, sched="warmup_stable_decay", t_warmup=3_000_000_000,
+                  alpha_f=0.02, t_decay=10_000_000_000, bs_warmup=10_000_000_000, seed=210, save=10_000_000_000,
+                  mlm=0.15, rope=160_000.0, local_rope=160_000.0, data="ProLong"),
 }
 
 # --------------------------------------------------------------------------- the published exceptions
@@ -111,15 +60,14 @@ EXCEPTIONS = [  # (size, objective, phase) patterns (None: any) -> published val
     # the 1b ("huge") files run a third of the tokens after pretraining, written out in full
     (("1b", None, "extension"), dict(tokens=83_333_000_000)),
     (("1b", None, "decay"), dict(tokens=16_666_666_667)),
-    (
-        ("1b", None, "cross"),
-        dict(tokens=16_666_666_667, t_warmup=1_000_000_000, t_decay=3_333_000_000, save=3_333_333_333),
-    ),
+    (("1b", None, "cross"), dict(tokens=16_666_666_667, t_warmup=1_000_000_000, t_decay=3_333_000_000,
+                                 save=3_333_333_333)),
     # local_attn_rotary_emb_base: 10000.0 in these files
     (("17m", None, "extension"), dict(local_rope=10_000.0)),
     *[((size, "clm", "decay"), dict(local_rope=10_000.0)) for size in ("17m", "32m", "68m", "400m")],
     (("150m", "clm", "decay"), dict(local_rope=None)),  # standard/base/prolong_decay/decoder_base.yaml: unset
 ]
+# fmt: on
 
 # --------------------------------------------------------------------------- our deliberate deviations
 # (docs/RECIPE.md "Deliberate deviations"). Sliding window 128 is bert24's flash window (64, 64): the encoder's
