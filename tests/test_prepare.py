@@ -606,18 +606,30 @@ def test_ettin_data_runs_the_same_tools(tmp_path, tokenizer_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "missing.jsonl" in err[0]
 
 
-def test_ettin_data_prepare_reports_ctrl_c_as_resumable(tmp_path, tokenizer_path, capsys, monkeypatch):
-    import ettin.data.prepare
-
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ettin.data.prepare, "prepare", interrupted)
-    (tmp_path / "a.jsonl").write_text('{"text": "a"}\n')
-    assert (
-        run_ettin_data(
-            ["prepare", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "o"), "--tokenizer", str(tokenizer_path)]
-        )
-        == 130
+@pytest.mark.slow
+def test_ettin_data_prepare_reports_ctrl_c_as_resumable(tmp_path, tokenizer_path):
+    """A real SIGINT to `ettin data prepare` mid-run: one line saying how to resume, exit 130, and the
+    rerun finishes what the first run left."""
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus, files=24, docs_per_file=12, seed=3)
+    out = tmp_path / "out"
+    args = ["ettin.cli", "data", "prepare", str(corpus), "--out", str(out), "--tokenizer", str(tokenizer_path)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args, "--quiet"],
+        cwd=REPO,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
-    assert capsys.readouterr().err == "error: interrupted; rerun the same command to resume\n"
+    deadline = time.monotonic() + 120
+    while not any((out / STAGING_DIR).glob("*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert proc.poll() is None, "the run ended before it could be interrupted:\n" + proc.communicate()[1].decode()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().splitlines()[-1] == "error: interrupted; rerun the same command to resume"
+    assert not (out / "stats.json").exists()
+    finished = run_cli(*args, "--quiet")
+    assert finished.returncode == 0, finished.stderr
+    assert (out / "stats.json").is_file()
